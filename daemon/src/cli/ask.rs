@@ -1,0 +1,162 @@
+//! `fieldllmd ask`: one question, the answer streamed to stdout.
+
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use fieldllmd::engine::chat::Message;
+use fieldllmd::engine::generate::{Candidate, Event};
+use fieldllmd::engine::{GenerateParams, LoadOptions, Model, SamplingParams, Session, generate};
+use serde_json::json;
+
+use super::ModelArg;
+
+/// Flags of `ask` (DESIGN.md section 9).
+#[derive(Debug, clap::Args)]
+pub struct AskArgs {
+    /// The question.
+    question: String,
+    #[command(flatten)]
+    model: ModelArg,
+    /// System message (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens in the answer.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Keep the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Drop tokens below this fraction of the best one's probability.
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    /// Random seed (same seed, same answer).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Threads for the model.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Print JSON lines with the top-K candidates and log-probabilities of each token.
+    #[arg(long, value_name = "K")]
+    logprobs: Option<usize>,
+    /// Print timings to stderr at the end.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn cand_json(c: &Candidate) -> serde_json::Value {
+    json!({"id": c.id, "token": c.token, "logprob": c.logprob})
+}
+
+pub fn run(a: AskArgs) -> anyhow::Result<()> {
+    let params = GenerateParams {
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        logprobs: a.logprobs.unwrap_or(0),
+    };
+    // refuse bad flags before spending a second on loading the model
+    params.validate()?;
+    if a.logprobs == Some(0) {
+        anyhow::bail!("--logprobs must be at least 1");
+    }
+    if a.question.trim().is_empty() {
+        anyhow::bail!("empty question");
+    }
+    let dir = a.model.dir();
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            verify: true,
+            threads: a.threads,
+        },
+    )
+    .with_context(|| format!("loading model {}", dir.display()))?;
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(Message::new("system", s.clone()));
+    }
+    messages.push(Message::new("user", a.question.clone()));
+    let prompt = model.template.render(&messages, true)?;
+    let ids = model.tokenizer.encode(&prompt)?;
+    let mut session = Session::new(&model)?;
+    let cancel = AtomicBool::new(false);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let json_lines = a.logprobs.is_some();
+    let mut write_err = None;
+    let outcome = generate(&mut session, &ids, &params, &cancel, &mut |ev| {
+        let r = match ev {
+            Event::Token { id, text, logprobs } if json_lines => {
+                let (chosen, top) = logprobs.unwrap_or_else(|| {
+                    (
+                        Candidate {
+                            id,
+                            token: String::new(),
+                            logprob: f32::NAN,
+                        },
+                        Vec::new(),
+                    )
+                });
+                let line = json!({
+                    "id": id, "token": chosen.token, "text": text, "logprob": chosen.logprob,
+                    "top_logprobs": top.iter().map(cand_json).collect::<Vec<_>>(),
+                });
+                writeln!(out, "{line}")
+            }
+            Event::Token { text, .. } => write!(out, "{text}").and_then(|_| out.flush()),
+            Event::Tail(text) if json_lines => writeln!(out, "{}", json!({"text": text})),
+            Event::Tail(text) => write!(out, "{text}").and_then(|_| out.flush()),
+        };
+        if let Err(e) = r {
+            write_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing the answer to stdout");
+    }
+    if json_lines {
+        let done = json!({
+            "finish_reason": outcome.finish, "text": outcome.text,
+            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.tokens.len()},
+            "timings": outcome.timings,
+        });
+        writeln!(out, "{done}")?;
+    } else {
+        writeln!(out)?;
+    }
+    if a.stats {
+        let t = &outcome.timings;
+        eprintln!(
+            "load {:.0} ms | prompt {} tok {:.1} tok/s | first token {:.0} ms | {} tokens {:.1} tok/s | finish {:?}",
+            model.load_time.as_secs_f64() * 1e3,
+            outcome.prompt_tokens,
+            t.prompt_tok_s,
+            t.first_token_ms,
+            outcome.tokens.len(),
+            t.decode_tok_s,
+            outcome.finish
+        );
+    }
+    Ok(())
+}

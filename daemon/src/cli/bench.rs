@@ -1,0 +1,152 @@
+//! `fieldllmd bench`: load time, peak RSS, prefill and decode speed, like llama-bench's pp/tg.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::Context;
+use fieldllmd::engine::sampler::argmax;
+use fieldllmd::engine::{LoadOptions, Model, Session};
+use serde::Serialize;
+
+use super::ModelArg;
+
+/// Flags of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Thread counts to measure (repeatable) [default: 1 and 2].
+    #[arg(long)]
+    threads: Vec<usize>,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Tokens to generate for the decode measurement.
+    #[arg(long = "gen", default_value_t = 128)]
+    generate: usize,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    threads: usize,
+    load_ms: f64,
+    prefill_tokens: usize,
+    prefill_tok_s: f64,
+    decode_tokens: usize,
+    decode_tok_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    weights: String,
+    rows: Vec<Row>,
+    peak_rss_mb: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Token ids for the prompt: a fixed text repeated until long enough (real tokens, not zeros,
+/// so attention and embeddings see ordinary input).
+fn prompt_ids(model: &Model, n: usize) -> anyhow::Result<Vec<u32>> {
+    const TEXT: &str = "The hydraulic pump on line 3 trips its breaker a few minutes after start-up. \
+        The technician checks the motor current, the fluid temperature and the pressure relief valve, \
+        then reads the fault log of the drive and compares it with the maintenance manual. ";
+    let one = model.tokenizer.encode(TEXT)?;
+    Ok(one.iter().copied().cycle().take(n).collect())
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let threads = if a.threads.is_empty() {
+        vec![1, 2]
+    } else {
+        a.threads.clone()
+    };
+    anyhow::ensure!(
+        a.reps > 0 && a.prompt > 0 && a.generate > 0,
+        "--reps, --prompt and --gen must be positive"
+    );
+    let dir = a.model.dir();
+    let never = AtomicBool::new(false);
+    let mut rows = Vec::new();
+    let mut name = String::new();
+    let mut weights = String::new();
+    for &t in &threads {
+        let model = Model::load(
+            &dir,
+            &LoadOptions {
+                verify: false,
+                threads: t,
+            },
+        )
+        .with_context(|| format!("loading {}", dir.display()))?;
+        name = model.manifest().model.name.clone();
+        weights = model.manifest().graph.weights.to_string();
+        anyhow::ensure!(
+            a.prompt + a.generate < model.context_length,
+            "prompt + gen exceed the context"
+        );
+        let ids = prompt_ids(&model, a.prompt)?;
+        let mut pp = Vec::new();
+        let mut tg = Vec::new();
+        for _ in 0..a.reps {
+            let mut s = Session::new(&model)?;
+            let start = Instant::now();
+            s.feed(&ids, &never)?;
+            pp.push(a.prompt as f64 / start.elapsed().as_secs_f64());
+
+            // decode from a one-token context, as llama-bench's tg test does
+            let mut s = Session::new(&model)?;
+            let mut logits = s.feed(&ids[..1], &never)?;
+            let start = Instant::now();
+            for _ in 0..a.generate {
+                let next = argmax(&logits);
+                logits = s.feed(&[next], &never)?;
+            }
+            tg.push(a.generate as f64 / start.elapsed().as_secs_f64());
+        }
+        rows.push(Row {
+            threads: t,
+            load_ms: model.load_time.as_secs_f64() * 1e3,
+            prefill_tokens: a.prompt,
+            prefill_tok_s: median(pp),
+            decode_tokens: a.generate,
+            decode_tok_s: median(tg),
+        });
+    }
+    let report = Report {
+        model: name,
+        weights,
+        rows,
+        peak_rss_mb: fieldllmd::rss::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "model {} ({} weights), peak RSS {:.0} MB",
+        report.model, report.weights, report.peak_rss_mb
+    );
+    println!(
+        "| threads | load ms | pp{} tok/s | tg{} tok/s |",
+        a.prompt, a.generate
+    );
+    println!("|--------:|--------:|-----------:|-----------:|");
+    for r in &report.rows {
+        println!(
+            "| {:>7} | {:>7.0} | {:>10.1} | {:>10.1} |",
+            r.threads, r.load_ms, r.prefill_tok_s, r.decode_tok_s
+        );
+    }
+    Ok(())
+}

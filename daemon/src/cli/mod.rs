@@ -1,0 +1,72 @@
+//! Command line: flags (clap) and the subcommands that drive the library.
+
+mod ask;
+mod bench;
+mod model;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Offline LLM answers for field equipment and technicians.
+#[derive(Debug, Parser)]
+#[command(name = "fieldllmd", version, about)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Answer one question, streamed to stdout.
+    Ask(ask::AskArgs),
+    /// Measure load time, peak memory, prefill and decode speed.
+    Bench(bench::BenchArgs),
+    /// Build, describe and check model packages.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the level the flags give.
+pub fn init_logging(verbose: u8) {
+    // tract warns that opset 23 is beyond what it is "tested against": the engine's own tests
+    // are what vouch for the graph, so that line is noise for users
+    let level = match verbose {
+        0 => "warn,tract_onnx=error",
+        1 => "info,tract_onnx=error",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ask(a) => ask::run(a),
+        Command::Bench(b) => bench::run(b),
+        Command::Model(m) => model::run(m),
+    }
+}
+
+/// `--model DIR`, shared by the subcommands that load one.
+#[derive(Debug, clap::Args)]
+pub struct ModelArg {
+    /// Model package or artifact directory [default: $FIELDLLM_MODEL, the installed model, or
+    /// models/build/smollm2-135m-instruct.f16].
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn dir(&self) -> PathBuf {
+        fieldllmd::paths::default_model_dir(self.model.clone())
+    }
+}

@@ -1,0 +1,101 @@
+//! `fieldllmd model import|info|verify`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use fieldllmd::engine::graph::import;
+use fieldllmd::engine::{Package, WeightFormat};
+
+/// Model package subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelCommand {
+    /// Compile an ONNX package into the artifact the daemon deploys (NNEF, run-time weights).
+    Import {
+        /// Package directory written by models/ (ONNX graph).
+        src: PathBuf,
+        /// Artifact directory to create (must not exist).
+        out: PathBuf,
+        /// Run-time weight format: f32 or f16.
+        #[arg(long, default_value = "f16")]
+        weights: WeightFormat,
+    },
+    /// Describe a package or artifact.
+    Info {
+        /// The directory.
+        dir: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every file of a package against its manifest's sha256.
+    Verify {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Import { src, out, weights } => {
+            let package = Package::open(&src)?;
+            package.verify().context("the source package is damaged")?;
+            let start = std::time::Instant::now();
+            let m = import(&package, weights, &out)
+                .with_context(|| format!("importing {} into {}", src.display(), out.display()))?;
+            let artifact = Package::open(&out)?;
+            println!(
+                "imported {} -> {} ({} weights, {:.1} MB, {:.1} s)",
+                m.model.name,
+                out.display(),
+                weights,
+                artifact.size_bytes() as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        ModelCommand::Info { dir, json } => {
+            let p = Package::open(&dir)?;
+            let m = &p.manifest;
+            if json {
+                println!("{}", serde_json::to_string_pretty(m)?);
+                return Ok(());
+            }
+            let a = &m.architecture;
+            println!("name            {}", m.model.name);
+            println!("family          {}", m.model.family);
+            println!("parameters      {:.1} M", m.model.parameters as f64 / 1e6);
+            println!("context length  {}", m.model.context_length);
+            println!("vocabulary      {}", m.model.vocab_size);
+            println!(
+                "architecture    {} layers, hidden {}, ffn {}, {} heads / {} kv heads",
+                a.layers, a.hidden, a.ffn, a.heads, a.kv_heads
+            );
+            println!(
+                "graph           {:?} {} ({} weights)",
+                m.graph.format, m.graph.file, m.graph.weights
+            );
+            for (k, v) in &m.source {
+                println!("source.{k:<9} {v}");
+            }
+            println!(
+                "tokens          bos {} eos {:?}",
+                m.tokens.bos, m.tokens.eos
+            );
+            println!("license         {}", m.model.license);
+            println!(
+                "files           {} ({:.1} MB)",
+                m.files.len(),
+                p.size_bytes() as f64 / 1e6
+            );
+        }
+        ModelCommand::Verify { dir } => {
+            let p = Package::open(&dir)?;
+            p.verify()?;
+            println!(
+                "{}: {} files match their sha256",
+                dir.display(),
+                p.manifest.files.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Loading a package into tract, compiling artifacts, and the loaded [`Model`].
+//!
+//! Pipeline (DESIGN.md section 2): ONNX -> typed -> decluttered -> `transformers_detect_all`
+//! (past/present pairs become a stateful KV cache) -> weight format -> saved as NNEF (the
+//! artifact). Loading an artifact skips the parse and the transforms: NNEF -> optimized -> plan.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tract_core::internal::*;
+use tract_core::runtime::RunOptions;
+use tract_linalg::multithread::Executor;
+use tract_nnef::framework::Nnef;
+use tract_onnx::prelude::InferenceModelExt;
+use tract_transformers::WithTractTransformers;
+
+use super::EngineError;
+use super::chat::ChatTemplate;
+use super::package::{GraphFormat, Manifest, Package, WeightFormat};
+use super::tokenizer::TokenText;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Check every file's sha256 before loading (the daemon always does; benchmarks may skip).
+    pub verify: bool,
+    /// Threads for tract's matrix products (1 = no thread pool).
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            verify: true,
+            threads: 2,
+        }
+    }
+}
+
+/// A loaded model: immutable, shared by every [`super::Session`] through an `Arc`.
+#[derive(Debug)]
+pub struct Model {
+    /// The package it came from.
+    pub package: Package,
+    pub(crate) plan: Arc<TypedSimplePlan>,
+    /// Tokenizer plus per-token byte table.
+    pub tokenizer: TokenText,
+    /// The chat template.
+    pub template: ChatTemplate,
+    /// Rows of the logits output.
+    pub vocab: usize,
+    /// Context window in tokens.
+    pub context_length: usize,
+    /// Time spent in [`Model::load`].
+    pub load_time: Duration,
+}
+
+fn nnef() -> Nnef {
+    tract_nnef::nnef().with_tract_transformers()
+}
+
+fn transform(model: &mut TypedModel, name: &str) -> Result<(), EngineError> {
+    let t = tract_core::transform::get_transform(name)
+        .map_err(EngineError::graph)?
+        .ok_or_else(|| EngineError::Graph(format!("tract transform {name} is not linked in")))?;
+    t.transform(model).map_err(EngineError::graph)
+}
+
+/// Parses the package's ONNX graph and applies the load-time transforms, leaving a decluttered
+/// model with a stateful KV cache and weights in `weights` format.
+fn typed_from_onnx(package: &Package, weights: WeightFormat) -> Result<TypedModel, EngineError> {
+    let path = package.path(&package.manifest.graph.file);
+    let mut model = tract_onnx::onnx()
+        .model_for_path(&path)
+        .and_then(|m| m.into_typed())
+        .and_then(|m| m.into_decluttered())
+        .map_err(|e| EngineError::Graph(format!("{}: {e:#}", path.display())))?;
+    transform(&mut model, "transformers_detect_all")?;
+    match weights {
+        WeightFormat::F32 => {}
+        WeightFormat::F16 => transform(&mut model, "f32_to_f16")?,
+    }
+    model.declutter().map_err(EngineError::graph)?;
+    Ok(model)
+}
+
+fn typed_for_run(package: &Package) -> Result<TypedModel, EngineError> {
+    let g = &package.manifest.graph;
+    match g.format {
+        GraphFormat::Onnx => typed_from_onnx(package, g.weights),
+        GraphFormat::Nnef => {
+            let path = package.path(&g.file);
+            nnef()
+                .model_for_path(&path)
+                .map_err(|e| EngineError::Graph(format!("{}: {e:#}", path.display())))
+        }
+    }
+}
+
+/// Compiles `package` (an ONNX package) into a deployable artifact in `out` with weights in
+/// `weights` format: NNEF saved after the transforms, tokenizer and template copied, manifest
+/// rewritten with fresh hashes. `out` must not exist.
+pub fn import(
+    package: &Package,
+    weights: WeightFormat,
+    out: &Path,
+) -> Result<Manifest, EngineError> {
+    if package.manifest.graph.format != GraphFormat::Onnx {
+        return Err(EngineError::Manifest {
+            path: package.path(super::package::MANIFEST),
+            message: "already an artifact (graph format nnef); import takes an ONNX package".into(),
+        });
+    }
+    if out.exists() {
+        return Err(EngineError::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
+        });
+    }
+    let model = typed_from_onnx(package, weights)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let graph_dir = "model.nnef";
+    nnef()
+        .write_to_dir(&model, out.join(graph_dir))
+        .map_err(EngineError::graph)?;
+    let mut manifest = package.manifest.clone();
+    manifest.files.clear();
+    for rel in ["tokenizer.json".to_string(), manifest.chat.template.clone()] {
+        std::fs::copy(package.path(&rel), out.join(&rel)).map_err(io(&out.join(&rel)))?;
+        manifest
+            .files
+            .insert(rel.clone(), super::package::sha256_file(&out.join(&rel))?);
+    }
+    let mut graph_files: Vec<_> = std::fs::read_dir(out.join(graph_dir))
+        .map_err(io(&out.join(graph_dir)))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    graph_files.sort();
+    for f in graph_files {
+        let rel = format!("{graph_dir}/{f}");
+        manifest
+            .files
+            .insert(rel.clone(), super::package::sha256_file(&out.join(&rel))?);
+    }
+    manifest.graph.format = GraphFormat::Nnef;
+    manifest.graph.file = graph_dir.into();
+    manifest.graph.weights = weights;
+    let text = toml::to_string(&manifest).map_err(|e| EngineError::Manifest {
+        path: out.join(super::package::MANIFEST),
+        message: e.to_string(),
+    })?;
+    let mpath = out.join(super::package::MANIFEST);
+    std::fs::write(&mpath, text).map_err(io(&mpath))?;
+    Ok(manifest)
+}
+
+impl Model {
+    /// Loads a package or artifact directory: verify hashes (optional), tokenizer, template,
+    /// graph; checks that the tokenizer fits the model.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Arc<Model>, EngineError> {
+        let start = Instant::now();
+        if options.threads == 0 {
+            return Err(EngineError::InvalidParam(
+                "threads must be at least 1".into(),
+            ));
+        }
+        let package = Package::open(dir)?;
+        if options.verify {
+            package.verify()?;
+        }
+        let m = &package.manifest;
+        let tokenizer = TokenText::load(&package.path("tokenizer.json"))?;
+        let template = ChatTemplate::load(&package.path(&m.chat.template), &tokenizer, m)?;
+
+        let typed = typed_for_run(&package)?;
+        let optimized = typed.into_optimized().map_err(EngineError::graph)?;
+        check_io(&optimized, m)?;
+        let executor = if options.threads > 1 {
+            Some(Executor::multithread(options.threads))
+        } else {
+            Some(Executor::SingleThread)
+        };
+        let run_options = RunOptions {
+            executor,
+            ..RunOptions::default()
+        };
+        let plan =
+            SimplePlan::new_with_options(optimized, &run_options).map_err(EngineError::graph)?;
+
+        let vocab = m.model.vocab_size;
+        if tokenizer.vocab_size() > vocab {
+            return Err(EngineError::Tokenizer(format!(
+                "tokenizer has {} tokens but the model's logits have {vocab} rows: \
+                 the tokenizer does not fit this model",
+                tokenizer.vocab_size()
+            )));
+        }
+        let context_length = m.model.context_length;
+        Ok(Arc::new(Model {
+            package,
+            plan,
+            tokenizer,
+            template,
+            vocab,
+            context_length,
+            load_time: start.elapsed(),
+        }))
+    }
+
+    /// The package manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.package.manifest
+    }
+
+    /// Ids that end generation.
+    pub fn eos(&self) -> &[u32] {
+        &self.package.manifest.tokens.eos
+    }
+}
+
+/// After the KV transform the graph must take token ids only and give logits only; anything else
+/// means the package's graph is not the decoder shape the engine drives.
+fn check_io(model: &TypedModel, m: &Manifest) -> Result<(), EngineError> {
+    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+        return Err(EngineError::Graph(format!(
+            "expected 1 input (token ids) and 1 output (logits) after KV-cache detection, \
+             found {} inputs and {} outputs",
+            model.inputs.len(),
+            model.outputs.len()
+        )));
+    }
+    let out = model
+        .outlet_fact(model.outputs[0])
+        .map_err(EngineError::graph)?;
+    let last = out.shape.last().and_then(|d| d.as_usize());
+    if last != Some(m.model.vocab_size) {
+        return Err(EngineError::Graph(format!(
+            "logits have {} rows, the manifest says vocab_size = {}",
+            out.shape.last().map(|d| d.to_string()).unwrap_or_default(),
+            m.model.vocab_size
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! A conversation's state: the KV cache (inside tract's state) and the tokens it holds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tract_core::internal::*;
+use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
+
+use super::{EngineError, Model};
+
+/// Prefill is run in chunks of this many tokens so a cancel is seen between chunks and the
+/// activations of a long prompt stay small.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// Why [`Session::feed`] returned without logits.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The cancel flag was raised; the tokens fed before it stay in the cache.
+    #[error("cancelled")]
+    Cancelled,
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// One conversation. Owns its KV cache; sessions of one model are independent.
+#[derive(Debug)]
+pub struct Session {
+    model: Arc<Model>,
+    state: TypedSimpleState,
+    tokens: Vec<u32>,
+}
+
+impl Session {
+    /// A fresh, empty session.
+    pub fn new(model: &Arc<Model>) -> Result<Session, EngineError> {
+        let state = SimpleState::new(&model.plan).map_err(EngineError::graph)?;
+        Ok(Session {
+            model: model.clone(),
+            state,
+            tokens: Vec::new(),
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Tokens already in the KV cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Room left in the context window.
+    pub fn remaining(&self) -> usize {
+        self.model.context_length.saturating_sub(self.tokens.len())
+    }
+
+    /// Runs `tokens` through the model (in chunks), appending them to the cache; returns the
+    /// logits after the last one. Checks `cancel` between chunks.
+    pub fn feed(&mut self, tokens: &[u32], cancel: &AtomicBool) -> Result<Vec<f32>, FeedError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt.into());
+        }
+        if tokens.len() > self.remaining() {
+            return Err(EngineError::PromptTooLong {
+                tokens: self.tokens.len() + tokens.len(),
+                context: self.model.context_length,
+            }
+            .into());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.model.vocab) {
+            return Err(EngineError::InvalidParam(format!(
+                "token id {bad} is outside the vocabulary"
+            ))
+            .into());
+        }
+        let mut logits = None;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(FeedError::Cancelled);
+            }
+            logits = Some(self.run(chunk)?);
+        }
+        logits.ok_or(FeedError::Engine(EngineError::EmptyPrompt))
+    }
+
+    fn run(&mut self, chunk: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let ids: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
+        let input = Tensor::from_shape(&[1, ids.len()], &ids).map_err(EngineError::graph)?;
+        let out = self
+            .state
+            .run(tvec![input.into_tvalue()])
+            .map_err(EngineError::graph)?;
+        self.tokens.extend_from_slice(chunk);
+        let logits = out[0].cast_to::<f32>().map_err(EngineError::graph)?;
+        let view = logits.try_as_plain_ram().map_err(EngineError::graph)?;
+        let slice = view.as_slice::<f32>().map_err(EngineError::graph)?;
+        if slice.len() != self.model.vocab {
+            return Err(EngineError::Graph(format!(
+                "logits have {} values, expected {}",
+                slice.len(),
+                self.model.vocab
+            )));
+        }
+        Ok(slice.to_vec())
+    }
+
+    /// Forgets everything after the first `len` tokens (a conversation that diverged, or a
+    /// stop string cut the answer). Falls back to a fresh state if the graph has no
+    /// truncatable cache.
+    pub fn truncate(&mut self, len: usize) -> Result<(), EngineError> {
+        if len >= self.tokens.len() {
+            return Ok(());
+        }
+        if len == 0 {
+            return self.reset();
+        }
+        let mut found = 0;
+        for op in self.state.op_states.iter_mut().flatten() {
+            if let Some(kv) = op.downcast_mut::<DynKeyValueCacheState>() {
+                kv.truncate(len).map_err(EngineError::graph)?;
+                found += 1;
+            }
+        }
+        if found == 0 {
+            let keep = self.tokens[..len].to_vec();
+            self.reset()?;
+            let never = AtomicBool::new(false);
+            self.feed(&keep, &never).map_err(|e| match e {
+                FeedError::Engine(e) => e,
+                FeedError::Cancelled => EngineError::Graph("cancelled while re-feeding".into()),
+            })?;
+            return Ok(());
+        }
+        self.tokens.truncate(len);
+        Ok(())
+    }
+
+    /// Empties the cache.
+    pub fn reset(&mut self) -> Result<(), EngineError> {
+        self.state = SimpleState::new(&self.model.plan).map_err(EngineError::graph)?;
+        self.tokens.clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! Tokenizer: HF `tokenizers` for encoding; a per-token byte table for streaming decode.
+//!
+//! Byte-level BPE tokens stand for raw bytes, and one character may span two tokens. So the
+//! stream is decoded byte-wise: each token adds its bytes to a [`Utf8Stream`], which releases
+//! only complete characters (DESIGN.md section 2: incremental UTF-8-safe detokenization).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use super::EngineError;
+
+/// A tokenizer with the raw bytes of every token.
+#[derive(Debug)]
+pub struct TokenText {
+    tokenizer: Tokenizer,
+    /// Bytes each id stands for; empty for special (control) tokens, which are never printed.
+    bytes: Vec<Vec<u8>>,
+    special: Vec<bool>,
+}
+
+/// GPT-2's printable-character -> byte map, the inverse of what byte-level vocabularies use.
+fn unicode_to_bytes() -> HashMap<char, u8> {
+    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(u32::from('¡')..=u32::from('¬'))
+        .chain(u32::from('®')..=u32::from('ÿ'))
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    bs.into_iter()
+        .zip(cs)
+        .filter_map(|(b, c)| Some((char::from_u32(c)?, u8::try_from(b).ok()?)))
+        .collect()
+}
+
+impl TokenText {
+    /// Loads `tokenizer.json`; refuses tokenizers that are not byte-level BPE.
+    pub fn load(path: &Path) -> Result<TokenText, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        if json.pointer("/decoder/type").and_then(|v| v.as_str()) != Some("ByteLevel") {
+            return Err(EngineError::Tokenizer(format!(
+                "{}: only byte-level BPE tokenizers are supported (decoder type ByteLevel)",
+                path.display()
+            )));
+        }
+        let tokenizer = Tokenizer::from_bytes(text.as_bytes())
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let n = tokenizer.get_vocab_size(true);
+        let table = unicode_to_bytes();
+        let mut bytes = vec![Vec::new(); n];
+        let mut special = vec![false; n];
+        let added = tokenizer.get_added_tokens_decoder();
+        for (id, slot) in bytes.iter_mut().enumerate() {
+            let id32 = id as u32;
+            if let Some(tok) = added.get(&id32) {
+                special[id] = tok.special;
+                if !tok.special {
+                    *slot = tok.content.as_bytes().to_vec();
+                }
+                continue;
+            }
+            let Some(piece) = tokenizer.id_to_token(id32) else {
+                return Err(EngineError::Tokenizer(format!(
+                    "{}: vocabulary has a hole at id {id}",
+                    path.display()
+                )));
+            };
+            *slot = piece
+                .chars()
+                .map(|c| table.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(|| {
+                    EngineError::Tokenizer(format!(
+                        "{}: token {id} ({piece:?}) is not byte-level encoded",
+                        path.display()
+                    ))
+                })?;
+        }
+        Ok(TokenText {
+            tokenizer,
+            bytes,
+            special,
+        })
+    }
+
+    /// Number of ids, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Encodes text; special-token text such as `<|im_start|>` becomes its id (chat templates
+    /// rely on it).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Raw bytes of a token (empty for special tokens).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Whether `id` is a special (control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// Text of a token sequence (special tokens dropped, bad UTF-8 replaced).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_bytes(id).iter().copied())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The token's text for display in logprobs (lossy for partial characters).
+    pub fn token_display(&self, id: u32) -> String {
+        if self.is_special(id) {
+            return self.tokenizer.id_to_token(id).unwrap_or_default();
+        }
+        String::from_utf8_lossy(self.token_bytes(id)).into_owned()
+    }
+}
+
+/// Turns a stream of byte chunks into complete UTF-8 text, holding back a split character.
+#[derive(Debug, Default, Clone)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Adds bytes; returns the text that is now complete. Invalid sequences become U+FFFD.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    // valid_up_to guarantees this prefix is UTF-8
+                    out.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+                    match e.error_len() {
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad);
+                        }
+                        None => {
+                            // an incomplete character at the end: wait for the next token
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the stream: whatever is held back is released (as U+FFFD if incomplete).
+    pub fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_stream_holds_split_characters() {
+        let text = "é€😀a";
+        let bytes = text.as_bytes();
+        // every split point, byte by byte
+        let mut s = Utf8Stream::default();
+        let mut out = String::new();
+        for b in bytes {
+            let piece = s.push(std::slice::from_ref(b));
+            assert!(!piece.contains(char::REPLACEMENT_CHARACTER));
+            out.push_str(&piece);
+        }
+        out.push_str(&s.finish());
+        assert_eq!(out, text);
+    }
+
+    #[test]
+    fn utf8_stream_replaces_invalid_bytes_and_goes_on() {
+        let mut s = Utf8Stream::default();
+        assert_eq!(s.push(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(s.push(b"\xe2\x82"), "");
+        assert_eq!(s.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn byte_table_inverts_gpt2_map() {
+        let t = unicode_to_bytes();
+        assert_eq!(t.len(), 256);
+        assert_eq!(t[&'Ġ'], b' ');
+        assert_eq!(t[&'Ċ'], b'\n');
+        assert_eq!(t[&'a'], b'a');
+    }
+}

