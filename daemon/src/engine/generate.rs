@@ -153,7 +153,8 @@ pub fn generate(
         return Err(EngineError::EmptyPrompt);
     }
     let context = session.model().context_length;
-    if session.tokens().len() + prompt.len() > context {
+    // the prompt must leave room for at least one generated token
+    if session.tokens().len() + prompt.len() >= context {
         return Err(EngineError::PromptTooLong {
             tokens: session.tokens().len() + prompt.len(),
             context,
@@ -218,7 +219,8 @@ pub fn generate(
             matched_stop = true;
             break FinishReason::Stop;
         }
-        if outcome.tokens.len() >= params.max_tokens || session.remaining() == 0 {
+        // continuing needs two free positions: one to feed this token, one for the next
+        if outcome.tokens.len() >= params.max_tokens || session.remaining() <= 1 {
             break FinishReason::Length;
         }
         if cancel.load(Ordering::Relaxed) {

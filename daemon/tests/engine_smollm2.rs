@@ -1,0 +1,196 @@
+//! The engine on SmolLM2-135M-Instruct (fetched and converted by models/setup.sh): tokenizer
+//! against llama.cpp's ids, the f32 graph against NumPy, and the deployed artifact's quality.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use common::*;
+use fieldllmd::engine::chat::Message;
+use fieldllmd::engine::sampler::{argmax, logprob_of};
+use fieldllmd::engine::{Event, FinishReason, GenerateParams, Model, Session, generate};
+
+const F32: &str = "smollm2-135m-instruct";
+const ARTIFACT: &str = "smollm2-135m-instruct.f16";
+
+/// llama.cpp's ids for the default system message + "What is the capital of France?" + the
+/// assistant header (DESIGN.md section 9).
+const CHAT_IDS: [u32; 37] = [
+    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531,
+    198,
+];
+
+fn never() -> AtomicBool {
+    AtomicBool::new(false)
+}
+
+fn chat_prompt(model: &Model) -> Vec<u32> {
+    let text = model
+        .template
+        .render(
+            &[Message::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    model.tokenizer.encode(&text).unwrap()
+}
+
+#[test]
+fn tokenizer_reproduces_llama_cpp_ids_for_the_chat_prompt() {
+    let model = load(ARTIFACT);
+    assert_eq!(chat_prompt(&model), CHAT_IDS);
+    // digits split one by one, as llama.cpp's "smollm" pre-tokenizer does
+    let ids = model.tokenizer.encode("2026").unwrap();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(model.tokenizer.decode(&ids), "2026");
+}
+
+/// f32 graph (the ONNX package, transformed at load) against the NumPy forward pass: the
+/// prompt's logits and greedy decode steps through the KV cache.
+#[test]
+fn f32_graph_matches_numpy_on_the_first_positions() {
+    let model = load(F32);
+    let steps = reference(F32);
+    assert_eq!(steps[0].fed, CHAT_IDS);
+    let mut s = Session::new(&model).unwrap();
+    for (i, step) in steps.iter().enumerate() {
+        let logits = s.feed(&step.fed, &never()).unwrap();
+        let d = max_rel_diff(&logits, &step.logits);
+        assert!(d < 1e-4, "step {i}: relative difference {d:e}");
+        assert_eq!(
+            argmax(&logits),
+            argmax(&step.logits),
+            "step {i}: greedy token differs"
+        );
+    }
+}
+
+struct Forced {
+    top1: Vec<u32>,
+    nll: Vec<f64>,
+}
+
+/// Teacher forcing: feed the passage one token at a time, record the argmax and the negative
+/// log-likelihood of the true next token at each position.
+fn teacher_forced(model: &std::sync::Arc<Model>, ids: &[u32]) -> Forced {
+    let mut s = Session::new(model).unwrap();
+    let mut out = Forced {
+        top1: Vec::new(),
+        nll: Vec::new(),
+    };
+    for w in ids.windows(2) {
+        let logits = s.feed(&w[..1], &never()).unwrap();
+        out.top1.push(argmax(&logits));
+        out.nll.push(-logprob_of(&logits, w[1]) as f64);
+    }
+    out
+}
+
+#[test]
+fn deployed_artifact_keeps_f32_quality_on_a_256_token_passage() {
+    let passage = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/passage.txt"
+    ))
+    .unwrap();
+    let f32 = load(F32);
+    let mut ids = vec![f32.manifest().tokens.bos];
+    ids.extend(f32.tokenizer.encode(&passage).unwrap());
+    assert!(ids.len() >= 257, "passage has only {} tokens", ids.len());
+    ids.truncate(257);
+    let reference = teacher_forced(&f32, &ids);
+    drop(f32);
+    let artifact = load(ARTIFACT);
+    let deployed = teacher_forced(&artifact, &ids);
+    let agree = reference
+        .top1
+        .iter()
+        .zip(&deployed.top1)
+        .filter(|(a, b)| a == b)
+        .count();
+    let agreement = agree as f64 / reference.top1.len() as f64;
+    let ppl = |f: &Forced| (f.nll.iter().sum::<f64>() / f.nll.len() as f64).exp();
+    let (p32, pdep) = (ppl(&reference), ppl(&deployed));
+    eprintln!(
+        "256 tokens: top-1 agreement {:.1}%, perplexity f32 {p32:.3}, {} {pdep:.3} ({:+.2}%)",
+        agreement * 100.0,
+        artifact.manifest().graph.weights,
+        (pdep / p32 - 1.0) * 100.0
+    );
+    assert!(
+        agreement >= 0.95,
+        "top-1 agreement {:.1}% < 95%",
+        agreement * 100.0
+    );
+    assert!(
+        (pdep / p32 - 1.0).abs() <= 0.03,
+        "perplexity {pdep:.3} vs f32 {p32:.3}: more than 3% apart"
+    );
+}
+
+#[test]
+fn greedy_answer_mentions_paris() {
+    let model = load(ARTIFACT);
+    let mut s = Session::new(&model).unwrap();
+    let ids = chat_prompt(&model);
+    let mut streamed = String::new();
+    let out = generate(
+        &mut s,
+        &ids,
+        &GenerateParams {
+            max_tokens: 32,
+            ..GenerateParams::default()
+        },
+        &never(),
+        &mut |ev| match ev {
+            Event::Token { text, .. } | Event::Tail(text) => streamed.push_str(text),
+        },
+    )
+    .unwrap();
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    assert_eq!(streamed, out.text);
+    assert_eq!(out.finish, FinishReason::Stop, "ends on <|im_end|>");
+}
+
+/// A follow-up turn feeds only its new tokens: the session keeps the first turn's cache.
+#[test]
+fn a_follow_up_question_reuses_the_conversation_cache() {
+    let model = load(ARTIFACT);
+    let mut s = Session::new(&model).unwrap();
+    let mut messages = vec![Message::new("user", "What is the capital of France?")];
+    let first = model
+        .tokenizer
+        .encode(&model.template.render(&messages, true).unwrap())
+        .unwrap();
+    let params = GenerateParams {
+        max_tokens: 24,
+        ..GenerateParams::default()
+    };
+    let a1 = generate(&mut s, &first, &params, &never(), &mut |_| {}).unwrap();
+    messages.push(Message::new("assistant", a1.text.clone()));
+    messages.push(Message::new("user", "And of Italy?"));
+    let all = model
+        .tokenizer
+        .encode(&model.template.render(&messages, true).unwrap())
+        .unwrap();
+    let held = s.tokens().len();
+    let common = all
+        .iter()
+        .zip(s.tokens())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        common >= first.len(),
+        "the first turn is a prefix of the conversation"
+    );
+    s.truncate(common).unwrap();
+    let a2 = generate(&mut s, &all[common..], &params, &never(), &mut |_| {}).unwrap();
+    assert!(
+        a2.prompt_tokens < all.len() / 2,
+        "fed {} of {} tokens (cache held {held})",
+        a2.prompt_tokens,
+        all.len()
+    );
+    assert!(a2.text.contains("Rome"), "{:?}", a2.text);
+}
