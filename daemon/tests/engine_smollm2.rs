@@ -1,6 +1,8 @@
 //! The engine on SmolLM2-135M-Instruct (fetched and converted by models/setup.sh): tokenizer
 //! against llama.cpp's ids, the f32 graph against NumPy, and the deployed artifact's quality.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
 mod common;
 
 use std::sync::atomic::AtomicBool;

@@ -1,6 +1,8 @@
 //! The engine on the tiny random-weight llama: exactness against NumPy, sessions, cancel,
 //! limits, stop strings, UTF-8 streaming and bad packages. Fast: the model is 0.1 M weights.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

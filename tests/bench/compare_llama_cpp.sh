@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: fieldllmd's deployed SmolLM2 artifact against llama.cpp on the same
+# GGUF, same machine, same run. Not part of CI (it builds llama.cpp: a few minutes).
+#
+#   tests/bench/compare_llama_cpp.sh [THREADS...]      (default: 1 2)
+#
+# llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), built with
+# Debian's cmake into tests/bench/.cache (ignored). Prefill is pp128, decode tg128, as
+# llama-bench defines them; peak RSS is /usr/bin/time's maximum resident set of one run of each
+# engine at the largest thread count.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cache="$root/tests/bench/.cache"
+threads=("${@:-1 2}")
+threads=(${threads[*]})
+llama_version=0.3.36
+sudo=; [ "$(id -u)" -ne 0 ] && sudo=sudo
+
+for tool in cmake:cmake /usr/bin/time:time g++:g++; do
+  command -v "${tool%%:*}" >/dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${tool##*:}"; }
+done
+
+cd "$root"
+cargo build --release --locked -p fieldllmd
+models/setup.sh target/release/fieldllmd
+gguf=$(models/fetch.sh)
+artifact=models/build/smollm2-135m-instruct.f16
+
+bench_bin="$cache/llama.cpp-$llama_version/build/bin/llama-bench"
+if [ ! -x "$bench_bin" ]; then
+  mkdir -p "$cache"
+  models/.venv/bin/pip download --quiet --no-deps --no-binary :all: -d "$cache" "llama-cpp-python==$llama_version"
+  rm -rf "$cache/src" && mkdir -p "$cache/src"
+  tar -xzf "$cache/llama_cpp_python-$llama_version.tar.gz" -C "$cache/src"
+  rm -rf "$cache/llama.cpp-$llama_version"
+  mv "$cache/src/llama_cpp_python-$llama_version/vendor/llama.cpp" "$cache/llama.cpp-$llama_version"
+  # GGML_NATIVE: llama.cpp as its users build it on this machine (fieldllmd itself never
+  # uses -march=native; it ships to aarch64)
+  cmake -S "$cache/llama.cpp-$llama_version" -B "$cache/llama.cpp-$llama_version/build" \
+    -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF >/dev/null
+  cmake --build "$cache/llama.cpp-$llama_version/build" --target llama-bench -j "$(nproc)" >/dev/null
+fi
+
+tmax=${threads[-1]}
+tcsv=$(IFS=,; echo "${threads[*]}")
+out="$cache/run-$(date +%Y%m%dT%H%M%S)"
+mkdir -p "$out"
+targs=(); for t in "${threads[@]}"; do targs+=(--threads "$t"); done
+
+# alternate the engines so a slow moment of the machine hits both
+"$bench_bin" -m "$gguf" -p 128 -n 128 -t "$tcsv" -r 3 -o json > "$out/llama.json"
+target/release/fieldllmd bench --model "$artifact" "${targs[@]}" --reps 3 --json > "$out/fieldllm.json"
+/usr/bin/time -f '%M' -o "$out/llama.rss" "$bench_bin" -m "$gguf" -p 128 -n 128 -t "$tmax" -r 1 -o json > /dev/null
+/usr/bin/time -f '%M' -o "$out/fieldllm.rss" target/release/fieldllmd bench --model "$artifact" --threads "$tmax" --reps 1 --json > /dev/null
+# load: process start to model ready, llama.cpp's from its own timing of a 1-token run
+python3 - "$out" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)" <<'PY'
+import json, sys
+out, ncpu, cpu = sys.argv[1], sys.argv[2], sys.argv[3].strip()
+ll = json.load(open(f"{out}/llama.json"))
+fl = json.load(open(f"{out}/fieldllm.json"))
+def llama(t, kind):
+    for r in ll:
+        if r["n_threads"] == t and ((kind == "pp" and r["n_prompt"] > 0 and r["n_gen"] == 0) or (kind == "tg" and r["n_gen"] > 0 and r["n_prompt"] == 0)):
+            return r["avg_ts"]
+    return float("nan")
+rss_l = int(open(f"{out}/llama.rss").read().split()[-1]) / 1024
+rss_f = int(open(f"{out}/fieldllm.rss").read().split()[-1]) / 1024
+print(f"machine: {cpu}, {ncpu} CPUs; model: SmolLM2-135M-Instruct; fieldllmd {fl['weights']} artifact vs llama.cpp Q4_1 GGUF")
+print("| threads | test | llama.cpp tok/s | fieldllmd tok/s | ratio |")
+print("|--:|---|--:|--:|--:|")
+for row in fl["rows"]:
+    t = row["threads"]
+    for kind, key in (("pp", "prefill_tok_s"), ("tg", "decode_tok_s")):
+        l, f = llama(t, kind), row[key]
+        print(f"| {t} | {kind}128 | {l:.1f} | {f:.1f} | {f / l:.2f}x |")
+print(f"| - | peak RSS MB | {rss_l:.0f} | {rss_f:.0f} | {rss_f / rss_l:.2f}x |")
+print(f"| - | fieldllmd load ms | - | {fl['rows'][-1]['load_ms']:.0f} | - |")
+PY
+echo "raw results: $out"
