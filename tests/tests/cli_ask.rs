@@ -10,7 +10,9 @@ fn tiny() -> String {
 
 #[test]
 fn ask_answers_paris_with_the_deployed_artifact() {
-    let dir = model_dir("smollm2-135m-instruct.f16").to_string_lossy().into_owned();
+    let dir = model_dir("smollm2-135m-instruct.f16")
+        .to_string_lossy()
+        .into_owned();
     let o = run(&["ask", "--model", &dir, "What is the capital of France?"]);
     let (out, err) = texts(&o);
     assert!(o.status.success(), "{err}");
@@ -19,14 +21,36 @@ fn ask_answers_paris_with_the_deployed_artifact() {
 
 #[test]
 fn ask_logprobs_prints_json_lines_with_k_candidates() {
-    let o = run(&["ask", "--model", &tiny(), "--logprobs", "3", "--max-tokens", "6", "--temperature", "0.8", "--seed", "5", "hello"]);
+    let o = run(&[
+        "ask",
+        "--model",
+        &tiny(),
+        "--logprobs",
+        "3",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "5",
+        "hello",
+    ]);
     let (out, err) = texts(&o);
     assert!(o.status.success(), "{err}");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     let done = lines.last().expect("a final line");
     assert!(done["finish_reason"].is_string(), "{done}");
-    let tokens: Vec<_> = lines.iter().filter(|l| l.get("top_logprobs").is_some()).collect();
-    assert_eq!(tokens.len() as u64, done["usage"]["completion_tokens"].as_u64().unwrap());
+    let tokens: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("top_logprobs").is_some())
+        .collect();
+    assert_eq!(
+        tokens.len() as u64,
+        done["usage"]["completion_tokens"].as_u64().unwrap()
+    );
     for t in tokens {
         let top = t["top_logprobs"].as_array().unwrap();
         assert_eq!(top.len(), 3, "{t}");
@@ -37,7 +61,20 @@ fn ask_logprobs_prints_json_lines_with_k_candidates() {
 
 #[test]
 fn same_seed_same_answer_from_the_command_line() {
-    let args = ["ask", "--model", &tiny(), "--temperature", "1.0", "--top-k", "0", "--max-tokens", "12", "--seed", "11", "pump"];
+    let args = [
+        "ask",
+        "--model",
+        &tiny(),
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "0",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "11",
+        "pump",
+    ];
     let a = run(&args);
     let b = run(&args);
     assert!(a.status.success());
@@ -61,7 +98,10 @@ fn bad_parameters_fail_before_loading_and_name_the_parameter() {
         assert_clean_failure(&o, &[name]);
     }
     assert_clean_failure(&run(&["ask", "--model", &t, "   "]), &["empty"]);
-    assert_clean_failure(&run(&["ask", "--model", &t, "--top-k", "x", "hi"]), &["--top-k"]);
+    assert_clean_failure(
+        &run(&["ask", "--model", &t, "--top-k", "x", "hi"]),
+        &["--top-k"],
+    );
 }
 
 #[test]
@@ -73,7 +113,10 @@ fn a_prompt_longer_than_the_context_is_refused() {
 
 #[test]
 fn missing_and_corrupt_models_are_named() {
-    assert_clean_failure(&run(&["ask", "--model", "/nonexistent/pkg", "hi"]), &["/nonexistent/pkg/manifest.toml"]);
+    assert_clean_failure(
+        &run(&["ask", "--model", "/nonexistent/pkg", "hi"]),
+        &["/nonexistent/pkg/manifest.toml"],
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(model_dir("tiny-llama")).unwrap() {
@@ -86,8 +129,14 @@ fn missing_and_corrupt_models_are_named() {
     let mut tok = std::fs::read(tmp.path().join("tokenizer.json")).unwrap();
     tok.push(b' ');
     std::fs::write(tmp.path().join("tokenizer.json"), tok).unwrap();
-    assert_clean_failure(&run(&["model", "verify", &dir]), &["tokenizer.json", "sha256"]);
-    assert_clean_failure(&run(&["ask", "--model", &dir, "hi"]), &["tokenizer.json", "sha256"]);
+    assert_clean_failure(
+        &run(&["model", "verify", &dir]),
+        &["tokenizer.json", "sha256"],
+    );
+    assert_clean_failure(
+        &run(&["ask", "--model", &dir, "hi"]),
+        &["tokenizer.json", "sha256"],
+    );
 
     std::fs::write(tmp.path().join("manifest.toml"), "not = [toml").unwrap();
     assert_clean_failure(&run(&["model", "info", &dir]), &["manifest"]);
@@ -98,8 +147,13 @@ fn model_info_describes_package_and_artifact() {
     let o = run(&["model", "info", &tiny()]);
     let (out, err) = texts(&o);
     assert!(o.status.success(), "{err}");
-    assert!(out.contains("tiny-llama") && out.contains("2 layers") && out.contains("Onnx"), "{out}");
-    let art = model_dir("smollm2-135m-instruct.f16").to_string_lossy().into_owned();
+    assert!(
+        out.contains("tiny-llama") && out.contains("2 layers") && out.contains("Onnx"),
+        "{out}"
+    );
+    let art = model_dir("smollm2-135m-instruct.f16")
+        .to_string_lossy()
+        .into_owned();
     let o = run(&["model", "info", "--json", &art]);
     let m: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(m["graph"]["format"], "nnef");
@@ -116,18 +170,40 @@ fn model_import_refuses_to_overwrite_and_bad_formats() {
     assert!(o.status.success(), "{}", texts(&o).1);
     assert!(run(&["model", "verify", &out_s]).status.success());
     assert_clean_failure(&run(&["model", "import", &tiny(), &out_s]), &["exists"]);
-    assert_clean_failure(&run(&["model", "import", &tiny(), "/tmp/x", "--weights", "q3"]), &["q3"]);
-    assert_clean_failure(&run(&["model", "import", &out_s, "/tmp/y"]), &["already an artifact"]);
+    assert_clean_failure(
+        &run(&["model", "import", &tiny(), "/tmp/x", "--weights", "q3"]),
+        &["q3"],
+    );
+    assert_clean_failure(
+        &run(&["model", "import", &out_s, "/tmp/y"]),
+        &["already an artifact"],
+    );
 }
 
 #[test]
 fn bench_json_reports_every_figure() {
-    let o = run(&["bench", "--model", &tiny(), "--json", "--prompt", "16", "--gen", "8", "--reps", "1"]);
+    let o = run(&[
+        "bench",
+        "--model",
+        &tiny(),
+        "--json",
+        "--prompt",
+        "16",
+        "--gen",
+        "8",
+        "--reps",
+        "1",
+    ]);
     let (out, err) = texts(&o);
     assert!(o.status.success(), "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let rows = r["rows"].as_array().unwrap();
-    assert_eq!(rows.iter().map(|r| r["threads"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["threads"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     for row in rows {
         for k in ["load_ms", "prefill_tok_s", "decode_tok_s"] {
             assert!(row[k].as_f64().unwrap() > 0.0, "{k} in {row}");

@@ -145,6 +145,7 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
     } else {
         writeln!(out)?;
     }
+    out.flush()?;
     if a.stats {
         let t = &outcome.timings;
         eprintln!(

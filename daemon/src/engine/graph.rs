@@ -202,6 +202,14 @@ impl Model {
             )));
         }
         let context_length = m.model.context_length;
+        tracing::info!(
+            model = %m.model.name,
+            weights = %m.graph.weights,
+            graph = ?m.graph.format,
+            threads = options.threads,
+            load_ms = start.elapsed().as_millis() as u64,
+            "model loaded"
+        );
         Ok(Arc::new(Model {
             package,
             plan,

@@ -1,6 +1,5 @@
 //! Shared helpers for the engine's integration tests: model paths and reference logits.
 #![allow(dead_code, missing_docs)]
-
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::path::PathBuf;
