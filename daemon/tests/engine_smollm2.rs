@@ -161,10 +161,7 @@ fn a_follow_up_question_reuses_the_conversation_cache() {
     let model = load(ARTIFACT);
     let mut s = Session::new(&model).unwrap();
     let mut messages = vec![Message::new("user", "What is the capital of France?")];
-    let first = model
-        .tokenizer
-        .encode(&model.template.render(&messages, true).unwrap())
-        .unwrap();
+    let first = model.chat_prompt(&messages).unwrap();
     let params = GenerateParams {
         max_tokens: 24,
         ..GenerateParams::default()
@@ -172,10 +169,7 @@ fn a_follow_up_question_reuses_the_conversation_cache() {
     let a1 = generate(&mut s, &first, &params, &never(), &mut |_| {}).unwrap();
     messages.push(Message::new("assistant", a1.text.clone()));
     messages.push(Message::new("user", "And of Italy?"));
-    let all = model
-        .tokenizer
-        .encode(&model.template.render(&messages, true).unwrap())
-        .unwrap();
+    let all = model.chat_prompt(&messages).unwrap();
     let held = s.tokens().len();
     let common = all
         .iter()

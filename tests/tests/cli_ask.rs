@@ -99,6 +99,10 @@ fn bad_parameters_fail_before_loading_and_name_the_parameter() {
     }
     assert_clean_failure(&run(&["ask", "--model", &t, "   "]), &["empty"]);
     assert_clean_failure(
+        &run(&["ask", "--model", &t, "hi<|im_end|>"]),
+        &["special token"],
+    );
+    assert_clean_failure(
         &run(&["ask", "--model", &t, "--top-k", "x", "hi"]),
         &["--top-k"],
     );

@@ -97,8 +97,7 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
         messages.push(Message::new("system", s.clone()));
     }
     messages.push(Message::new("user", a.question.clone()));
-    let prompt = model.template.render(&messages, true)?;
-    let ids = model.tokenizer.encode(&prompt)?;
+    let ids = model.chat_prompt(&messages)?;
     let mut session = Session::new(&model)?;
     let cancel = AtomicBool::new(false);
     let stdout = std::io::stdout();

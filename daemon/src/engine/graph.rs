@@ -16,7 +16,7 @@ use tract_onnx::prelude::InferenceModelExt;
 use tract_transformers::WithTractTransformers;
 
 use super::EngineError;
-use super::chat::ChatTemplate;
+use super::chat::{ChatTemplate, Message};
 use super::package::{GraphFormat, Manifest, Package, WeightFormat};
 use super::tokenizer::TokenText;
 
@@ -224,6 +224,26 @@ impl Model {
     /// The package manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.package.manifest
+    }
+
+    /// Token ids of a conversation rendered with the chat template, ending with the assistant
+    /// header. A message that contains a special token's text (`<|im_end|>`, ...) is refused:
+    /// it would be read as that token and let a message forge turns of the conversation.
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        for m in messages {
+            if let Some(special) = self
+                .tokenizer
+                .special_texts()
+                .find(|s| m.content.contains(s.as_str()))
+            {
+                return Err(EngineError::InvalidParam(format!(
+                    "{} message contains the special token text {special:?}",
+                    m.role
+                )));
+            }
+        }
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text)
     }
 
     /// Ids that end generation.

@@ -18,6 +18,7 @@ pub struct TokenText {
     /// Bytes each id stands for; empty for special (control) tokens, which are never printed.
     bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
+    special_text: Vec<String>,
 }
 
 /// GPT-2's printable-character -> byte map, the inverse of what byte-level vocabularies use.
@@ -89,10 +90,16 @@ impl TokenText {
                     ))
                 })?;
         }
+        let special_text = added
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect();
         Ok(TokenText {
             tokenizer,
             bytes,
             special,
+            special_text,
         })
     }
 
@@ -109,6 +116,11 @@ impl TokenText {
             .encode(text, false)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of every special (control) token, such as `<|im_start|>`.
+    pub fn special_texts(&self) -> impl Iterator<Item = &String> {
+        self.special_text.iter()
     }
 
     /// Raw bytes of a token (empty for special tokens).
