@@ -4,6 +4,9 @@
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --locked -p fieldllmd
-models/setup.sh target/debug/fieldllmd
+# build through `cargo test` so the binary has the test build's features: a separate
+# `cargo build` resolves features without dev-dependencies and rebuilds tract a second time
+cargo test --workspace --locked --no-run
+export FIELDLLMD_BIN="$PWD/target/debug/fieldllmd"
+models/setup.sh "$FIELDLLMD_BIN"
 cargo test --workspace --locked "$@"

@@ -5,4 +5,7 @@
 
 pub mod engine;
 pub mod paths;
+pub mod proto;
+pub mod request;
 pub mod rss;
+pub mod scheduler;
