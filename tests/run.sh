@@ -2,6 +2,7 @@
 # The whole test suite: build fieldllmd, make the model packages the tests use (tiny model,
 # SmolLM2 package + NumPy reference, f16 artifact), then every test of the workspace.
 # Extra arguments go to `cargo test`.
+# Needs mosquitto (Debian package) for the MQTT tests; .ci/run installs it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # build through `cargo test` so the binary has the test build's features: a separate

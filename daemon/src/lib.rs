@@ -3,9 +3,11 @@
 //! See ARCHITECTURE.md at the repository root for the map. This library holds everything the
 //! binary runs, so integration tests and benchmarks drive the same code.
 
+pub mod config;
 pub mod engine;
 pub mod paths;
 pub mod proto;
 pub mod request;
 pub mod rss;
 pub mod scheduler;
+pub mod transport;

@@ -76,3 +76,141 @@ pub fn assert_clean_failure(o: &Output, needles: &[&str]) {
         assert!(err.contains(n), "stderr does not mention {n:?}: {err}");
     }
 }
+
+/// A free TCP port on loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    l.local_addr().expect("local addr").port()
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut std::process::Child, log: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A mosquitto broker (Debian's) on a free loopback port with its own config; killed on drop.
+pub struct Mosquitto {
+    /// Its port.
+    pub port: u16,
+    child: std::process::Child,
+    /// Directory with its config and log.
+    pub dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts one; `extra` is appended to the listener's config.
+    pub fn start(extra: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        Mosquitto::start_on(port, extra, dir)
+    }
+
+    /// Starts one on `port` (to restart a broker where clients expect it).
+    pub fn start_on(port: u16, extra: &str, dir: tempfile::TempDir) -> Mosquitto {
+        let conf = dir.path().join("mosquitto.conf");
+        let log = dir.path().join("mosquitto.log");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\npersistence false\nlog_dest file {}\n{extra}\n",
+                log.display()
+            ),
+        )
+        .expect("write conf");
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto (apt-get install mosquitto)");
+        wait_for_port(port, "mosquitto", &mut child, &log);
+        Mosquitto { port, child, dir }
+    }
+
+    /// Kills it, keeping its directory for a restart.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `fieldllmd serve` process with a config file; stopped (SIGTERM, then kill) on drop.
+pub struct Daemon {
+    child: std::process::Child,
+    /// Directory with its config and its log (`daemon.log`).
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `fieldllmd serve --config` with this TOML text.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("fieldllmd.toml");
+        std::fs::write(&conf, config).expect("write config");
+        let child = Command::new(fieldllmd())
+            .arg("serve")
+            .arg("--config")
+            .arg(&conf)
+            .env("RUST_LOG", "info,tract_onnx=error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("daemon.log")).expect("log"))
+            .spawn()
+            .expect("start fieldllmd serve");
+        Daemon { child, dir }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait for fieldllmd")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -3,6 +3,7 @@
 mod ask;
 mod bench;
 mod model;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: load the model and answer over MQTT.
+    Serve(serve::ServeArgs),
     /// Answer one question, streamed to stdout.
     Ask(ask::AskArgs),
     /// Measure load time, peak memory, prefill and decode speed.
@@ -31,10 +34,11 @@ enum Command {
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level the flags give.
-pub fn init_logging(verbose: u8) {
+pub fn init_logging(verbose: u8, serving: bool) {
     // tract warns that opset 23 is beyond what it is "tested against": the engine's own tests
     // are what vouch for the graph, so that line is noise for users
     let level = match verbose {
+        0 if serving => "info,tract_onnx=error",
         0 => "warn,tract_onnx=error",
         1 => "info,tract_onnx=error",
         _ => "debug",
@@ -47,9 +51,17 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
+impl Cli {
+    /// Whether the command is the daemon (it logs at info by default).
+    pub fn serving(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(s) => serve::run(s),
         Command::Ask(a) => ask::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Model(m) => model::run(m),

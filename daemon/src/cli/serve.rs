@@ -1,0 +1,101 @@
+//! `fieldllmd serve`: the daemon. Model, scheduler, MQTT; SIGTERM/SIGINT stop it cleanly.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use anyhow::Context;
+use fieldllmd::config::{Config, check_topic_level};
+use fieldllmd::engine::{LoadOptions, Model};
+use fieldllmd::request::Limits;
+use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
+use fieldllmd::transport::mqtt::MqttService;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use super::ModelArg;
+
+/// Flags of `serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (default: every key at its default).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArg,
+}
+
+/// The machine's hostname as a topic level, or "fieldllm".
+fn hostname() -> String {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let h = h.trim();
+    if check_topic_level(h).is_ok() {
+        h.to_string()
+    } else {
+        "fieldllm".to_string()
+    }
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let dir =
+        fieldllmd::paths::default_model_dir(a.model.model.clone().or(config.model.path.clone()));
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            verify: true,
+            threads: config.model.threads,
+        },
+    )
+    .with_context(|| format!("loading model {}", dir.display()))?;
+    let limits = Limits {
+        max_prompt_bytes: config.limits.max_prompt_bytes,
+        max_tokens: config.limits.max_tokens,
+    };
+    let scheduler = Scheduler::start(
+        model.clone(),
+        SchedulerConfig {
+            queue: config.limits.queue,
+            slots: config.model.slots,
+        },
+    )?;
+    let node = config.mqtt.node_id.clone().unwrap_or_else(hostname);
+    let service = MqttService {
+        config: config.mqtt.clone(),
+        node: node.clone(),
+        limits,
+        max_payload: config.limits.max_payload_bytes,
+        model_name: model.manifest().model.name.clone(),
+        open_streams: Arc::new(AtomicUsize::new(0)),
+    };
+    let grace = Duration::from_secs(config.limits.grace_s);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mqtt = tokio::spawn(service.run(scheduler.clone(), stop_rx));
+        tracing::info!(%node, model = %model.manifest().model.name, "serving");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            "stopping: intake closed, finishing answers"
+        );
+        let s = scheduler.clone();
+        tokio::task::spawn_blocking(move || s.shutdown(grace)).await?;
+        let _ = stop_tx.send(true);
+        mqtt.await??;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}

@@ -1,0 +1,381 @@
+//! `fieldllmd serve` against a real mosquitto: requests in JSON and protobuf, reply routing,
+//! streaming order, cancel, bad input, redelivered ids and a clean stop.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fieldllm_tests::{Daemon, Mosquitto, model_dir};
+use fieldllmd::proto::v1::{self, response::Kind};
+use fieldllmd::proto::{ErrorCode, Request, Response};
+use prost::Message as _;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Client {
+    c: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Publish>,
+}
+
+impl Client {
+    async fn connect(port: u16, id: &str) -> Client {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_max_packet_size(Some(4 * 1024 * 1024));
+        let (c, mut ev) = AsyncClient::new(o, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(p).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Client { c, rx }
+    }
+
+    async fn sub(&self, topic: &str) {
+        self.c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+        // a subscription is live once the broker answers; a retained probe would be heavier
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    async fn next(&mut self) -> Publish {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("client open")
+    }
+
+    /// Waits until the node's retained status says `state`.
+    async fn wait_status(&mut self, node: &str, state: &str) {
+        self.sub(&format!("fieldllm/v1/{node}/status")).await;
+        loop {
+            let p = self.next().await;
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            if v["state"] == state {
+                return;
+            }
+        }
+    }
+
+    async fn request(&self, node: &str, payload: impl Into<Bytes>, props: PublishProperties) {
+        self.c
+            .publish_with_properties(
+                format!("fieldllm/v1/{node}/req"),
+                QoS::AtLeastOnce,
+                false,
+                payload.into(),
+                props,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn reply_props(topic: &str, corr: &[u8]) -> PublishProperties {
+    PublishProperties {
+        response_topic: Some(topic.into()),
+        correlation_data: Some(Bytes::copy_from_slice(corr)),
+        ..PublishProperties::default()
+    }
+}
+
+fn json(p: &Publish) -> Response {
+    serde_json::from_slice(&p.payload).unwrap_or_else(|e| panic!("{e}: {:?}", p.payload))
+}
+
+/// Reads one answer: chunks in seq order, then the final; returns (chunks' text, final).
+async fn answer(
+    client: &mut Client,
+    decode: fn(&Publish) -> Response,
+) -> (String, Response, Vec<Publish>) {
+    let mut text = String::new();
+    let mut seq = 0;
+    let mut raw = Vec::new();
+    loop {
+        let p = client.next().await;
+        let r = decode(&p);
+        raw.push(p);
+        match &r.kind {
+            Some(Kind::Chunk(c)) => {
+                assert_eq!(c.seq, seq, "chunks arrive in seq order");
+                seq += 1;
+                text.push_str(&c.text);
+            }
+            Some(Kind::Done(d)) => {
+                assert_eq!(d.seq, seq, "Done.seq follows the last chunk");
+                return (text, r, raw);
+            }
+            Some(Kind::Error(_)) => return (text, r, raw),
+            None => panic!("empty response"),
+        }
+    }
+}
+
+fn daemon_config(port: u16, node: &str, model: &str, extra: &str) -> String {
+    format!(
+        "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\ntelemetry_s = 1\n\n[limits]\nqueue = 8\nmax_prompt_bytes = 2048\nmax_tokens = 64\n{extra}",
+        model_dir(model)
+    )
+}
+
+fn finish(r: &Response) -> v1::FinishReason {
+    match &r.kind {
+        Some(Kind::Done(d)) => v1::FinishReason::try_from(d.finish_reason).unwrap(),
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+fn code(r: &Response) -> ErrorCode {
+    match &r.kind {
+        Some(Kind::Error(e)) => ErrorCode::try_from(e.code).unwrap(),
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_protobuf_requests_are_answered_where_asked() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&daemon_config(broker.port, "n1", "tiny-llama", ""));
+    let mut c = Client::connect(broker.port, "t-json").await;
+    c.wait_status("n1", "ready").await;
+
+    // v5: Response Topic + Correlation Data, echoed on every message of the answer
+    c.sub("client/replies").await;
+    c.request(
+        "n1",
+        r#"{"id":"j1","prompt":"pump pressure?","maxTokens":12}"#,
+        reply_props("client/replies", b"corr-7"),
+    )
+    .await;
+    let (_, last, raw) = answer(&mut c, json).await;
+    assert!(matches!(
+        finish(&last),
+        v1::FinishReason::Stop | v1::FinishReason::Length
+    ));
+    for p in &raw {
+        assert_eq!(p.topic.as_ref(), b"client/replies");
+        let props = p.properties.clone().unwrap();
+        assert_eq!(props.correlation_data.as_deref(), Some(&b"corr-7"[..]));
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        assert_eq!(json(p).id(), "j1");
+    }
+
+    // protobuf in, protobuf out, on the default topic {prefix}/{node}/resp/{id}
+    c.sub("fieldllm/v1/n1/resp/p1").await;
+    let req = Request {
+        id: "p1".into(),
+        prompt: "valve".into(),
+        max_tokens: Some(6),
+        ..Request::default()
+    };
+    let props = PublishProperties {
+        content_type: Some("application/x-protobuf".into()),
+        ..PublishProperties::default()
+    };
+    c.request("n1", req.encode_to_vec(), props).await;
+    let (_, last, raw) = answer(&mut c, |p| Response::decode(p.payload.as_ref()).unwrap()).await;
+    finish(&last);
+    assert!(
+        raw.iter()
+            .all(|p| p.properties.as_ref().unwrap().content_type.as_deref()
+                == Some("application/x-protobuf"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_error_and_the_service_goes_on() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&daemon_config(
+        broker.port,
+        "n2",
+        "tiny-llama",
+        "max_payload_bytes = 65536\n",
+    ));
+    let mut c = Client::connect(broker.port, "t-bad").await;
+    c.wait_status("n2", "ready").await;
+    c.sub("bad/replies").await;
+    let big = format!(r#"{{"id":"big","prompt":"{}"}}"#, "a".repeat(1024 * 1024));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, ErrorCode)> = vec![
+        (
+            "invalid JSON",
+            b"{not json".to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "invalid protobuf",
+            b"\xff\xff\xff\xff".to_vec(),
+            Some("application/x-protobuf"),
+            ErrorCode::BadRequest,
+        ),
+        (
+            "wrong type",
+            br#"{"id":"w","prompt":5}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "unknown field",
+            br#"{"id":"u","prompt":"q","colour":"red"}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "empty id",
+            br#"{"id":"","prompt":"q"}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "long id",
+            format!(r#"{{"id":"{}","prompt":"q"}}"#, "x".repeat(65)).into_bytes(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "prompt over limit",
+            format!(r#"{{"id":"l","prompt":"{}"}}"#, "a".repeat(2049)).into_bytes(),
+            None,
+            ErrorCode::TooLarge,
+        ),
+        (
+            "NaN temperature",
+            br#"{"id":"n","prompt":"q","temperature":"NaN"}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "negative temperature",
+            br#"{"id":"t","prompt":"q","temperature":-1}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "negative max_tokens",
+            br#"{"id":"m","prompt":"q","maxTokens":-5}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "max_tokens over limit",
+            br#"{"id":"m2","prompt":"q","maxTokens":100000}"#.to_vec(),
+            None,
+            ErrorCode::BadRequest,
+        ),
+        ("1 MB payload", big.into_bytes(), None, ErrorCode::TooLarge),
+    ];
+    for (i, (what, payload, ctype, want)) in cases.into_iter().enumerate() {
+        let mut props = reply_props("bad/replies", format!("case-{i}").as_bytes());
+        props.content_type = ctype.map(str::to_string);
+        c.request("n2", payload, props).await;
+        let p = c.next().await;
+        let r = if ctype.is_some() {
+            Response::decode(p.payload.as_ref()).unwrap()
+        } else {
+            json(&p)
+        };
+        assert_eq!(code(&r), want, "{what}: {r:?}");
+        assert_eq!(
+            p.properties.unwrap().correlation_data.as_deref(),
+            Some(format!("case-{i}").as_bytes()),
+            "{what}"
+        );
+    }
+    // and it still answers
+    c.request(
+        "n2",
+        r#"{"id":"ok","prompt":"still there?","maxTokens":4}"#,
+        reply_props("bad/replies", b"ok"),
+    )
+    .await;
+    let (_, last, _) = answer(&mut c, json).await;
+    finish(&last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_id_is_answered_once() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&daemon_config(broker.port, "n3", "tiny-llama", ""));
+    let mut c = Client::connect(broker.port, "t-dup").await;
+    c.wait_status("n3", "ready").await;
+    c.sub("dup/replies").await;
+    for _ in 0..2 {
+        c.request(
+            "n3",
+            r#"{"id":"same","prompt":"q","maxTokens":3}"#,
+            reply_props("dup/replies", b"d"),
+        )
+        .await;
+    }
+    let (_, last, _) = answer(&mut c, json).await;
+    finish(&last);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), c.rx.recv())
+            .await
+            .is_err(),
+        "answered twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_stream_ends_with_cancelled_and_sigterm_stops_cleanly() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let mut d = Daemon::start(&daemon_config(
+        broker.port,
+        "n4",
+        "smollm2-135m-instruct.f16",
+        "",
+    ));
+    let mut c = Client::connect(broker.port, "t-cancel").await;
+    c.wait_status("n4", "ready").await;
+    c.sub("cancel/replies").await;
+    c.request(
+        "n4",
+        r#"{"id":"long","prompt":"Write a long story about a hydraulic pump.","maxTokens":64}"#,
+        reply_props("cancel/replies", b"c"),
+    )
+    .await;
+    let first = json(&c.next().await);
+    assert!(matches!(first.kind, Some(Kind::Chunk(_))), "{first:?}");
+    c.c.publish(
+        "fieldllm/v1/n4/cancel",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"id":"long"}"#,
+    )
+    .await
+    .unwrap();
+    let last = loop {
+        let r = json(&c.next().await);
+        if r.is_final() {
+            break r;
+        }
+    };
+    assert_eq!(finish(&last), v1::FinishReason::Cancelled);
+    let Some(Kind::Done(done)) = &last.kind else {
+        unreachable!()
+    };
+    assert!(done.usage.unwrap().completion_tokens < 64);
+
+    let status = d.terminate();
+    assert!(status.success(), "exit {status}: {}", d.log());
+    assert!(d.log().contains("stopped"), "{}", d.log());
+    let mut s = Client::connect(broker.port, "t-status").await;
+    s.sub("fieldllm/v1/n4/status").await;
+    let v: serde_json::Value = serde_json::from_slice(&s.next().await.payload).unwrap();
+    assert_eq!(v["state"], "offline");
+    // the will carries no counters: this is the daemon's own clean-stop status
+    assert_eq!(v["answered"], "1", "{v}");
+}
