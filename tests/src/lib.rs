@@ -23,8 +23,10 @@ pub fn model_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Path of a `fieldllmd` built from this checkout. `$FIELDLLMD_BIN` wins; otherwise the test
-/// builds it once with the same cargo (a dependency's binaries are not built for tests).
+/// Path of a `fieldllmd` built from this checkout. `$FIELDLLMD_BIN` wins (tests/run.sh sets
+/// it); otherwise the test builds it once, the way `cargo test --workspace` does (all members,
+/// dev-dependencies included), so the build reuses the test build instead of resolving other
+/// features and recompiling tract.
 pub fn fieldllmd() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -33,11 +35,11 @@ pub fn fieldllmd() -> &'static Path {
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "fieldllmd", "--bin", "fieldllmd"])
+            .args(["build", "--quiet", "--workspace", "--tests"])
             .current_dir(repo_root())
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build -p fieldllmd failed");
+        assert!(status.success(), "cargo build --workspace --tests failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("target"));

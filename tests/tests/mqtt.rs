@@ -379,3 +379,57 @@ async fn cancel_mid_stream_ends_with_cancelled_and_sigterm_stops_cleanly() {
     // the will carries no counters: this is the daemon's own clean-stop status
     assert_eq!(v["answered"], "1", "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_via_mqtt_streams_a_running_daemons_answer() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&daemon_config(
+        broker.port,
+        "n5",
+        "smollm2-135m-instruct.f16",
+        "",
+    ));
+    let mut c = Client::connect(broker.port, "t-via").await;
+    c.wait_status("n5", "ready").await;
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let o = tokio::task::spawn_blocking(move || {
+        let direct = fieldllm_tests::run(&[
+            "ask",
+            "--via",
+            &url,
+            "--node",
+            "n5",
+            "What is the capital of France?",
+        ]);
+        let fleet = fieldllm_tests::run(&["ask", "--via", &url, "--max-tokens", "4", "Hello"]);
+        let refused = fieldllm_tests::run(&[
+            "ask",
+            "--via",
+            &url,
+            "--node",
+            "n5",
+            "--max-tokens",
+            "1000",
+            "Hello",
+        ]);
+        (direct, fleet, refused)
+    })
+    .await
+    .unwrap();
+    let (out, err) = fieldllm_tests::texts(&o.0);
+    assert!(o.0.status.success(), "{err}");
+    assert!(out.contains("Paris"), "{out}");
+    assert!(
+        o.1.status.success(),
+        "fleet topic: {}",
+        fieldllm_tests::texts(&o.1).1
+    );
+    fieldllm_tests::assert_clean_failure(&o.2, &["bad_request", "max_tokens"]);
+
+    let nobody = format!("mqtt://127.0.0.1:{}", fieldllm_tests::free_port());
+    let o =
+        tokio::task::spawn_blocking(move || fieldllm_tests::run(&["ask", "--via", &nobody, "hi"]))
+            .await
+            .unwrap();
+    fieldllm_tests::assert_clean_failure(&o, &["MQTT broker"]);
+}

@@ -21,9 +21,9 @@ pub struct AskArgs {
     /// System message (default: the chat template's own).
     #[arg(long)]
     system: Option<String>,
-    /// Most tokens in the answer.
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
+    /// Most tokens in the answer [default: 512; with --via, the daemon's limit].
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
@@ -54,6 +54,16 @@ pub struct AskArgs {
     /// Print timings to stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// Ask a running daemon through this MQTT broker (mqtt://HOST:PORT) instead of loading
+    /// the model here.
+    #[arg(long, value_name = "URL")]
+    via: Option<String>,
+    /// With --via: the appliance's node id (default: the fleet topic, any appliance answers).
+    #[arg(long, requires = "via")]
+    node: Option<String>,
+    /// With --via: the daemons' topic prefix.
+    #[arg(long, default_value = "fieldllm/v1", requires = "via")]
+    prefix: String,
 }
 
 fn cand_json(c: &Candidate) -> serde_json::Value {
@@ -71,7 +81,7 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
             seed: a.seed,
             ..SamplingParams::default()
         },
-        max_tokens: a.max_tokens,
+        max_tokens: a.max_tokens.unwrap_or(512),
         stop: a.stop.clone(),
         logprobs: a.logprobs.unwrap_or(0),
     };
@@ -82,6 +92,40 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
     }
     if a.question.trim().is_empty() {
         anyhow::bail!("empty question");
+    }
+    if let Some(url) = &a.via {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(fieldllmd::proto::v1::Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        messages.push(fieldllmd::proto::v1::Message {
+            role: "user".into(),
+            content: a.question.clone(),
+        });
+        let req = fieldllmd::proto::Request {
+            id: format!(
+                "ask-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            ),
+            messages,
+            max_tokens: a.max_tokens.map(|n| n as u32),
+            temperature: Some(a.temperature),
+            top_p: Some(a.top_p),
+            top_k: Some(a.top_k as u32),
+            min_p: Some(a.min_p),
+            seed: Some(a.seed),
+            stop: a.stop.clone(),
+            logprobs: a.logprobs.unwrap_or(0) as u32,
+            ..Default::default()
+        };
+        return super::via::ask(url, &a.prefix, a.node.as_deref(), req, a.logprobs.is_some());
     }
     let dir = a.model.dir();
     let model = Model::load(

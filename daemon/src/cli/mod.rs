@@ -4,6 +4,7 @@ mod ask;
 mod bench;
 mod model;
 mod serve;
+mod via;
 
 use std::path::PathBuf;
 
