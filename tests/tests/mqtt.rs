@@ -125,7 +125,7 @@ async fn answer(
 
 fn daemon_config(port: u16, node: &str, model: &str, extra: &str) -> String {
     format!(
-        "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\ntelemetry_s = 1\n\n[limits]\nqueue = 8\nmax_prompt_bytes = 2048\nmax_tokens = 64\n{extra}",
+        "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\ntelemetry_s = 1\n\n[limits]\nmax_prompt_bytes = 2048\nmax_tokens = 64\n{extra}",
         model_dir(model)
     )
 }
@@ -432,4 +432,124 @@ async fn ask_via_mqtt_streams_a_running_daemons_answer() {
             .await
             .unwrap();
     fieldllm_tests::assert_clean_failure(&o, &["MQTT broker"]);
+}
+
+/// Collects finals (and counts every message) per id from one reply topic until `n` finals.
+async fn finals(c: &mut Client, n: usize) -> std::collections::HashMap<String, Response> {
+    let mut out = std::collections::HashMap::new();
+    while out.len() < n {
+        let r = json(&c.next().await);
+        if r.is_final() {
+            let id = r.id().to_string();
+            assert!(out.insert(id.clone(), r).is_none(), "{id} answered twice");
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_of_a_fleet_split_twenty_requests_each_answered_once() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _a = Daemon::start(&daemon_config(broker.port, "fa", "tiny-llama", ""));
+    let _b = Daemon::start(&daemon_config(broker.port, "fb", "tiny-llama", ""));
+    let mut c = Client::connect(broker.port, "t-fleet").await;
+    c.wait_status("fa", "ready").await;
+    c.wait_status("fb", "ready").await;
+    // both are subscribed once their status is out; give the broker a moment for the $share
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.sub("fleet/replies").await;
+    for i in 0..20 {
+        let props = reply_props("fleet/replies", format!("f{i}").as_bytes());
+        c.c.publish_with_properties(
+            "fieldllm/v1/fleet/req",
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"id":"f{i}","prompt":"q","maxTokens":4}}"#),
+            props,
+        )
+        .await
+        .unwrap();
+    }
+    let got = finals(&mut c, 20).await;
+    for r in got.values() {
+        assert!(matches!(r.kind, Some(Kind::Done(_))), "{r:?}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), c.rx.recv())
+            .await
+            .is_err(),
+        "an extra message arrived"
+    );
+    // both appliances took a share (mosquitto distributes $share round-robin)
+    let (la, lb) = (_a.log(), _b.log());
+    let count = |log: &str| log.matches("answered").count();
+    assert!(
+        count(&la) > 0 && count(&lb) > 0,
+        "a: {}, b: {}",
+        count(&la),
+        count(&lb)
+    );
+    assert_eq!(count(&la) + count(&lb), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_requests_from_five_clients_against_a_queue_of_eight() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    // SmolLM2: slow enough that the queue fills
+    let _d = Daemon::start(&daemon_config(
+        broker.port,
+        "n6",
+        "smollm2-135m-instruct.f16",
+        "queue = 8\n",
+    ));
+    let mut watcher = Client::connect(broker.port, "t-load-w").await;
+    watcher.wait_status("n6", "ready").await;
+    let mut clients = Vec::new();
+    for k in 0..5 {
+        let c = Client::connect(broker.port, &format!("t-load-{k}")).await;
+        c.sub(&format!("load/{k}")).await;
+        clients.push(c);
+    }
+    for i in 0..10 {
+        for (k, c) in clients.iter().enumerate() {
+            let props = reply_props(&format!("load/{k}"), b"x");
+            c.request(
+                "n6",
+                format!(r#"{{"id":"c{k}-{i}","prompt":"Say hi.","maxTokens":4}}"#),
+                props,
+            )
+            .await;
+        }
+    }
+    let (mut busy, mut done) = (0, 0);
+    for c in clients.iter_mut() {
+        for (id, r) in finals(c, 10).await {
+            match &r.kind {
+                Some(Kind::Done(_)) => done += 1,
+                Some(Kind::Error(e)) => {
+                    assert_eq!(
+                        ErrorCode::try_from(e.code).unwrap(),
+                        ErrorCode::Busy,
+                        "{id}: {e:?}"
+                    );
+                    busy += 1;
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+    assert_eq!(busy + done, 50, "none lost");
+    assert!(busy > 0, "a queue of 8 took all 50");
+    assert!(
+        done >= 9,
+        "at least the queue and the running one complete: {done}"
+    );
+    for c in clients.iter_mut() {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), c.rx.recv())
+                .await
+                .is_err(),
+            "answered twice"
+        );
+    }
 }
