@@ -90,11 +90,14 @@ impl TokenText {
                     ))
                 })?;
         }
-        let special_text = added
-            .values()
-            .filter(|t| t.special)
-            .map(|t| t.content.clone())
+        // in id order, so the first one a message is found to contain is always the same
+        let mut specials: Vec<(u32, String)> = added
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, t)| (id, t.content.clone()))
             .collect();
+        specials.sort();
+        let special_text = specials.into_iter().map(|(_, text)| text).collect();
         Ok(TokenText {
             tokenizer,
             bytes,
