@@ -197,14 +197,17 @@ impl MqttService {
         let loop_svc = self.clone();
         let closing = Arc::new(AtomicBool::new(false));
         let loop_closing = closing.clone();
-        // runs until our DISCONNECT has gone out, so the last answers and status are delivered
+        // runs until the broker has closed the connection after our DISCONNECT, so the last
+        // answers and the offline status are delivered (see `closing`)
         let event_task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
             let mut failures = 0u32;
             loop {
                 tokio::select! {
                     ev = eventloop.poll() => match ev {
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                        // the DISCONNECT is only queued when this event comes: poll on until
+                        // the broker closes the connection, so it (and the offline status) is sent
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {}
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
                             tracing::info!(broker = %format!("{}:{}", loop_svc.config.broker.host, loop_svc.config.broker.port), "connected to the broker");
                             backoff = Duration::from_millis(250);
