@@ -122,15 +122,20 @@ pub fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, recent: &[u32]) {
     }
 }
 
-/// The top `k` (id, log-probability) pairs of the distribution `softmax(logits)`, most likely first.
-pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+/// log(sum(exp(logits))), computed stably (the normalizer of every log-probability).
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits
+    logits
         .iter()
         .map(|&l| ((l - max) as f64).exp())
         .sum::<f64>()
         .ln() as f32
-        + max;
+        + max
+}
+
+/// The top `k` (id, log-probability) pairs of the distribution `softmax(logits)`, most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let log_sum = log_sum_exp(logits);
     let mut idx: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
@@ -148,13 +153,7 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 /// Log-probability of one token under `softmax(logits)`.
 pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits
-        .iter()
-        .map(|&l| ((l - max) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
-        + max;
+    let log_sum = log_sum_exp(logits);
     logits
         .get(id as usize)
         .map(|&l| l - log_sum)

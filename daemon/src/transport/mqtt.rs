@@ -102,11 +102,11 @@ struct ReplyTo {
     encoding: Encoding,
 }
 
-fn encode(r: &impl serde::Serialize, pb: impl FnOnce() -> Vec<u8>, enc: Encoding) -> Vec<u8> {
+fn encode<T: serde::Serialize + prost::Message>(r: &T, enc: Encoding) -> Vec<u8> {
     match enc {
         // serializing generated types cannot fail; an empty object is the safe fallback
         Encoding::Json => serde_json::to_vec(r).unwrap_or_else(|_| b"{}".to_vec()),
-        Encoding::Protobuf => pb(),
+        Encoding::Protobuf => r.encode_to_vec(),
     }
 }
 
@@ -148,7 +148,7 @@ impl MqttService {
         let offline = self.status("offline", 0, 0, 0, 0.0, 0);
         o.set_last_will(LastWill::new(
             topics.status.clone(),
-            encode(&offline, || offline.encode_to_vec(), Encoding::Json),
+            encode(&offline, Encoding::Json),
             QoS::AtLeastOnce,
             true,
             None,
@@ -220,7 +220,7 @@ impl MqttService {
                                         tracing::warn!(%topic, error = %e, "subscribe failed");
                                     }
                                 }
-                                let _ = c.publish(t.status.clone(), QoS::AtLeastOnce, true, encode(&ready, || ready.encode_to_vec(), Encoding::Json)).await;
+                                let _ = c.publish(t.status.clone(), QoS::AtLeastOnce, true, encode(&ready, Encoding::Json)).await;
                             });
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -254,7 +254,7 @@ impl MqttService {
                     let c = client.clone();
                     let topic = topics.telemetry.clone();
                     tokio::spawn(async move {
-                        let _ = c.publish(topic, QoS::AtMostOnce, false, encode(&st, || st.encode_to_vec(), Encoding::Json)).await;
+                        let _ = c.publish(topic, QoS::AtMostOnce, false, encode(&st, Encoding::Json)).await;
                     });
                 }
                 Some(p) = in_rx.recv() => self.handle(p, &topics, &client, &scheduler, &mut recent),
@@ -282,7 +282,7 @@ impl MqttService {
                     topics.status.clone(),
                     QoS::AtLeastOnce,
                     true,
-                    encode(&offline, || offline.encode_to_vec(), Encoding::Json),
+                    encode(&offline, Encoding::Json),
                 )
                 .await;
             let _ = client.disconnect().await;
@@ -401,7 +401,7 @@ fn publish_one(
     to: &ReplyTo,
     r: &Response,
 ) -> impl std::future::Future<Output = Result<(), rumqttc::v5::ClientError>> {
-    let payload = encode(r, || r.encode_to_vec(), to.encoding);
+    let payload = encode(r, to.encoding);
     let props = PublishProperties {
         correlation_data: to.correlation.clone(),
         content_type: Some(match to.encoding {
