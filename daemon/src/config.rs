@@ -46,9 +46,19 @@ impl Default for ModelSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
-    /// `mqtt://HOST:PORT`.
-    #[serde(deserialize_with = "broker_url")]
-    pub broker: Broker,
+    /// `"embedded"`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+    #[serde(deserialize_with = "broker_setting")]
+    pub broker: BrokerSetting,
+    /// Where the embedded broker listens (MQTT 3.1.1; only with `broker = "embedded"`).
+    pub embedded_listen: std::net::SocketAddr,
+    /// MQTT version spoken to the broker: 5, or 3.1.1 for old brokers.
+    pub protocol: Protocol,
+    /// PEM file of the CA(s) that sign the broker's certificate (`mqtts://`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that ask for one.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
     /// This appliance's name in topics (default: the hostname).
     #[serde(deserialize_with = "topic_level_opt")]
     pub node_id: Option<String>,
@@ -68,15 +78,20 @@ pub struct MqttSection {
     /// Period of the telemetry message, seconds.
     #[serde(deserialize_with = "positive_u64")]
     pub telemetry_s: u64,
+    /// Answer messages held while the broker is away; beyond that the oldest are dropped.
+    #[serde(deserialize_with = "positive")]
+    pub hold: usize,
 }
 
 impl Default for MqttSection {
     fn default() -> Self {
         MqttSection {
-            broker: Broker {
-                host: "127.0.0.1".into(),
-                port: 1883,
-            },
+            broker: BrokerSetting::Embedded,
+            embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
+            protocol: Protocol::V5,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             node_id: None,
             prefix: "fieldllm/v1".into(),
             group: "fieldllm".into(),
@@ -84,17 +99,52 @@ impl Default for MqttSection {
             password: None,
             keepalive_s: 30,
             telemetry_s: 10,
+            hold: 1024,
         }
     }
 }
 
-/// Where the broker is.
+/// Which broker to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerSetting {
+    /// Start one in-process (rumqttd) on `embedded_listen` and use it.
+    Embedded,
+    /// An outside broker.
+    Url(Broker),
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// MQTT 5: response topic, correlation data, content type.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1: answers go to the default response topic; payloads are told apart by
+    /// their first byte.
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// Where an outside broker is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broker {
     /// Host name or address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// `mqtts://`: TLS.
+    pub tls: bool,
+}
+
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// `[limits]`.
@@ -154,7 +204,32 @@ impl Config {
 
     /// Parses and checks TOML text.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Rules that span keys (the deserializer checks each key alone).
+    fn check(&self) -> Result<(), String> {
+        let m = &self.mqtt;
+        let tls = matches!(&m.broker, BrokerSetting::Url(b) if b.tls);
+        if m.client_cert.is_some() != m.client_key.is_some() {
+            return Err(
+                "[mqtt] client_cert and client_key go together: set both or neither".into(),
+            );
+        }
+        if tls && m.ca_file.is_none() {
+            return Err(
+                "[mqtt] broker is mqtts:// but ca_file is not set: name the PEM file of the CA that signed the broker's certificate".into(),
+            );
+        }
+        if !tls && (m.ca_file.is_some() || m.client_cert.is_some()) {
+            return Err("[mqtt] ca_file and client_cert need an mqtts:// broker".into());
+        }
+        if m.password.is_some() && m.username.is_none() {
+            return Err("[mqtt] password is set without username".into());
+        }
+        Ok(())
     }
 }
 
@@ -182,19 +257,25 @@ fn positive_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     Ok(v)
 }
 
-/// Parses `mqtt://HOST[:PORT]`.
+/// Parses `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (8883).
 pub fn parse_broker(s: &str) -> Result<Broker, String> {
-    let rest = s
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("broker {s:?} must look like mqtt://HOST:PORT"))?;
+    let (rest, tls) = if let Some(r) = s.strip_prefix("mqtt://") {
+        (r, false)
+    } else if let Some(r) = s.strip_prefix("mqtts://") {
+        (r, true)
+    } else {
+        return Err(format!(
+            "broker {s:?} must be \"embedded\" or look like mqtt://HOST:PORT or mqtts://HOST:PORT"
+        ));
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
+        Some((h, p)) if !p.contains(']') => (
             h,
             p.parse::<u16>()
                 .map_err(|_| format!("broker port {p:?} is not a port number"))?,
         ),
-        None => (rest, 1883),
+        _ => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() || port == 0 {
         return Err(format!("broker {s:?} must look like mqtt://HOST:PORT"));
@@ -202,11 +283,18 @@ pub fn parse_broker(s: &str) -> Result<Broker, String> {
     Ok(Broker {
         host: host.trim_matches(['[', ']']).to_string(),
         port,
+        tls,
     })
 }
 
-fn broker_url<'de, D: Deserializer<'de>>(d: D) -> Result<Broker, D::Error> {
-    parse_broker(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+fn broker_setting<'de, D: Deserializer<'de>>(d: D) -> Result<BrokerSetting, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "embedded" {
+        return Ok(BrokerSetting::Embedded);
+    }
+    parse_broker(&s)
+        .map(BrokerSetting::Url)
+        .map_err(serde::de::Error::custom)
 }
 
 /// Checks a string that becomes one MQTT topic level.
@@ -250,13 +338,9 @@ mod tests {
     #[test]
     fn empty_file_gives_the_defaults() {
         let c = Config::parse("").unwrap();
-        assert_eq!(
-            c.mqtt.broker,
-            Broker {
-                host: "127.0.0.1".into(),
-                port: 1883
-            }
-        );
+        assert_eq!(c.mqtt.broker, BrokerSetting::Embedded);
+        assert_eq!(c.mqtt.embedded_listen.to_string(), "127.0.0.1:1883");
+        assert_eq!(c.mqtt.protocol, Protocol::V5);
         assert_eq!((c.limits.queue, c.model.threads, c.model.slots), (16, 2, 1));
     }
 
@@ -268,12 +352,30 @@ mod tests {
              [limits]\nqueue = 16\nmax_prompt_bytes = 8192\nmax_tokens = 512\n",
         )
         .unwrap();
-        assert_eq!(c.mqtt.broker.port, 8883);
+        assert_eq!(
+            c.mqtt.broker,
+            BrokerSetting::Url(Broker {
+                host: "10.0.0.5".into(),
+                port: 8883,
+                tls: false
+            })
+        );
         assert_eq!(c.mqtt.node_id.as_deref(), Some("hangar-3"));
     }
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn broker_urls() {
+        let b = parse_broker("mqtts://broker.lan").unwrap();
+        assert_eq!((b.port, b.tls), (8883, true));
+        assert_eq!(b.to_string(), "mqtts://broker.lan:8883");
+        let b = parse_broker("mqtt://[::1]:1999").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 1999));
+        assert_eq!(parse_broker("mqtt://[::1]").unwrap().port, 1883);
+        assert!(parse_broker("tcp://x").is_err());
     }
 
     #[test]
@@ -291,6 +393,17 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("node_id"), "{e}");
         let e = err("[limits]\nmax_tokens = \"many\"\n");
         assert!(e.contains("line 2") && e.contains("max_tokens"), "{e}");
+        let e = err("[mqtt]\nprotocol = \"4\"\n");
+        assert!(e.contains("line 2") && e.contains("3.1.1"), "{e}");
+        let e = err("[mqtt]\nbroker = \"mqtts://b\"\n");
+        assert!(e.contains("ca_file"), "{e}");
+        let e =
+            err("[mqtt]\nbroker = \"mqtts://b\"\nca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\n");
+        assert!(e.contains("client_key"), "{e}");
+        let e = err("[mqtt]\npassword = \"x\"\n");
+        assert!(e.contains("username"), "{e}");
+        let e = err("[mqtt]\nembedded_listen = \"localhost\"\n");
+        assert!(e.contains("line 2") && e.contains("embedded_listen"), "{e}");
         let e = err("[serial_ports]\n");
         assert!(e.contains("serial_ports"), "{e}");
     }

@@ -76,6 +76,22 @@ impl Control {
     }
 }
 
+/// Raises `control` with `Deadline` at `at`, unless the returned guard is dropped first.
+/// A sleeping thread per job that has a deadline: no polling, gone when the job ends.
+fn deadline_alarm(control: Arc<Control>, at: Instant) -> Option<std::sync::mpsc::Sender<()>> {
+    let (guard, done) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("deadline".into())
+        .spawn(move || {
+            let wait = at.saturating_duration_since(Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(wait) {
+                control.stop(StopReason::Deadline);
+            }
+        })
+        .ok()
+        .map(|_| guard)
+}
+
 struct Queued {
     spec: JobSpec,
     sink: ReplySink,
@@ -425,6 +441,8 @@ fn run_job(model: &Arc<Model>, job: Queued) -> f32 {
         }
     };
     let deadline = spec.deadline;
+    // the token callback only runs once decoding starts: a long prefill needs its own alarm
+    let _alarm = deadline.map(|d| deadline_alarm(control.clone(), d));
     let result = generate(&mut session, &ids, &spec.params, &control.flag, &mut |ev| {
         if let Some(d) = deadline
             && Instant::now() >= d

@@ -245,6 +245,32 @@ fn deadlines_end_answers_with_deadline() {
 }
 
 #[test]
+fn a_deadline_ends_a_long_prefill_before_any_token() {
+    let s = Scheduler::start(smollm2(), SchedulerConfig { queue: 4, slots: 1 }).unwrap();
+    let (tx, mut rx) = unbounded_channel();
+    // about 1,400 tokens: seconds of prefill on one thread, far past the deadline
+    let prompt = "Check the pressure valve and log the reading. ".repeat(150);
+    assert!(s.submit(
+        spec("long", &prompt, |r| {
+            r.max_tokens = Some(50);
+            r.deadline_ms = 200;
+        }),
+        tx
+    ));
+    let (_, finals) = collect(&mut rx, 1);
+    assert_eq!(finish(&finals["long"]), v1::FinishReason::Deadline);
+    let Some(Kind::Done(d)) = &finals["long"].kind else {
+        unreachable!()
+    };
+    assert_eq!(
+        d.usage.unwrap().completion_tokens,
+        0,
+        "stopped inside the prefill, not at the first token"
+    );
+    s.shutdown(Duration::from_secs(1));
+}
+
+#[test]
 fn shutdown_finishes_within_grace_then_cancels_the_rest() {
     let s = Scheduler::start(smollm2(), SchedulerConfig { queue: 8, slots: 1 }).unwrap();
     let (tx, mut rx) = unbounded_channel();

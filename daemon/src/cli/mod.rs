@@ -38,10 +38,11 @@ enum Command {
 pub fn init_logging(verbose: u8, serving: bool) {
     // tract warns that opset 23 is beyond what it is "tested against": the engine's own tests
     // are what vouch for the graph, so that line is noise for users
+    // the embedded broker logs every client's connect and disconnect at info
     let level = match verbose {
-        0 if serving => "info,tract_onnx=error",
+        0 if serving => "info,tract_onnx=error,rumqttd=warn",
         0 => "warn,tract_onnx=error",
-        1 => "info,tract_onnx=error",
+        1 => "info,tract_onnx=error,rumqttd=warn",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -6,11 +6,11 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use anyhow::Context;
-use fieldllmd::config::{Config, check_topic_level};
+use fieldllmd::config::{Broker, BrokerSetting, Config, Protocol, check_topic_level};
 use fieldllmd::engine::{LoadOptions, Model};
 use fieldllmd::request::Limits;
 use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
-use fieldllmd::transport::mqtt::MqttService;
+use fieldllmd::transport::mqtt::{MqttService, embedded};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -64,8 +64,28 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
     let node = config.mqtt.node_id.clone().unwrap_or_else(hostname);
+    let (broker, protocol) = match &config.mqtt.broker {
+        BrokerSetting::Url(b) => (b.clone(), config.mqtt.protocol),
+        BrokerSetting::Embedded => {
+            let listen = config.mqtt.embedded_listen;
+            embedded::start(listen, config.limits.max_payload_bytes)?;
+            let host = if listen.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                listen.ip().to_string()
+            };
+            let b = Broker {
+                host,
+                port: listen.port(),
+                tls: false,
+            };
+            (b, Protocol::V311)
+        }
+    };
     let service = MqttService {
         config: config.mqtt.clone(),
+        broker,
+        protocol,
         node: node.clone(),
         limits,
         max_payload: config.limits.max_payload_bytes,

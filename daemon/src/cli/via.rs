@@ -1,16 +1,17 @@
 //! `fieldllmd ask --via mqtt://HOST:PORT`: ask a running daemon instead of loading the model.
+//!
+//! It speaks MQTT 3.1.1, which every broker (the embedded one included) understands, and
+//! listens on the design's default response topic, `{prefix}/{node}/resp/{id}`; a fleet
+//! question's answer comes from whichever node took it, hence `+` for the node.
 
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use fieldllmd::config::parse_broker;
 use fieldllmd::proto::v1::{self, response::Kind};
 use fieldllmd::proto::{ErrorCode, Request, Response};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 /// Longest silence before giving up on an answer.
@@ -26,21 +27,25 @@ pub fn ask(
     json_lines: bool,
 ) -> anyhow::Result<()> {
     let broker = parse_broker(url).map_err(anyhow::Error::msg)?;
+    if broker.tls {
+        bail!(
+            "ask --via takes mqtt:// brokers only; ask a TLS broker with mosquitto_pub and mosquitto_sub"
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let me = format!("fieldllmd-ask-{}", std::process::id());
         let mut o = MqttOptions::new(me.clone(), broker.host.clone(), broker.port);
-        o.set_max_packet_size(Some(4 * 1024 * 1024));
+        o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
         let (client, mut events) = AsyncClient::new(o, 16);
-        let reply_topic = format!("{prefix}/_clients/{me}/resp");
+        let reply_topic = format!("{prefix}/{}/resp/{}", node.unwrap_or("+"), req.id);
         let req_topic = match node {
             Some(n) => format!("{prefix}/{n}/req"),
             None => format!("{prefix}/fleet/req"),
         };
         let payload = serde_json::to_vec(&req)?;
-        let id = req.id.clone();
         let mut out = std::io::stdout().lock();
         let mut subscribed = false;
         loop {
@@ -53,13 +58,7 @@ pub fn ask(
                     client.subscribe(reply_topic.clone(), QoS::AtLeastOnce).await?;
                 }
                 Event::Incoming(Packet::SubAck(_)) => {
-                    let props = PublishProperties {
-                        response_topic: Some(reply_topic.clone()),
-                        correlation_data: Some(Bytes::from(id.clone())),
-                        content_type: Some("application/json".into()),
-                        ..PublishProperties::default()
-                    };
-                    client.publish_with_properties(req_topic.clone(), QoS::AtLeastOnce, false, payload.clone(), props).await?;
+                    client.publish(req_topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
                 }
                 Event::Incoming(Packet::Publish(p)) => {
                     let r: Response = serde_json::from_slice(&p.payload).context("undecodable answer")?;

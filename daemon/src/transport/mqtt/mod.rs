@@ -1,4 +1,4 @@
-//! The MQTT service (DESIGN.md section 4), on rumqttc's v5 client.
+//! The MQTT service (DESIGN.md section 4), on rumqttc (MQTT 5, or 3.1.1 by config).
 //!
 //! Shape, after rumqttc's own split: one task owns the event loop and only forwards incoming
 //! publishes (it never awaits a publish, which deadlocks rumqttc when its request channel is
@@ -12,22 +12,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
-use rumqttc::Outgoing;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::MqttSection;
+use crate::config::{Broker, MqttSection, Protocol};
 use crate::proto::{self as wire, ErrorCode, Request, Response, Status};
 use crate::request::{Limits, check_id, validate};
 use crate::scheduler::Scheduler;
 
+pub mod embedded;
+pub mod link;
+
+use link::{Client, Identity, LinkEvent, Message, OutProps, Qos};
+
 /// Content type of protobuf payloads (MQTT v5 property); anything else is proto3 JSON.
 pub const PROTOBUF: &str = "application/x-protobuf";
-/// Largest packet accepted from the broker: bigger than any valid request, so an oversized one
-/// still reaches us and gets a `too_large` answer instead of being dropped unseen.
-const MAX_PACKET: u32 = 2 * 1024 * 1024;
 /// How many recent request ids are remembered to drop QoS 1 redeliveries.
 const RECENT_IDS: usize = 4096;
 
@@ -75,6 +73,10 @@ impl Topics {
 pub struct MqttService {
     /// `[mqtt]` config.
     pub config: MqttSection,
+    /// The broker to connect to (the embedded one's address when `broker = "embedded"`).
+    pub broker: Broker,
+    /// Protocol spoken to it.
+    pub protocol: Protocol,
     /// Node id (config or hostname).
     pub node: String,
     /// Request limits.
@@ -92,6 +94,20 @@ pub struct MqttService {
 enum Encoding {
     Json,
     Protobuf,
+}
+
+impl Encoding {
+    /// The v5 content type decides; without one (3.1.1, or a v5 client that sets none) a
+    /// payload whose first non-blank byte is `{` is JSON and anything else protobuf.
+    fn of(m: &Message) -> Encoding {
+        match m.content_type.as_deref() {
+            Some(PROTOBUF) => Encoding::Protobuf,
+            Some(_) => Encoding::Json,
+            None if m.payload.trim_ascii_start().first() == Some(&b'{') => Encoding::Json,
+            None if m.payload.is_empty() => Encoding::Json,
+            None => Encoding::Protobuf,
+        }
+    }
 }
 
 /// Where and how one request's responses go.
@@ -135,25 +151,14 @@ impl RecentIds {
 }
 
 impl MqttService {
-    fn options(&self, topics: &Topics) -> MqttOptions {
-        let c = &self.config;
-        let client_id = format!("fieldllmd-{}", self.node);
-        let mut o = MqttOptions::new(client_id, c.broker.host.clone(), c.broker.port);
-        o.set_keep_alive(Duration::from_secs(c.keepalive_s));
-        o.set_max_packet_size(Some(MAX_PACKET));
-        o.set_clean_start(true);
-        if let Some(user) = &c.username {
-            o.set_credentials(user.clone(), c.password.clone().unwrap_or_default());
-        }
+    fn identity(&self, topics: &Topics) -> Identity<'_> {
         let offline = self.status("offline", 0, 0, 0, 0.0, 0);
-        o.set_last_will(LastWill::new(
-            topics.status.clone(),
-            encode(&offline, Encoding::Json),
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
-        o
+        Identity {
+            client_id: format!("fieldllmd-{}", self.node),
+            broker: &self.broker,
+            protocol: self.protocol,
+            will: (topics.status.clone(), encode(&offline, Encoding::Json)),
+        }
     }
 
     fn status(
@@ -187,8 +192,8 @@ impl MqttService {
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let topics = Topics::new(&self.config.prefix, &self.node, &self.config.group);
-        let (client, mut eventloop) = AsyncClient::new(self.options(&topics), 256);
-        let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Publish>();
+        let (client, mut link) = link::connect(&self.config, self.identity(&topics), 256)?;
+        let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Message>();
         let started = Instant::now();
 
         // the event loop task: poll, forward, reconnect with backoff; never awaits a publish
@@ -204,35 +209,36 @@ impl MqttService {
             let mut failures = 0u32;
             loop {
                 tokio::select! {
-                    ev = eventloop.poll() => match ev {
+                    ev = link.poll() => match ev {
                         // the DISCONNECT is only queued when this event comes: poll on until
                         // the broker closes the connection, so it (and the offline status) is sent
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {}
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            tracing::info!(broker = %format!("{}:{}", loop_svc.config.broker.host, loop_svc.config.broker.port), "connected to the broker");
+                        Ok(LinkEvent::DisconnectSent) => {}
+                        Ok(LinkEvent::Connected) => {
+                            tracing::info!(broker = %loop_svc.broker, protocol = ?loop_svc.protocol, "connected to the broker");
                             backoff = Duration::from_millis(250);
                             failures = 0;
                             let (c, t) = (loop_client.clone(), loop_topics.clone());
                             let ready = loop_svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
                             tokio::spawn(async move {
                                 for topic in [&t.req, &t.fleet, &t.cancel] {
-                                    if let Err(e) = c.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                                    if let Err(e) = c.subscribe(topic.clone()).await {
                                         tracing::warn!(%topic, error = %e, "subscribe failed");
                                     }
                                 }
-                                let _ = c.publish(t.status.clone(), QoS::AtLeastOnce, true, encode(&ready, Encoding::Json)).await;
+                                let _ = c.publish(t.status.clone(), Qos::AtLeastOnce, true, encode(&ready, Encoding::Json), OutProps::default()).await;
                             });
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let _ = in_tx.send(p);
+                        Ok(LinkEvent::Message(m)) => {
+                            let _ = in_tx.send(m);
                         }
-                        Ok(_) => {}
+                        Ok(LinkEvent::Refused(why)) => tracing::warn!(broker = %loop_svc.broker, "{why}"),
+                        Ok(LinkEvent::Other) => {}
                         Err(_) if loop_closing.load(Ordering::Acquire) => break,
                         Err(e) => {
                             failures += 1;
                             // one line per failure streak step, not per retry storm
                             if failures <= 3 || failures.is_power_of_two() {
-                                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, failures, "broker connection failed");
+                                tracing::warn!(broker = %loop_svc.broker, error = %e, retry_in_ms = backoff.as_millis() as u64, failures, held = link.held(), dropped = link.dropped(), "broker connection failed");
                             }
                             let jitter = Duration::from_millis(u64::from(failures * 37 % 100));
                             tokio::time::sleep(backoff + jitter).await;
@@ -254,7 +260,7 @@ impl MqttService {
                     let c = client.clone();
                     let topic = topics.telemetry.clone();
                     tokio::spawn(async move {
-                        let _ = c.publish(topic, QoS::AtMostOnce, false, encode(&st, Encoding::Json)).await;
+                        let _ = c.publish(topic, Qos::AtMostOnce, false, encode(&st, Encoding::Json), OutProps::default()).await;
                     });
                 }
                 Some(p) = in_rx.recv() => self.handle(p, &topics, &client, &scheduler, &mut recent),
@@ -280,9 +286,10 @@ impl MqttService {
             let _ = client
                 .publish(
                     topics.status.clone(),
-                    QoS::AtLeastOnce,
+                    Qos::AtLeastOnce,
                     true,
                     encode(&offline, Encoding::Json),
+                    OutProps::default(),
                 )
                 .await;
             let _ = client.disconnect().await;
@@ -299,20 +306,15 @@ impl MqttService {
 
     fn handle(
         &self,
-        p: Publish,
+        p: Message,
         topics: &Topics,
-        client: &AsyncClient,
+        client: &Client,
         scheduler: &Scheduler,
         recent: &mut RecentIds,
     ) {
         let received = Instant::now();
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        let props = p.properties.unwrap_or_default();
-        let encoding = if props.content_type.as_deref() == Some(PROTOBUF) {
-            Encoding::Protobuf
-        } else {
-            Encoding::Json
-        };
+        let topic = p.topic.clone();
+        let encoding = Encoding::of(&p);
         if topic == topics.cancel {
             let id = match encoding {
                 Encoding::Json => serde_json::from_slice::<wire::Cancel>(&p.payload)
@@ -333,14 +335,14 @@ impl MqttService {
             return;
         }
         let reply = |id: &str| ReplyTo {
-            topic: props.response_topic.clone().unwrap_or_else(|| {
+            topic: p.response_topic.clone().unwrap_or_else(|| {
                 if check_id(id).is_ok() {
                     format!("{}/{id}", topics.resp)
                 } else {
                     topics.errors.clone()
                 }
             }),
-            correlation: props.correlation_data.clone(),
+            correlation: p.correlation.clone(),
             encoding,
         };
         let refuse = |id: &str, code: ErrorCode, msg: String| {
@@ -361,6 +363,8 @@ impl MqttService {
         let req = match encoding {
             Encoding::Json => serde_json::from_slice::<Request>(&p.payload)
                 .map_err(|e| format!("invalid JSON request: {e}")),
+            Encoding::Protobuf if p.content_type.is_none() => Request::decode(p.payload.as_ref())
+                .map_err(|e| format!("invalid request: not a JSON object, and as protobuf: {e}")),
             Encoding::Protobuf => Request::decode(p.payload.as_ref())
                 .map_err(|e| format!("invalid protobuf request: {e}")),
         };
@@ -397,27 +401,26 @@ impl MqttService {
 }
 
 fn publish_one(
-    client: &AsyncClient,
+    client: &Client,
     to: &ReplyTo,
     r: &Response,
-) -> impl std::future::Future<Output = Result<(), rumqttc::v5::ClientError>> {
+) -> impl std::future::Future<Output = Result<(), String>> + use<> {
     let payload = encode(r, to.encoding);
-    let props = PublishProperties {
-        correlation_data: to.correlation.clone(),
+    let props = OutProps {
+        correlation: to.correlation.clone(),
         content_type: Some(match to.encoding {
             Encoding::Json => "application/json".to_string(),
             Encoding::Protobuf => PROTOBUF.to_string(),
         }),
-        ..PublishProperties::default()
     };
     let (c, topic) = (client.clone(), to.topic.clone());
     async move {
-        c.publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+        c.publish(topic, Qos::AtLeastOnce, false, payload, props)
             .await
     }
 }
 
-fn publish_all(client: AsyncClient, to: ReplyTo, responses: Vec<Response>) {
+fn publish_all(client: Client, to: ReplyTo, responses: Vec<Response>) {
     tokio::spawn(async move {
         for r in &responses {
             if let Err(e) = publish_one(&client, &to, r).await {
@@ -429,7 +432,7 @@ fn publish_all(client: AsyncClient, to: ReplyTo, responses: Vec<Response>) {
 
 /// Publishes a request's responses in order until its final one.
 fn stream_replies(
-    client: AsyncClient,
+    client: Client,
     to: ReplyTo,
     mut rx: mpsc::UnboundedReceiver<Response>,
     open: Arc<AtomicUsize>,
