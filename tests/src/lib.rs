@@ -1,5 +1,7 @@
 //! Helpers shared by the end-to-end tests: the `fieldllmd` binary and the model directories.
 
+pub mod mqtt;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -121,12 +123,22 @@ impl Mosquitto {
 
     /// Starts one on `port` (to restart a broker where clients expect it).
     pub fn start_on(port: u16, extra: &str, dir: tempfile::TempDir) -> Mosquitto {
+        // mosquitto started as root drops to its own user, which must still write its log
+        // and persistence file here
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod broker dir");
         let conf = dir.path().join("mosquitto.conf");
         let log = dir.path().join("mosquitto.log");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\npersistence false\nlog_dest file {}\n{extra}\n",
+                "listener {port} 127.0.0.1\n{}log_dest file {}\n{extra}\n",
+                if extra.contains("persistence") {
+                    ""
+                } else {
+                    "persistence false\n"
+                },
                 log.display()
             ),
         )
@@ -186,6 +198,31 @@ impl Daemon {
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `wait` for the process to exit on its own.
+    pub fn wait_exit(&mut self, wait: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits until its log contains `needle` (panics with the log after `wait`).
+    pub fn wait_log(&self, needle: &str, wait: std::time::Duration) {
+        let until = std::time::Instant::now() + wait;
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < until,
+                "{needle:?} not in the daemon log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status.

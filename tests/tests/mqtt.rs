@@ -5,144 +5,13 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use fieldllm_tests::{Daemon, Mosquitto, model_dir};
+use fieldllm_tests::mqtt::{Client, answer, code, daemon_config, finish, json, reply_props};
+use fieldllm_tests::{Daemon, Mosquitto};
 use fieldllmd::proto::v1::{self, response::Kind};
 use fieldllmd::proto::{ErrorCode, Request, Response};
 use prost::Message as _;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Client {
-    c: AsyncClient,
-    rx: mpsc::UnboundedReceiver<Publish>,
-}
-
-impl Client {
-    async fn connect(port: u16, id: &str) -> Client {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_max_packet_size(Some(4 * 1024 * 1024));
-        let (c, mut ev) = AsyncClient::new(o, 64);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(p).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        Client { c, rx }
-    }
-
-    async fn sub(&self, topic: &str) {
-        self.c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
-        // a subscription is live once the broker answers; a retained probe would be heavier
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-
-    async fn next(&mut self) -> Publish {
-        tokio::time::timeout(WAIT, self.rx.recv())
-            .await
-            .expect("a message in time")
-            .expect("client open")
-    }
-
-    /// Waits until the node's retained status says `state`.
-    async fn wait_status(&mut self, node: &str, state: &str) {
-        self.sub(&format!("fieldllm/v1/{node}/status")).await;
-        loop {
-            let p = self.next().await;
-            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-            if v["state"] == state {
-                return;
-            }
-        }
-    }
-
-    async fn request(&self, node: &str, payload: impl Into<Bytes>, props: PublishProperties) {
-        self.c
-            .publish_with_properties(
-                format!("fieldllm/v1/{node}/req"),
-                QoS::AtLeastOnce,
-                false,
-                payload.into(),
-                props,
-            )
-            .await
-            .unwrap();
-    }
-}
-
-fn reply_props(topic: &str, corr: &[u8]) -> PublishProperties {
-    PublishProperties {
-        response_topic: Some(topic.into()),
-        correlation_data: Some(Bytes::copy_from_slice(corr)),
-        ..PublishProperties::default()
-    }
-}
-
-fn json(p: &Publish) -> Response {
-    serde_json::from_slice(&p.payload).unwrap_or_else(|e| panic!("{e}: {:?}", p.payload))
-}
-
-/// Reads one answer: chunks in seq order, then the final; returns (chunks' text, final).
-async fn answer(
-    client: &mut Client,
-    decode: fn(&Publish) -> Response,
-) -> (String, Response, Vec<Publish>) {
-    let mut text = String::new();
-    let mut seq = 0;
-    let mut raw = Vec::new();
-    loop {
-        let p = client.next().await;
-        let r = decode(&p);
-        raw.push(p);
-        match &r.kind {
-            Some(Kind::Chunk(c)) => {
-                assert_eq!(c.seq, seq, "chunks arrive in seq order");
-                seq += 1;
-                text.push_str(&c.text);
-            }
-            Some(Kind::Done(d)) => {
-                assert_eq!(d.seq, seq, "Done.seq follows the last chunk");
-                return (text, r, raw);
-            }
-            Some(Kind::Error(_)) => return (text, r, raw),
-            None => panic!("empty response"),
-        }
-    }
-}
-
-fn daemon_config(port: u16, node: &str, model: &str, extra: &str) -> String {
-    format!(
-        "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\ntelemetry_s = 1\n\n[limits]\nmax_prompt_bytes = 2048\nmax_tokens = 64\n{extra}",
-        model_dir(model)
-    )
-}
-
-fn finish(r: &Response) -> v1::FinishReason {
-    match &r.kind {
-        Some(Kind::Done(d)) => v1::FinishReason::try_from(d.finish_reason).unwrap(),
-        other => panic!("expected Done, got {other:?}"),
-    }
-}
-
-fn code(r: &Response) -> ErrorCode {
-    match &r.kind {
-        Some(Kind::Error(e)) => ErrorCode::try_from(e.code).unwrap(),
-        other => panic!("expected Error, got {other:?}"),
-    }
-}
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_and_protobuf_requests_are_answered_where_asked() {
@@ -322,9 +191,7 @@ async fn a_redelivered_id_is_answered_once() {
     let (_, last, _) = answer(&mut c, json).await;
     finish(&last);
     assert!(
-        tokio::time::timeout(Duration::from_millis(800), c.rx.recv())
-            .await
-            .is_err(),
+        c.try_next(Duration::from_millis(800)).await.is_none(),
         "answered twice"
     );
 }
@@ -475,9 +342,7 @@ async fn two_daemons_of_a_fleet_split_twenty_requests_each_answered_once() {
         assert!(matches!(r.kind, Some(Kind::Done(_))), "{r:?}");
     }
     assert!(
-        tokio::time::timeout(Duration::from_millis(800), c.rx.recv())
-            .await
-            .is_err(),
+        c.try_next(Duration::from_millis(800)).await.is_none(),
         "an extra message arrived"
     );
     // both appliances took a share (mosquitto distributes $share round-robin)
@@ -546,9 +411,7 @@ async fn fifty_requests_from_five_clients_against_a_queue_of_eight() {
     );
     for c in clients.iter_mut() {
         assert!(
-            tokio::time::timeout(Duration::from_millis(500), c.rx.recv())
-                .await
-                .is_err(),
+            c.try_next(Duration::from_millis(500)).await.is_none(),
             "answered twice"
         );
     }
