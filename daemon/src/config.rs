@@ -53,12 +53,8 @@ pub struct MqttSection {
     pub embedded_listen: std::net::SocketAddr,
     /// MQTT version spoken to the broker: 5, or 3.1.1 for old brokers.
     pub protocol: Protocol,
-    /// PEM file of the CA(s) that sign the broker's certificate (`mqtts://`).
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate, for brokers that ask for one.
-    pub client_cert: Option<PathBuf>,
-    /// PEM private key of `client_cert`.
-    pub client_key: Option<PathBuf>,
+    /// `[mqtt.tls]`, for `mqtts://` brokers.
+    pub tls: TlsSection,
     /// This appliance's name in topics (default: the hostname).
     #[serde(deserialize_with = "topic_level_opt")]
     pub node_id: Option<String>,
@@ -89,9 +85,7 @@ impl Default for MqttSection {
             broker: BrokerSetting::Embedded,
             embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
             protocol: Protocol::V5,
-            ca_file: None,
-            client_cert: None,
-            client_key: None,
+            tls: TlsSection::default(),
             node_id: None,
             prefix: "fieldllm/v1".into(),
             group: "fieldllm".into(),
@@ -102,6 +96,18 @@ impl Default for MqttSection {
             hold: 1024,
         }
     }
+}
+
+/// `[mqtt.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM file of the CA(s) that sign the broker's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that ask for one.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
 }
 
 /// Which broker to use.
@@ -213,18 +219,19 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         let m = &self.mqtt;
         let tls = matches!(&m.broker, BrokerSetting::Url(b) if b.tls);
-        if m.client_cert.is_some() != m.client_key.is_some() {
+        let t = &m.tls;
+        if t.client_cert.is_some() != t.client_key.is_some() {
             return Err(
-                "[mqtt] client_cert and client_key go together: set both or neither".into(),
+                "[mqtt.tls] client_cert and client_key go together: set both or neither".into(),
             );
         }
-        if tls && m.ca_file.is_none() {
+        if tls && t.ca_file.is_none() {
             return Err(
-                "[mqtt] broker is mqtts:// but ca_file is not set: name the PEM file of the CA that signed the broker's certificate".into(),
+                "[mqtt] broker is mqtts:// but [mqtt.tls] ca_file is not set: name the PEM file of the CA that signed the broker's certificate".into(),
             );
         }
-        if !tls && (m.ca_file.is_some() || m.client_cert.is_some()) {
-            return Err("[mqtt] ca_file and client_cert need an mqtts:// broker".into());
+        if !tls && (t.ca_file.is_some() || t.client_cert.is_some()) {
+            return Err("[mqtt.tls] needs an mqtts:// broker".into());
         }
         if m.password.is_some() && m.username.is_none() {
             return Err("[mqtt] password is set without username".into());
@@ -397,11 +404,14 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("3.1.1"), "{e}");
         let e = err("[mqtt]\nbroker = \"mqtts://b\"\n");
         assert!(e.contains("ca_file"), "{e}");
-        let e =
-            err("[mqtt]\nbroker = \"mqtts://b\"\nca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\n");
+        let e = err(
+            "[mqtt]\nbroker = \"mqtts://b\"\n[mqtt.tls]\nca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\n",
+        );
         assert!(e.contains("client_key"), "{e}");
         let e = err("[mqtt]\npassword = \"x\"\n");
         assert!(e.contains("username"), "{e}");
+        let e = err("[mqtt.tls]\ncafile = \"x\"\n");
+        assert!(e.contains("line 2") && e.contains("cafile"), "{e}");
         let e = err("[mqtt]\nembedded_listen = \"localhost\"\n");
         assert!(e.contains("line 2") && e.contains("embedded_listen"), "{e}");
         let e = err("[serial_ports]\n");

@@ -133,7 +133,7 @@ async fn tls_password_and_acl_guard_the_service() {
     let config = |node: &str, password: &str, ca: &std::path::Path| {
         format!(
             "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtts://127.0.0.1:{}\"\nnode_id = \"{node}\"\n\
-             ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\nusername = \"fieldllmd\"\npassword = \"{password}\"\n\n\
+             username = \"fieldllmd\"\npassword = \"{password}\"\n[mqtt.tls]\nca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n\n\
              [limits]\nmax_tokens = 16\n",
             model_dir("tiny-llama"),
             broker.port,

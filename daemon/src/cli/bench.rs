@@ -30,6 +30,25 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measure the MQTT service instead: the same requests in-process and through this broker
+    /// to a running `fieldllmd serve` (same model), side by side.
+    #[arg(long, value_name = "mqtt://HOST:PORT")]
+    service: Option<String>,
+    /// With --service: the daemon's node id.
+    #[arg(long, default_value = "bench", requires = "service")]
+    node: String,
+    /// With --service: topic prefix.
+    #[arg(long, default_value = "fieldllm/v1", requires = "service")]
+    prefix: String,
+    /// With --service: requests per row.
+    #[arg(long, default_value_t = 200, requires = "service")]
+    requests: usize,
+    /// With --service: requests in flight (repeatable) [default: 1 and 4].
+    #[arg(long, requires = "service")]
+    concurrency: Vec<usize>,
+    /// With --service: tokens per answer.
+    #[arg(long, default_value_t = 16, requires = "service")]
+    max_tokens: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,6 +85,18 @@ fn prompt_ids(model: &Model, n: usize) -> anyhow::Result<Vec<u32>> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(url) = &a.service {
+        let b = super::bench_service::ServiceBench {
+            url: url.clone(),
+            node: a.node.clone(),
+            prefix: a.prefix.clone(),
+            requests: a.requests,
+            concurrency: a.concurrency.clone(),
+            max_tokens: a.max_tokens,
+            threads: a.threads.first().copied().unwrap_or(1),
+        };
+        return super::bench_service::run(b, &a.model.dir(), a.json);
+    }
     let threads = if a.threads.is_empty() {
         vec![1, 2]
     } else {

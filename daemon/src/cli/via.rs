@@ -40,6 +40,9 @@ pub fn ask(
         let mut o = MqttOptions::new(me.clone(), broker.host.clone(), broker.port);
         o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
         let (client, mut events) = AsyncClient::new(o, 16);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         let reply_topic = format!("{prefix}/{}/resp/{}", node.unwrap_or("+"), req.id);
         let req_topic = match node {
             Some(n) => format!("{prefix}/{n}/req"),

@@ -206,7 +206,7 @@ fn tls_config(c: &MqttSection) -> Result<Arc<rustls::ClientConfig>, LinkError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = &c.ca_file {
+    if let Some(ca) = &c.tls.ca_file {
         let pem = read_pem("ca_file", ca)?;
         let mut n = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
@@ -234,7 +234,7 @@ fn tls_config(c: &MqttSection) -> Result<Arc<rustls::ClientConfig>, LinkError> {
     .with_safe_default_protocol_versions()
     .map_err(|e| LinkError::Tls(e.to_string()))?
     .with_root_certificates(roots);
-    let config = match (&c.client_cert, &c.client_key) {
+    let config = match (&c.tls.client_cert, &c.tls.client_key) {
         (Some(cert), Some(key)) => {
             let cert_pem = read_pem("client_cert", cert)?;
             let chain = CertificateDer::pem_slice_iter(&cert_pem)
@@ -267,6 +267,9 @@ pub fn connect(c: &MqttSection, id: Identity<'_>, cap: usize) -> Result<(Client,
         Transport::Tcp
     };
     let keep_alive = Duration::from_secs(c.keepalive_s);
+    // an answer is many small publishes: Nagle plus delayed ACKs would hold each for ~40 ms
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
     let (client, inner) = match id.protocol {
         Protocol::V5 => {
             let mut o = v5::MqttOptions::new(id.client_id, id.broker.host.clone(), id.broker.port);
@@ -284,6 +287,7 @@ pub fn connect(c: &MqttSection, id: Identity<'_>, cap: usize) -> Result<(Client,
                 true,
                 None,
             ));
+            o.set_network_options(net);
             let (cl, ev) = v5::AsyncClient::new(o, cap);
             (Client::V5(cl), Loop::V5(Box::new(ev), VecDeque::new()))
         }
@@ -303,7 +307,8 @@ pub fn connect(c: &MqttSection, id: Identity<'_>, cap: usize) -> Result<(Client,
                 rumqttc::QoS::AtLeastOnce,
                 true,
             ));
-            let (cl, ev) = rumqttc::AsyncClient::new(o, cap);
+            let (cl, mut ev) = rumqttc::AsyncClient::new(o, cap);
+            ev.set_network_options(net);
             (Client::V311(cl), Loop::V311(Box::new(ev), VecDeque::new()))
         }
     };
