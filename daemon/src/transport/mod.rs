@@ -2,3 +2,4 @@
 //! responses back into bytes; they never touch the model.
 
 pub mod mqtt;
+pub mod serial;
