@@ -16,6 +16,8 @@ pub struct Config {
     pub mqtt: MqttSection,
     /// `[limits]`.
     pub limits: LimitsSection,
+    /// `[[serial]]`: one table per port.
+    pub serial: Vec<SerialSection>,
 }
 
 /// `[model]`.
@@ -153,6 +155,72 @@ impl std::fmt::Display for Broker {
     }
 }
 
+/// `[[serial]]`: one serial port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSection {
+    /// Device path (`/dev/ttyUSB0`, `/dev/ttyAMA0`, a pty's link).
+    pub path: PathBuf,
+    /// Line speed; 8 data bits, no parity, 1 stop bit.
+    #[serde(default = "default_baud", deserialize_with = "baud")]
+    pub baud: u32,
+    /// `console` (a technician's terminal) or `framed` (a device speaking COBS frames).
+    pub mode: SerialMode,
+    /// Scheduler priority of its requests (default: high for a console, normal for framed).
+    #[serde(default)]
+    pub priority: Option<PriorityName>,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+
+fn baud<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if !(50..=4_000_000).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "baud {v} is not a serial line speed (50 to 4000000)"
+        )));
+    }
+    Ok(v)
+}
+
+/// What speaks on a serial port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// A person at picocom, minicom or screen.
+    Console,
+    /// A machine speaking the framed protocol.
+    Framed,
+}
+
+/// A scheduler priority, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityName {
+    /// Background.
+    Low,
+    /// Default.
+    Normal,
+    /// Ahead of the rest.
+    High,
+}
+
+impl SerialSection {
+    /// The priority of this port's requests.
+    pub fn priority(&self) -> crate::request::Priority {
+        use crate::request::Priority;
+        match (self.priority, self.mode) {
+            (Some(PriorityName::Low), _) => Priority::Low,
+            (Some(PriorityName::Normal), _) => Priority::Normal,
+            (Some(PriorityName::High), _) => Priority::High,
+            (None, SerialMode::Console) => Priority::High,
+            (None, SerialMode::Framed) => Priority::Normal,
+        }
+    }
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -232,6 +300,14 @@ impl Config {
         }
         if !tls && (t.ca_file.is_some() || t.client_cert.is_some()) {
             return Err("[mqtt.tls] needs an mqtts:// broker".into());
+        }
+        for (i, p) in self.serial.iter().enumerate() {
+            if self.serial[..i].iter().any(|q| q.path == p.path) {
+                return Err(format!(
+                    "[[serial]] {} is listed twice: a port has one owner",
+                    p.path.display()
+                ));
+            }
         }
         if m.password.is_some() && m.username.is_none() {
             return Err("[mqtt] password is set without username".into());
@@ -414,6 +490,20 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("cafile"), "{e}");
         let e = err("[mqtt]\nembedded_listen = \"localhost\"\n");
         assert!(e.contains("line 2") && e.contains("embedded_listen"), "{e}");
+        let e = err("[[serial]]\npath = \"/dev/ttyUSB0\"\nmode = \"modem\"\n");
+        assert!(e.contains("line 3") && e.contains("console"), "{e}");
+        let e = err("[[serial]]\npath = \"/dev/ttyUSB0\"\nmode = \"framed\"\nbaud = 0\n");
+        assert!(e.contains("line 4") && e.contains("baud"), "{e}");
+        let e = err("[[serial]]\npath = \"/dev/ttyUSB0\"\n");
+        assert!(e.contains("mode"), "{e}");
+        let e = err(
+            "[[serial]]\npath = \"/dev/a\"\nmode = \"console\"\n[[serial]]\npath = \"/dev/a\"\nmode = \"framed\"\n",
+        );
+        assert!(e.contains("twice"), "{e}");
+        let c = Config::parse("[[serial]]\npath = \"/dev/ttyAMA0\"\nmode = \"console\"\n[[serial]]\npath = \"/dev/ttyUSB0\"\nmode = \"framed\"\nbaud = 9600\n").unwrap();
+        assert_eq!((c.serial[0].baud, c.serial[1].baud), (115_200, 9600));
+        assert_eq!(c.serial[0].priority(), crate::request::Priority::High);
+        assert_eq!(c.serial[1].priority(), crate::request::Priority::Normal);
         let e = err("[serial_ports]\n");
         assert!(e.contains("serial_ports"), "{e}");
     }

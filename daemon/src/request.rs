@@ -59,6 +59,9 @@ pub struct JobSpec {
     pub stream: bool,
     /// When the request arrived (queue time is measured from here).
     pub received: Instant,
+    /// A conversation whose KV cache carries over between turns (the console's); `None`: a
+    /// fresh session for this request alone.
+    pub conversation: Option<crate::scheduler::Conversation>,
 }
 
 /// Why a request was refused.
@@ -178,6 +181,7 @@ pub fn validate(req: Request, limits: &Limits, received: Instant) -> Result<JobS
             .then(|| received + Duration::from_millis(req.deadline_ms.into())),
         stream: req.stream.unwrap_or(true),
         received,
+        conversation: None,
     })
 }
 

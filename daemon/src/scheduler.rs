@@ -39,6 +39,36 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// A conversation's session, kept between its turns so a follow-up question only feeds its
+/// new tokens. Turns of one conversation run one at a time (the slot is taken while a turn
+/// runs; a turn that finds it taken starts from a fresh session).
+#[derive(Debug, Clone, Default)]
+pub struct Conversation(Arc<Mutex<Option<Session>>>);
+
+impl Conversation {
+    /// A new, empty conversation.
+    pub fn new() -> Conversation {
+        Conversation::default()
+    }
+
+    /// Forgets the KV cache (`/reset`).
+    pub fn reset(&self) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = None;
+        }
+    }
+
+    fn take(&self) -> Option<Session> {
+        self.0.lock().ok().and_then(|mut s| s.take())
+    }
+
+    fn put(&self, session: Session) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = Some(session);
+        }
+    }
+}
+
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -413,13 +443,41 @@ fn run_job(model: &Arc<Model>, job: Queued) -> f32 {
             return 0.0;
         }
     };
-    let mut session = match Session::new(model) {
+    let kept = spec.conversation.as_ref().and_then(Conversation::take);
+    let mut session = match kept.map_or_else(|| Session::new(model), Ok) {
         Ok(s) => s,
         Err(e) => {
             let _ = sink.send(wire::error(id, ErrorCode::ModelError, e.to_string()));
             return 0.0;
         }
     };
+    // keep the longest cached prefix of this turn's full prompt; feed only the rest (at least
+    // one token, so there are logits to sample from)
+    let all_ids = ids;
+    let common = session
+        .tokens()
+        .iter()
+        .zip(&all_ids)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(all_ids.len() - 1);
+    if common < session.tokens().len()
+        && let Err(e) = session.truncate(common)
+    {
+        tracing::warn!(request_id = %id, error = %e, "could not reuse the conversation's cache");
+        match Session::new(model) {
+            Ok(s) => session = s,
+            Err(e) => {
+                let _ = sink.send(wire::error(id, ErrorCode::ModelError, e.to_string()));
+                return 0.0;
+            }
+        }
+    }
+    let reused = session.tokens().len();
+    let ids = all_ids[reused..].to_vec();
+    if reused > 0 {
+        tracing::debug!(request_id = %id, reused, new = ids.len(), "conversation cache reused");
+    }
     tracing::debug!(request_id = %id, prompt_tokens = ids.len(), queue_ms, "generating");
     let mut seq = 0u32;
     let mut pending = String::new();
@@ -467,6 +525,11 @@ fn run_job(model: &Arc<Model>, job: Queued) -> f32 {
         }
     });
     emit("", None, &mut seq, true);
+    if let Some(c) = &spec.conversation
+        && result.is_ok()
+    {
+        c.put(session);
+    }
     match result {
         Ok(out) => {
             let finish = match (out.finish, control.reason()) {

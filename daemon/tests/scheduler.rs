@@ -338,3 +338,82 @@ fn non_streaming_requests_get_one_chunk_then_done() {
     assert!(chunks.len() <= 1);
     s.shutdown(Duration::from_secs(1));
 }
+
+/// Runs one turn; returns the answer's text and its Done.
+fn turn(
+    s: &Scheduler,
+    id: &str,
+    messages: &[(&str, &str)],
+    conversation: Option<&fieldllmd::scheduler::Conversation>,
+) -> (String, v1::Done) {
+    let mut spec = spec(id, "", |r| {
+        r.prompt.clear();
+        r.messages = messages
+            .iter()
+            .map(|(role, content)| v1::Message {
+                role: (*role).into(),
+                content: (*content).into(),
+            })
+            .collect();
+        r.max_tokens = Some(24);
+        r.temperature = Some(0.0);
+    });
+    spec.conversation = conversation.cloned();
+    let (tx, mut rx) = unbounded_channel();
+    assert!(s.submit(spec, tx));
+    let mut text = String::new();
+    loop {
+        let r = rx.blocking_recv().unwrap();
+        match r.kind {
+            Some(Kind::Chunk(c)) => text.push_str(&c.text),
+            Some(Kind::Done(d)) => return (text, d),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_conversation_feeds_only_its_new_tokens_and_answers_the_same() {
+    let model = smollm2();
+    let s = Scheduler::start(model.clone(), SchedulerConfig { queue: 4, slots: 1 }).unwrap();
+    let conv = fieldllmd::scheduler::Conversation::new();
+    let q1 = [("user", "What does a pressure relief valve do?")];
+    let (a1, d1) = turn(&s, "t1", &q1, Some(&conv));
+    let q2 = [
+        ("user", "What does a pressure relief valve do?"),
+        ("assistant", a1.as_str()),
+        ("user", "And how often should it be tested?"),
+    ];
+    let full = model
+        .chat_prompt(
+            &q2.iter()
+                .map(|(r, c)| fieldllmd::engine::chat::Message {
+                    role: (*r).into(),
+                    content: (*c).into(),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+        .len() as u32;
+    let (a2, d2) = turn(&s, "t2", &q2, Some(&conv));
+    let fed = d2.usage.unwrap().prompt_tokens;
+    eprintln!(
+        "turn 1 fed {} tokens; turn 2 fed {fed} of its {full}; prompt ms {:.1} then {:.1}",
+        d1.usage.unwrap().prompt_tokens,
+        d1.timings.unwrap().prompt_ms,
+        d2.timings.unwrap().prompt_ms
+    );
+    assert!(
+        fed < full / 2,
+        "turn 2 reused the cache: fed {fed} of {full}"
+    );
+    // the same question without the kept cache gives the same greedy answer
+    let (b2, e2) = turn(&s, "t2-fresh", &q2, None);
+    assert_eq!(e2.usage.unwrap().prompt_tokens, full);
+    assert_eq!(a2, b2, "reusing the cache changes nothing in the answer");
+    // a reset conversation starts afresh
+    conv.reset();
+    let (_, d3) = turn(&s, "t3", &q2, Some(&conv));
+    assert_eq!(d3.usage.unwrap().prompt_tokens, full);
+    s.shutdown(Duration::from_secs(1));
+}

@@ -11,6 +11,7 @@ use fieldllmd::engine::{LoadOptions, Model};
 use fieldllmd::request::Limits;
 use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
 use fieldllmd::transport::mqtt::{MqttService, embedded};
+use fieldllmd::transport::serial::{self, ModelInfo, SerialContext};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -87,11 +88,26 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         broker,
         protocol,
         node: node.clone(),
-        limits,
+        limits: limits.clone(),
         max_payload: config.limits.max_payload_bytes,
         model_name: model.manifest().model.name.clone(),
         open_streams: Arc::new(AtomicUsize::new(0)),
     };
+    let serial_ctx = SerialContext {
+        scheduler: scheduler.clone(),
+        limits: limits.clone(),
+        node: node.clone(),
+        model: ModelInfo {
+            name: model.manifest().model.name.clone(),
+            weights: model.manifest().graph.weights.to_string(),
+            context: model.context_length,
+            parameters: model.manifest().model.parameters,
+        },
+        // the firmware bridge (issue 5) replaces this with its governor's state
+        thermal: Arc::new(|| "nominal (no sensors configured)".to_string()),
+        started: std::time::Instant::now(),
+    };
+    let ports = config.serial.clone();
     let grace = Duration::from_secs(config.limits.grace_s);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -101,6 +117,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let serial_tasks: Vec<_> = ports
+            .into_iter()
+            .map(|p| tokio::spawn(serial::run(p, serial_ctx.clone(), stop_rx.clone())))
+            .collect();
         let mqtt = tokio::spawn(service.run(scheduler.clone(), stop_rx));
         tracing::info!(%node, model = %model.manifest().model.name, "serving");
         tokio::select! {
@@ -114,6 +134,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let s = scheduler.clone();
         tokio::task::spawn_blocking(move || s.shutdown(grace)).await?;
         let _ = stop_tx.send(true);
+        for t in serial_tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         mqtt.await??;
         tracing::info!("stopped");
         Ok(())

@@ -1,0 +1,171 @@
+//! The framed device protocol over a port: frames in, requests to the scheduler, frames out.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::SerialContext;
+use super::frame::{self, Feed, Frame, FrameError, Reader};
+use crate::proto::v1::response::Kind;
+use crate::proto::{self as wire, ErrorCode, Response, Status};
+use crate::request::{Priority, check_id, validate};
+
+/// The frame that answers a bad one.
+fn error_frame(id: &str, code: ErrorCode, message: String) -> Frame {
+    match wire::error(id, code, message).kind {
+        Some(Kind::Error(e)) => Frame::Error(e),
+        _ => unreachable!("wire::error builds an Error"),
+    }
+}
+
+fn to_frame(r: Response) -> Option<Frame> {
+    Some(match r.kind? {
+        Kind::Chunk(c) => Frame::Chunk(c),
+        Kind::Done(d) => Frame::Done(d),
+        Kind::Error(e) => Frame::Error(e),
+    })
+}
+
+async fn write<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+    match frame::encode(f) {
+        Ok(bytes) => w.write_all(&bytes).await,
+        Err(e) => {
+            // a chunk is a few tokens and an error message is short: this is a bug, not input
+            tracing::error!(error = %e, "response does not fit a frame");
+            Ok(())
+        }
+    }
+}
+
+/// Serves one opened port until it fails (returned) or `stop` turns true (`Ok`).
+pub async fn serve<P: AsyncRead + AsyncWrite>(
+    port: P,
+    name: &str,
+    ctx: SerialContext,
+    priority: Priority,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let (mut rd, mut wr) = tokio::io::split(port);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let mut reader = Reader::new();
+    // this port's answers in progress: cancelled if the port goes away
+    let mut mine: HashSet<String> = HashSet::new();
+    let mut buf = [0u8; 1024];
+    let result = loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = match n {
+                    Ok(0) => break Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the port closed")),
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                let mut input = &buf[..n];
+                loop {
+                    let (found, rest) = reader.feed(input);
+                    input = rest;
+                    let Some(found) = found else { break };
+                    if let Some(reply) = handle(found, name, &ctx, priority, &tx, &mut mine)
+                        && let Err(e) = write(&mut wr, &reply).await
+                    {
+                        return finish(e, &ctx, &mine);
+                    }
+                }
+            }
+            Some(r) = rx.recv() => {
+                if r.is_final() {
+                    mine.remove(r.id());
+                }
+                if let Some(f) = to_frame(r)
+                    && let Err(e) = write(&mut wr, &f).await
+                {
+                    break Err(e);
+                }
+            }
+            _ = stop.changed() => break Ok(()),
+        }
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => finish(e, &ctx, &mine),
+    }
+}
+
+fn finish(e: std::io::Error, ctx: &SerialContext, mine: &HashSet<String>) -> std::io::Result<()> {
+    for id in mine {
+        let found = ctx.scheduler.cancel(id);
+        tracing::info!(request_id = %id, found, "serial port gone: answer cancelled");
+    }
+    Err(e)
+}
+
+fn handle(
+    found: Feed,
+    name: &str,
+    ctx: &SerialContext,
+    priority: Priority,
+    tx: &mpsc::UnboundedSender<Response>,
+    mine: &mut HashSet<String>,
+) -> Option<Frame> {
+    let received = Instant::now();
+    let f = match found {
+        Feed::Frame(f) => f,
+        Feed::Error(e) => {
+            tracing::info!(port = %name, error = %e, "bad frame dropped");
+            let code = match e {
+                FrameError::Oversized => ErrorCode::TooLarge,
+                _ => ErrorCode::BadRequest,
+            };
+            return Some(error_frame("", code, format!("bad frame: {e}")));
+        }
+    };
+    match f {
+        Frame::Request(req) => {
+            let id = req.id.clone();
+            let mut spec = match validate(req, &ctx.limits, received) {
+                Ok(s) => s,
+                Err(r) => {
+                    let id = if check_id(&id).is_ok() {
+                        id
+                    } else {
+                        String::new()
+                    };
+                    return Some(error_frame(&id, r.code, r.message));
+                }
+            };
+            spec.priority = priority;
+            tracing::info!(request_id = %id, port = %name, "framed request");
+            mine.insert(id);
+            ctx.scheduler.submit(spec, tx.clone());
+            None
+        }
+        Frame::Cancel(c) => {
+            let found = ctx.scheduler.cancel(&c.id);
+            tracing::info!(request_id = %c.id, port = %name, found, "framed cancel");
+            None
+        }
+        Frame::StatusQuery => {
+            let s = ctx.scheduler.stats();
+            Some(Frame::Status(Status {
+                node: ctx.node.clone(),
+                model: ctx.model.name.clone(),
+                state: "ready".into(),
+                thermal: (ctx.thermal)(),
+                queue_depth: s.queued as u32,
+                running: s.running as u32,
+                decode_tok_s: s.last_decode_tok_s,
+                uptime_s: ctx.started.elapsed().as_secs(),
+                answered: s.answered,
+            }))
+        }
+        other => Some(error_frame(
+            "",
+            ErrorCode::BadRequest,
+            format!("frames of this kind go from the appliance to the host, not back: {other:?}")
+                .chars()
+                .take(200)
+                .collect(),
+        )),
+    }
+}

@@ -1,0 +1,373 @@
+//! Serial links through real pseudo-terminals (socat as the null-modem cable): the console as
+//! a technician's terminal sees it, picocom driven through tmux, the framed device protocol,
+//! and a cable pulled and plugged back while MQTT keeps answering.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::process::Command;
+use std::time::Duration;
+
+use fieldllm_tests::mqtt::{Client, WAIT, answer, finish, json};
+use fieldllm_tests::serial::{NullModem, Terminal, find};
+use fieldllm_tests::{Daemon, Mosquitto, model_dir};
+use fieldllmd::proto::v1;
+use fieldllmd::proto::{Cancel, ErrorCode, Request};
+use fieldllmd::transport::serial::frame::{self, Feed, Frame, Reader};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PROMPT: &[u8] = b"fieldllm> ";
+
+fn config(broker: u16, node: &str, model: &str, serial: &str) -> String {
+    format!(
+        "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{broker}\"\nnode_id = \"{node}\"\n\n[limits]\nmax_tokens = 200\n\n{serial}",
+        model_dir(model)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_answers_edits_cancels_and_survives_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let cable = NullModem::start(dir.path());
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&config(
+        broker.port,
+        "con",
+        "smollm2-135m-instruct.f16",
+        &format!("[[serial]]\npath = {:?}\nmode = \"console\"\n", cable.dev),
+    ));
+    let mut t = Terminal::open(&cable.host);
+    let banner = t.until(PROMPT, WAIT).await;
+    let banner = String::from_utf8_lossy(&banner);
+    assert!(
+        banner.contains("con") && banner.contains("smollm2") && banner.contains("thermal"),
+        "{banner}"
+    );
+    assert!(!banner.contains('\x1b'), "no ANSI sequences");
+
+    // a question: the answer streams, then the prompt comes back
+    t.send(b"/set temperature 0\r").await;
+    t.until(PROMPT, WAIT).await;
+    t.send(b"What is the capital of France?\r").await;
+    let out = t.until(PROMPT, WAIT).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("Paris"), "{text}");
+    assert!(!text.contains('\x1b'));
+
+    // backspace editing and each line-end style: /sxx<DEL><BS>tatus is /status
+    for end in [&b"\r"[..], b"\n", b"\r\n"] {
+        let mut line = b"/sxx\x7f\x08tatus".to_vec();
+        line.extend_from_slice(end);
+        t.send(&line).await;
+        let out = t.until(PROMPT, WAIT).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("queue") && text.contains("answered 1"),
+            "{end:?}: {text}"
+        );
+    }
+    // nothing extra after a CRLF: no second prompt
+    let extra = t.drain(Duration::from_millis(300)).await;
+    assert!(
+        find(&extra, PROMPT).is_none(),
+        "{:?}",
+        String::from_utf8_lossy(&extra)
+    );
+
+    // a follow-up keeps the conversation
+    t.send(b"/status\r").await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(
+        find(&out, b"1 turns").is_some(),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // Ctrl-C mid-answer
+    t.send(b"Write a long story about a hydraulic pump.\r")
+        .await;
+    t.until(b"\r\n", WAIT).await; // the echo of the line
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.send(b"\x03").await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(
+        find(&out, b"[cancelled]").is_some(),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // a 10 KB line and binary garbage: a message, no crash
+    let mut long = vec![b'a'; 10 * 1024];
+    long.push(b'\r');
+    t.send(&long).await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(find(&out, b"longer than 4096 bytes").is_some());
+    let garbage: Vec<u8> = (0..2000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .filter(|b| *b != 3)
+        .collect();
+    t.send(&garbage).await;
+    t.send(b"\x15\r/model\r").await;
+    let out = t.until(b"tokens of context", WAIT).await;
+    assert!(!out.is_empty());
+    t.until(PROMPT, WAIT).await;
+    t.send(b"/frobnicate\r").await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(find(&out, b"Unknown command /frobnicate").is_some());
+    t.send(b"/set temperature hot\r").await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(find(&out, b"not a number").is_some());
+    t.send(b"/set temperature 99\r").await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(
+        find(&out, b"Not set").is_some(),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn picocom_in_tmux_shows_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let cable = NullModem::start(dir.path());
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&config(
+        broker.port,
+        "pico",
+        "smollm2-135m-instruct.f16",
+        &format!("[[serial]]\npath = {:?}\nmode = \"console\"\n", cable.dev),
+    ));
+    let session = format!("fieldllm-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let host = cable.host.display().to_string();
+    let o = tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "picocom",
+        "-q",
+        "-b",
+        "115200",
+        &host,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
+    let wait_for = |needle: &str| {
+        let until = std::time::Instant::now() + WAIT;
+        loop {
+            let s = screen();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{needle:?} not on screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // the banner was written before picocom opened the port: ask for the prompt again
+    tmux(&["send-keys", "Enter"]);
+    // (capture-pane drops trailing blanks: the prompt shows without its space)
+    wait_for("fieldllm>");
+    tmux(&["send-keys", "/set temperature 0", "Enter"]);
+    wait_for("temperature = 0");
+    tmux(&["send-keys", "What is the capital of France?", "Enter"]);
+    let s = wait_for("Paris");
+    assert!(
+        s.contains("What is the capital of France?"),
+        "the typed line is echoed:\n{s}"
+    );
+    tmux(&["kill-server"]);
+}
+
+/// Reads frames from the host end until `n` finals (Done or Error) arrived.
+async fn frames(
+    port: &mut tokio_serial::SerialStream,
+    reader: &mut Reader,
+    finals: usize,
+) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut seen = 0;
+    while seen < finals {
+        let n = tokio::time::timeout(WAIT, port.read(&mut buf))
+            .await
+            .expect("frames in time")
+            .unwrap();
+        let mut input = &buf[..n];
+        loop {
+            let (f, rest) = reader.feed(input);
+            input = rest;
+            match f {
+                Some(Feed::Frame(f)) => {
+                    if matches!(f, Frame::Done(_) | Frame::Error(_)) {
+                        seen += 1;
+                    }
+                    out.push(f);
+                }
+                Some(Feed::Error(e)) => panic!("the daemon sent a bad frame: {e}"),
+                None => break,
+            }
+        }
+    }
+    out
+}
+
+fn req(id: &str, prompt: &str) -> Frame {
+    Frame::Request(Request {
+        id: id.into(),
+        prompt: prompt.into(),
+        max_tokens: Some(8),
+        ..Request::default()
+    })
+}
+
+fn error_code(f: &Frame) -> ErrorCode {
+    match f {
+        Frame::Error(e) => ErrorCode::try_from(e.code).unwrap(),
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_round_trip_bad_frames_and_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let cable = NullModem::start(dir.path());
+    let broker = Mosquitto::start("allow_anonymous true");
+    let _d = Daemon::start(&config(
+        broker.port,
+        "fr",
+        "tiny-llama",
+        &format!("[[serial]]\npath = {:?}\nmode = \"framed\"\n", cable.dev),
+    ));
+    use tokio_serial::SerialPortBuilderExt;
+    let mut port = tokio_serial::new(cable.host.to_string_lossy(), 115_200)
+        .open_native_async()
+        .unwrap();
+    let mut reader = Reader::new();
+    // give the daemon time to open its end
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    port.write_all(&frame::encode(&req("f1", "Hi")).unwrap())
+        .await
+        .unwrap();
+    let got = frames(&mut port, &mut reader, 1).await;
+    let mut seq = 0;
+    for f in &got[..got.len() - 1] {
+        match f {
+            Frame::Chunk(c) => {
+                assert_eq!((c.id.as_str(), c.seq), ("f1", seq));
+                seq += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    match got.last().unwrap() {
+        Frame::Done(d) => assert_eq!(d.finish_reason, v1::FinishReason::Length as i32),
+        other => panic!("{other:?}"),
+    }
+
+    // a bad CRC, a truncated frame, an oversized frame, noise: each an Error frame; then a
+    // good request is answered
+    let mut bad = frame::encode(&req("bad", "Hi")).unwrap().to_vec();
+    let body = bad.len() - 3;
+    bad[body] ^= 0x01;
+    port.write_all(&bad).await.unwrap();
+    let got = frames(&mut port, &mut reader, 1).await;
+    assert_eq!(error_code(&got[0]), ErrorCode::BadRequest);
+    port.write_all(&[0x02, 0x01, 0x00]).await.unwrap();
+    let got = frames(&mut port, &mut reader, 1).await;
+    assert_eq!(error_code(&got[0]), ErrorCode::BadRequest);
+    let mut big = vec![0x41u8; 6000];
+    big.push(0);
+    port.write_all(&big).await.unwrap();
+    let got = frames(&mut port, &mut reader, 1).await;
+    assert_eq!(error_code(&got[0]), ErrorCode::TooLarge);
+    let mut noisy = b"\xde\xad\xbe\xef line noise".to_vec();
+    noisy.push(0);
+    noisy.extend_from_slice(&frame::encode(&req("f2", "Hello")).unwrap());
+    port.write_all(&noisy).await.unwrap();
+    let got = frames(&mut port, &mut reader, 2).await;
+    assert_eq!(error_code(&got[0]), ErrorCode::BadRequest);
+    assert!(matches!(got.last().unwrap(), Frame::Done(d) if d.id == "f2"));
+
+    // invalid requests inside good frames: the validation errors of every transport
+    port.write_all(&frame::encode(&req("", "Hi")).unwrap())
+        .await
+        .unwrap();
+    let got = frames(&mut port, &mut reader, 1).await;
+    assert_eq!(error_code(&got[0]), ErrorCode::BadRequest);
+
+    // status and cancel
+    port.write_all(&frame::encode(&Frame::StatusQuery).unwrap())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let status = loop {
+        let n = tokio::time::timeout(WAIT, port.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if let (Some(Feed::Frame(Frame::Status(s))), _) = reader.feed(&buf[..n]) {
+            break s;
+        }
+    };
+    assert_eq!(status.node, "fr");
+    assert!(status.answered >= 2);
+    port.write_all(
+        &frame::encode(&Frame::Cancel(Cancel {
+            id: "nothing".into(),
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_cable_is_reopened_and_mqtt_answers_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cable = NullModem::start(dir.path());
+    let broker = Mosquitto::start("allow_anonymous true");
+    let d = Daemon::start(&config(
+        broker.port,
+        "plug",
+        "tiny-llama",
+        &format!("[[serial]]\npath = {:?}\nmode = \"console\"\n", cable.dev),
+    ));
+    let mut t = Terminal::open(&cable.host);
+    t.until(PROMPT, WAIT).await;
+    drop(t);
+    cable.kill();
+    d.wait_log("serial port lost", WAIT);
+
+    // MQTT during the outage
+    let mut c = Client::connect(broker.port, "t-plug").await;
+    c.sub("fieldllm/v1/plug/resp/#").await;
+    c.request(
+        "plug",
+        r#"{"id":"m1","prompt":"Hi","max_tokens":4}"#,
+        PublishProperties::default(),
+    )
+    .await;
+    let (_, last, _) = answer(&mut c, json).await;
+    finish(&last);
+
+    // plug it back: the daemon reopens it and the console greets again
+    let cable = NullModem::start(dir.path());
+    let mut t = Terminal::open(&cable.host);
+    t.send(b"/status\r").await;
+    // the MQTT answer counts: the same scheduler behind both
+    t.until(b"answered 1", WAIT).await;
+    assert!(d.log().contains("serial port open"));
+}
