@@ -371,3 +371,72 @@ async fn a_pulled_cable_is_reopened_and_mqtt_answers_meanwhile() {
     t.until(b"answered 1", WAIT).await;
     assert!(d.log().contains("serial port open"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_clients_ask_in_framed_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let cable = NullModem::start(dir.path());
+    let broker = Mosquitto::start("allow_anonymous true");
+    let d = Daemon::start(&config(
+        broker.port,
+        "ref",
+        "smollm2-135m-instruct.f16",
+        &format!("[[serial]]\npath = {:?}\nmode = \"framed\"\n", cable.dev),
+    ));
+    d.wait_log("serial port open", WAIT);
+    let root = fieldllm_tests::repo_root();
+    // the Rust example (cargo test builds the workspace's examples)
+    let example = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("debug/examples/framed_client");
+    if !example.exists() {
+        let s = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "fieldllm-proto",
+                "--example",
+                "framed_client",
+            ])
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(s.success());
+    }
+    let host = cable.host.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(example)
+            .arg(&host)
+            .arg("What is the capital of France?")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Paris"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the Python one, on Debian's python3 with pyserial
+    let host = cable.host.clone();
+    let script = root.join("proto/examples/framed_client.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(&host)
+            .arg("What is the capital of France?")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Paris") && text.contains("[finish: stop]"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

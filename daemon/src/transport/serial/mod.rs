@@ -15,7 +15,7 @@ use crate::request::Limits;
 use crate::scheduler::Scheduler;
 
 pub mod console;
-pub mod frame;
+pub use fieldllm_proto::frame;
 pub mod framed;
 pub mod line;
 

@@ -10,7 +10,7 @@ use crc::{CRC_32_ISO_HDLC, Crc};
 use heapless::Vec as HVec;
 use prost::Message as _;
 
-use crate::proto::{Cancel, Request, Status, v1};
+use crate::{Cancel, Request, Status, v1};
 
 /// Largest decoded frame: kind + message + CRC.
 pub const MAX_FRAME: usize = 4096;
