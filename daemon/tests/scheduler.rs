@@ -409,6 +409,11 @@ fn a_conversation_feeds_only_its_new_tokens_and_answers_the_same() {
     );
     // the same question without the kept cache gives the same greedy answer
     let (b2, e2) = turn(&s, "t2-fresh", &q2, None);
+    eprintln!(
+        "turn 2 without the kept cache: fed {} tokens, prompt ms {:.1}",
+        e2.usage.unwrap().prompt_tokens,
+        e2.timings.unwrap().prompt_ms
+    );
     assert_eq!(e2.usage.unwrap().prompt_tokens, full);
     assert_eq!(a2, b2, "reusing the cache changes nothing in the answer");
     // a reset conversation starts afresh

@@ -265,6 +265,22 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_byte_exact() {
+        let f = Frame::Request(Request {
+            id: "a".into(),
+            prompt: "Hi".into(),
+            ..Request::default()
+        });
+        let wire = encode(&f).unwrap();
+        assert_eq!(
+            wire.as_slice(),
+            [
+                0x0d, 0x01, 0x0a, 0x01, 0x61, 0x12, 0x02, 0x48, 0x69, 0x6a, 0x5a, 0xac, 0x97, 0x00
+            ]
+        );
+    }
+
+    #[test]
     fn a_bad_crc_is_reported_and_the_next_frame_still_read() {
         let mut bad = encode(&req("a")).unwrap();
         bad[3] ^= 0x40; // inside the COBS body, not a delimiter
