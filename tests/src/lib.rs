@@ -189,6 +189,7 @@ impl Daemon {
             .arg("--config")
             .arg(&conf)
             .env("RUST_LOG", "info,tract_onnx=error")
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("daemon.log")).expect("log"))
             .spawn()

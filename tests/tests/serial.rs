@@ -440,3 +440,74 @@ async fn the_reference_clients_ask_in_framed_mode() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn serve_from_a_terminal_opens_the_console_there_and_ctrl_d_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("fieldllmd.toml");
+    let port = fieldllm_tests::free_port();
+    std::fs::write(
+        &conf,
+        format!(
+            "[model]\npath = {:?}\nthreads = 1\n[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\nnode_id = \"tty\"\n",
+            model_dir("tiny-llama")
+        ),
+    )
+    .unwrap();
+    let session = format!("fieldllm-tty-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let script = format!(
+        "{} serve --config {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; sleep 60",
+        fieldllm_tests::fieldllmd().display(),
+        conf.display()
+    );
+    let o = tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "150",
+        "-y",
+        "50",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let wait_for = |needle: &str| {
+        let until = std::time::Instant::now() + WAIT;
+        loop {
+            let s = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-100"]).stdout)
+                .into_owned();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{needle:?} not on screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("Ctrl-D on an empty line stops it");
+    tmux(&["send-keys", "/status", "Enter"]);
+    wait_for("answered 0");
+    // Ctrl-C at the prompt does not kill the daemon: it is a key of the console
+    tmux(&["send-keys", "C-c"]);
+    tmux(&["send-keys", "/model", "Enter"]);
+    wait_for("tokens of context");
+    tmux(&["send-keys", "C-d"]);
+    let s = wait_for("EXIT=");
+    tmux(&["kill-server"]);
+    assert!(s.contains("EXIT=0"), "clean exit:\n{s}");
+    let after = s.split("EXIT=0").nth(1).unwrap_or("");
+    assert!(
+        after.lines().any(|l| l.trim() == "icanon"),
+        "the terminal is back in canonical mode:\n{s}"
+    );
+}

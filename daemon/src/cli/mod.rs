@@ -39,11 +39,13 @@ enum Command {
 pub fn init_logging(verbose: u8, serving: bool) {
     // tract warns that opset 23 is beyond what it is "tested against": the engine's own tests
     // are what vouch for the graph, so that line is noise for users
-    // the embedded broker logs every client's connect and disconnect at info
+    // the embedded broker logs every client's connect and disconnect at info, and a client
+    // that goes away (the daemon's own link at shutdown included) as an error of its server
+    // module; the daemon checks the one error that matters there, a taken port, itself
     let level = match verbose {
-        0 if serving => "info,tract_onnx=error,rumqttd=warn",
-        0 => "warn,tract_onnx=error",
-        1 => "info,tract_onnx=error,rumqttd=warn",
+        0 if serving => "info,tract_onnx=error,rumqttd=warn,rumqttd::server::broker=off",
+        0 => "warn,tract_onnx=error,rumqttd::server::broker=off",
+        1 => "info,tract_onnx=error,rumqttd=warn,rumqttd::server::broker=off",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -57,7 +59,8 @@ pub fn init_logging(verbose: u8, serving: bool) {
 impl Cli {
     /// Whether the command is the daemon (it logs at info by default).
     pub fn serving(&self) -> bool {
-        matches!(self.command, Command::Serve(_))
+        // with the console on its terminal, info lines would bury the conversation
+        matches!(&self.command, Command::Serve(s) if !s.local_console())
     }
 }
 

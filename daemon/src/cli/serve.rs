@@ -25,6 +25,17 @@ pub struct ServeArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArg,
+    /// Do not open the technician console on this terminal (it opens when stdin is one).
+    #[arg(long)]
+    no_console: bool,
+}
+
+impl ServeArgs {
+    /// Whether the console runs on the daemon's own terminal.
+    pub fn local_console(&self) -> bool {
+        use std::io::IsTerminal;
+        !self.no_console && std::io::stdin().is_terminal()
+    }
 }
 
 /// The machine's hostname as a topic level, or "fieldllm".
@@ -108,6 +119,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
     };
     let ports = config.serial.clone();
+    let local_console = a.local_console();
     let grace = Duration::from_secs(config.limits.grace_s);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -121,11 +133,33 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|p| tokio::spawn(serial::run(p, serial_ctx.clone(), stop_rx.clone())))
             .collect();
+        let (quit_tx, mut quit_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let local = if local_console {
+            match serial::tty::Tty::open() {
+                Ok(tty) => {
+                    let (ctx, mut stop) = (serial_ctx.clone(), stop_rx.clone());
+                    Some(tokio::spawn(async move {
+                        let ended = serial::console::serve_local(tty, ctx, &mut stop).await;
+                        if let Err(e) = &ended {
+                            tracing::warn!(error = %e, "terminal console ended");
+                        }
+                        let _ = quit_tx.send(()).await;
+                    }))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no console on this terminal");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mqtt = tokio::spawn(service.run(scheduler.clone(), stop_rx));
         tracing::info!(%node, model = %model.manifest().model.name, "serving");
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            Some(()) = quit_rx.recv() => {}
         }
         tracing::info!(
             grace_s = grace.as_secs(),
@@ -134,6 +168,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let s = scheduler.clone();
         tokio::task::spawn_blocking(move || s.shutdown(grace)).await?;
         let _ = stop_tx.send(true);
+        if let Some(t) = local {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         for t in serial_tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }

@@ -85,6 +85,8 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> Result<(), EmbeddedError
             }
         })
         .map_err(|e| EmbeddedError::Start(e.to_string()))?;
+    // ready once it accepts (the probe's abrupt close is logged by rumqttd's server module,
+    // which the default log filter silences)
     let until = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
         if Instant::now() > until {

@@ -44,6 +44,9 @@ pub struct Console {
     system: Option<String>,
     running: Option<Running>,
     asked: u64,
+    /// The daemon's own terminal: Ctrl-D on an empty line stops the daemon.
+    local: bool,
+    quit: bool,
 }
 
 struct Running {
@@ -79,6 +82,8 @@ impl Console {
             system: None,
             running: None,
             asked: 0,
+            local: false,
+            quit: false,
         }
     }
 
@@ -98,6 +103,12 @@ impl Console {
             ),
             &mut out,
         );
+        if self.local {
+            crlf(
+                "This is the daemon's own terminal: Ctrl-D on an empty line stops it.\n",
+                &mut out,
+            );
+        }
         out.extend_from_slice(PROMPT);
         out
     }
@@ -125,6 +136,11 @@ impl Console {
             match event {
                 None => {}
                 Some(LineEvent::Line(line)) => self.line(line.trim(), sink, &mut out),
+                Some(LineEvent::EndOfInput) if self.local => {
+                    crlf("\n[stopping fieldllmd]\n", &mut out);
+                    self.quit = true;
+                    return out;
+                }
                 Some(LineEvent::Interrupt) | Some(LineEvent::EndOfInput) => {
                     out.extend_from_slice(PROMPT)
                 }
@@ -390,8 +406,27 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
     priority: Priority,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    run(port, Console::new(ctx, name, priority), stop).await
+}
+
+/// Serves the daemon's own terminal until Ctrl-D on an empty line (`Ok`: stop the daemon),
+/// `stop`, or an error.
+pub async fn serve_local<P: AsyncRead + AsyncWrite>(
+    port: P,
+    ctx: SerialContext,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut console = Console::new(ctx, "terminal", Priority::High);
+    console.local = true;
+    run(port, console, stop).await
+}
+
+async fn run<P: AsyncRead + AsyncWrite>(
+    port: P,
+    mut console: Console,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let (mut rd, mut wr) = tokio::io::split(port);
-    let mut console = Console::new(ctx, name, priority);
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
     let result = async {
         wr.write_all(&console.banner()).await?;
@@ -405,6 +440,9 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
                     }
                     let out = console.input(&buf[..n], &tx);
                     wr.write_all(&out).await?;
+                    if console.quit {
+                        return Ok(());
+                    }
                 }
                 Some(r) = rx.recv() => {
                     let out = console.response(r, &tx);

@@ -18,6 +18,7 @@ pub mod console;
 pub use fieldllm_proto::frame;
 pub mod framed;
 pub mod line;
+pub mod tty;
 
 /// What a console shows about the model (the transport never touches the model itself).
 #[derive(Debug, Clone)]
