@@ -511,3 +511,47 @@ fn serve_from_a_terminal_opens_the_console_there_and_ctrl_d_stops_it() {
         "the terminal is back in canonical mode:\n{s}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_context_starts_a_new_conversation_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let cable = NullModem::start(dir.path());
+    let broker = Mosquitto::start("allow_anonymous true");
+    // the tiny model's context is 256 tokens: a few turns fill it
+    let _d = Daemon::start(&config(
+        broker.port,
+        "full",
+        "tiny-llama",
+        &format!("[[serial]]\npath = {:?}\nmode = \"console\"\n", cable.dev),
+    ));
+    let mut t = Terminal::open(&cable.host);
+    t.until(PROMPT, WAIT).await;
+    t.send(b"/set max_tokens 30\r").await;
+    t.until(PROMPT, WAIT).await;
+    let question = b"Describe the inspection steps for the hydraulic pump and the relief valve.\r";
+    let mut restarted = None;
+    for turn in 0..12 {
+        t.send(question).await;
+        let out = t.until(PROMPT, WAIT).await;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(!text.contains("[error"), "turn {turn}: {text}");
+        if text.contains("filled the model's context: starting a new one") {
+            // and the question was answered afresh
+            assert!(
+                text.contains("[cut: max_tokens reached]") || text.contains("\r\n"),
+                "{text}"
+            );
+            restarted = Some(turn);
+            break;
+        }
+    }
+    let turn = restarted.expect("the context filled within 12 turns");
+    assert!(turn >= 1, "the first turn fits");
+    t.send(b"/status\r").await;
+    let out = t.until(PROMPT, WAIT).await;
+    assert!(
+        find(&out, b"1 turns").is_some(),
+        "the new conversation holds the one answered turn: {}",
+        String::from_utf8_lossy(&out)
+    );
+}
