@@ -463,7 +463,7 @@ fn serve_from_a_terminal_opens_the_console_there_and_ctrl_d_stops_it() {
             .unwrap()
     };
     let script = format!(
-        "{} serve --config {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; sleep 60",
+        "{} serve --config {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; echo STTY-DONE; sleep 60",
         fieldllm_tests::fieldllmd().display(),
         conf.display()
     );
@@ -502,7 +502,8 @@ fn serve_from_a_terminal_opens_the_console_there_and_ctrl_d_stops_it() {
     tmux(&["send-keys", "/model", "Enter"]);
     wait_for("tokens of context");
     tmux(&["send-keys", "C-d"]);
-    let s = wait_for("EXIT=");
+    // after the exit status, stty reports the terminal's mode
+    let s = wait_for("STTY-DONE");
     tmux(&["kill-server"]);
     assert!(s.contains("EXIT=0"), "clean exit:\n{s}");
     let after = s.split("EXIT=0").nth(1).unwrap_or("");
