@@ -336,6 +336,24 @@ impl Scheduler {
     }
 }
 
+/// A job's reply channel that passes chunks on and keeps the final message for the worker to
+/// send once the job is counted.
+struct HoldFinal {
+    tx: ReplySink,
+    last: Option<Response>,
+}
+
+impl HoldFinal {
+    fn send(&mut self, r: Response) -> Result<(), ()> {
+        if r.is_final() {
+            self.last = Some(r);
+            Ok(())
+        } else {
+            self.tx.send(r).map_err(|_| ())
+        }
+    }
+}
+
 fn worker(shared: Arc<Shared>, model: Arc<Model>) {
     loop {
         let job = {
@@ -352,15 +370,19 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
             }
         };
         let id = job.spec.id.clone();
-        let sink = job.sink.clone();
+        let mut out = HoldFinal {
+            tx: job.sink.clone(),
+            last: None,
+        };
         // a panic in the engine must not lose the answer or the worker
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&model, job)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_job(&model, job, &mut out)
+        }));
         let decode = match result {
             Ok(rate) => rate,
             Err(_) => {
                 tracing::error!(request_id = %id, "engine panicked");
-                let _ = sink.send(wire::error(
+                out.last = Some(wire::error(
                     &id,
                     ErrorCode::Internal,
                     "the engine failed on this request",
@@ -374,6 +396,11 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
         st.answered += 1;
         if decode > 0.0 {
             st.last_decode_tok_s = decode;
+        }
+        // counted first, so whoever receives the final sees the job in `stats()`; sent before
+        // the idle wake-up, so a returned `shutdown` has every final in its channel
+        if let Some(last) = out.last.take() {
+            let _ = out.tx.send(last);
         }
         if st.active.is_empty() {
             shared.idle.notify_all();
@@ -394,13 +421,8 @@ fn candidate(c: Candidate) -> v1::Candidate {
 }
 
 /// Runs one job to its final message; returns its decode speed (0 if none).
-fn run_job(model: &Arc<Model>, job: Queued) -> f32 {
-    let Queued {
-        spec,
-        sink,
-        control,
-        ..
-    } = job;
+fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal) -> f32 {
+    let Queued { spec, control, .. } = job;
     let id = spec.id.as_str();
     let started = Instant::now();
     let queue_ms = ms(started - spec.received);
