@@ -133,3 +133,59 @@ impl Terminal {
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// A detached tmux server of its own running one program in a real terminal; killed on drop.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// Starts `command` in a `cols` x `rows` terminal.
+    pub fn start(name: &str, cols: u16, rows: u16, command: &[&str]) -> Tmux {
+        let t = Tmux {
+            socket: format!("fieldllm-{name}-{}", std::process::id()),
+        };
+        let (cols, rows) = (cols.to_string(), rows.to_string());
+        let mut args = vec!["new-session", "-d", "-x", &cols, "-y", &rows];
+        args.extend_from_slice(command);
+        let o = t.run(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        t
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux (apt-get install tmux)")
+    }
+
+    /// Types keys (tmux key names: `Enter`, `C-c`, or text).
+    pub fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+
+    /// Waits until the screen (and 100 lines of scrollback) shows `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, wait: Duration) -> String {
+        let until = Instant::now() + wait;
+        loop {
+            let s =
+                String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-S", "-100"]).stdout)
+                    .into_owned();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(Instant::now() < until, "{needle:?} not on screen:\n{s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use fieldllm_tests::mqtt::{Client, WAIT, answer, finish, json};
-use fieldllm_tests::serial::{NullModem, Terminal, find};
+use fieldllm_tests::serial::{NullModem, Terminal, Tmux, find};
 use fieldllm_tests::{Daemon, Mosquitto, model_dir};
 use fieldllmd::proto::v1;
 use fieldllmd::proto::{Cancel, ErrorCode, Request};
@@ -137,57 +137,20 @@ async fn picocom_in_tmux_shows_the_answer() {
         "smollm2-135m-instruct.f16",
         &format!("[[serial]]\npath = {:?}\nmode = \"console\"\n", cable.dev),
     ));
-    let session = format!("fieldllm-{}", std::process::id());
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(["-L", &session])
-            .args(args)
-            .output()
-            .unwrap()
-    };
     let host = cable.host.display().to_string();
-    let o = tmux(&[
-        "new-session",
-        "-d",
-        "-x",
-        "120",
-        "-y",
-        "40",
-        "picocom",
-        "-q",
-        "-b",
-        "115200",
-        &host,
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
-    let wait_for = |needle: &str| {
-        let until = std::time::Instant::now() + WAIT;
-        loop {
-            let s = screen();
-            if s.contains(needle) {
-                return s;
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "{needle:?} not on screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let tmux = Tmux::start("pico", 120, 40, &["picocom", "-q", "-b", "115200", &host]);
     // the banner was written before picocom opened the port: ask for the prompt again
-    tmux(&["send-keys", "Enter"]);
+    tmux.keys(&["Enter"]);
     // (capture-pane drops trailing blanks: the prompt shows without its space)
-    wait_for("fieldllm>");
-    tmux(&["send-keys", "/set temperature 0", "Enter"]);
-    wait_for("temperature = 0");
-    tmux(&["send-keys", "What is the capital of France?", "Enter"]);
-    let s = wait_for("Paris");
+    tmux.wait_for("fieldllm>", WAIT);
+    tmux.keys(&["/set temperature 0", "Enter"]);
+    tmux.wait_for("temperature = 0", WAIT);
+    tmux.keys(&["What is the capital of France?", "Enter"]);
+    let s = tmux.wait_for("Paris", WAIT);
     assert!(
         s.contains("What is the capital of France?"),
         "the typed line is echoed:\n{s}"
     );
-    tmux(&["kill-server"]);
 }
 
 /// Reads frames from the host end until `n` finals (Done or Error) arrived.
@@ -454,57 +417,23 @@ fn serve_from_a_terminal_opens_the_console_there_and_ctrl_d_stops_it() {
         ),
     )
     .unwrap();
-    let session = format!("fieldllm-tty-{}", std::process::id());
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(["-L", &session])
-            .args(args)
-            .output()
-            .unwrap()
-    };
     let script = format!(
         "{} serve --config {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; echo STTY-DONE; sleep 60",
         fieldllm_tests::fieldllmd().display(),
         conf.display()
     );
-    let o = tmux(&[
-        "new-session",
-        "-d",
-        "-x",
-        "150",
-        "-y",
-        "50",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let wait_for = |needle: &str| {
-        let until = std::time::Instant::now() + WAIT;
-        loop {
-            let s = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-100"]).stdout)
-                .into_owned();
-            if s.contains(needle) {
-                return s;
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "{needle:?} not on screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait_for("Ctrl-D on an empty line stops it");
-    tmux(&["send-keys", "/status", "Enter"]);
-    wait_for("answered 0");
+    let tmux = Tmux::start("tty", 150, 50, &["sh", "-c", &script]);
+    tmux.wait_for("Ctrl-D on an empty line stops it", WAIT);
+    tmux.keys(&["/status", "Enter"]);
+    tmux.wait_for("answered 0", WAIT);
     // Ctrl-C at the prompt does not kill the daemon: it is a key of the console
-    tmux(&["send-keys", "C-c"]);
-    tmux(&["send-keys", "/model", "Enter"]);
-    wait_for("tokens of context");
-    tmux(&["send-keys", "C-d"]);
+    tmux.keys(&["C-c"]);
+    tmux.keys(&["/model", "Enter"]);
+    tmux.wait_for("tokens of context", WAIT);
+    tmux.keys(&["C-d"]);
     // after the exit status, stty reports the terminal's mode
-    let s = wait_for("STTY-DONE");
-    tmux(&["kill-server"]);
+    let s = tmux.wait_for("STTY-DONE", WAIT);
+    drop(tmux);
     assert!(s.contains("EXIT=0"), "clean exit:\n{s}");
     let after = s.split("EXIT=0").nth(1).unwrap_or("");
     assert!(

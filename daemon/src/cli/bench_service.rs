@@ -96,20 +96,17 @@ fn bare(s: &Scheduler, n: usize, concurrency: usize, max_tokens: u32, tag: &str)
         }
     };
     let t0 = Instant::now();
-    while sent < concurrency.min(n) {
-        submit(sent, &mut started);
-        sent += 1;
-    }
     while lat.len() < n {
+        // keep `concurrency` in flight
+        while sent < n && started.len() < concurrency {
+            submit(sent, &mut started);
+            sent += 1;
+        }
         let Some(r) = rx.blocking_recv() else { break };
-        if r.is_final() {
-            if let Some(t) = started.remove(r.id()) {
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            if sent < n {
-                submit(sent, &mut started);
-                sent += 1;
-            }
+        if r.is_final()
+            && let Some(t) = started.remove(r.id())
+        {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
     row(
@@ -157,15 +154,16 @@ async fn over_mqtt(b: &ServiceBench, concurrency: usize, tag: &str) -> anyhow::R
         let payload = serde_json::to_vec(&request(id.clone(), b.max_tokens));
         (id, payload)
     };
-    while sent < concurrency.min(n) {
-        let (id, payload) = publish(sent);
-        started.insert(id, Instant::now());
-        client
-            .publish(&req_topic, QoS::AtLeastOnce, false, payload?)
-            .await?;
-        sent += 1;
-    }
     while lat.len() < n {
+        // keep `concurrency` in flight
+        while sent < n && started.len() < concurrency {
+            let (id, payload) = publish(sent);
+            started.insert(id, Instant::now());
+            client
+                .publish(&req_topic, QoS::AtLeastOnce, false, payload?)
+                .await?;
+            sent += 1;
+        }
         let ev = tokio::time::timeout(Duration::from_secs(30), ev.poll())
             .await
             .with_context(|| format!("no answer in 30 s: is a daemon serving {req_topic}?"))?;
@@ -181,14 +179,6 @@ async fn over_mqtt(b: &ServiceBench, concurrency: usize, tag: &str) -> anyhow::R
         }
         if let Some(t) = started.remove(r.id()) {
             lat.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        if sent < n {
-            let (id, payload) = publish(sent);
-            started.insert(id, Instant::now());
-            client
-                .publish(&req_topic, QoS::AtLeastOnce, false, payload?)
-                .await?;
-            sent += 1;
         }
     }
     let wall = t0.elapsed();

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{
-    self as v5b, ConnectReturnCode as V5Code, LastWill as V5Will, Packet as V5Packet,
-    PublishProperties,
+    self as v5b, LastWill as V5Will, Packet as V5Packet, PublishProperties,
 };
 use rumqttc::v5::{self, mqttbytes::QoS as V5QoS};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
@@ -322,10 +321,6 @@ pub fn connect(c: &MqttSection, id: Identity<'_>, cap: usize) -> Result<(Client,
     ))
 }
 
-fn v5_refusal(code: V5Code) -> String {
-    format!("{code:?}")
-}
-
 impl Link {
     /// One turn of the event loop. An error means the connection is down; calling again
     /// reconnects (the caller sleeps between tries).
@@ -386,7 +381,7 @@ impl Link {
                     self.dropped += taken;
                     Err(match e {
                         v5::ConnectionError::ConnectionRefused(code) => {
-                            format!("the broker refused the connection: {}", v5_refusal(code))
+                            format!("the broker refused the connection: {code:?}")
                         }
                         e => e.to_string(),
                     })
