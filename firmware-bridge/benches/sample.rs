@@ -1,12 +1,12 @@
-//! Cost of one sampling tick (every sensor of a fixture tree read once, plus a governor
-//! update), and what that is as a share of one core at a poll period.
+//! Cost of one sampling tick (`Monitor::tick`: every sensor of a fixture tree read once, plus
+//! the governor update), and what that is as a share of one core at a poll period.
 //!
 //!     cargo bench -p firmware-bridge --bench sample [-- POLL_MS]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use firmware_bridge::{Governor, Sensors, Telemetry, Thresholds};
+use firmware_bridge::{Controls, Monitor, Policy, Sensors, Thresholds, Watch};
 
 fn main() {
     let poll_ms: f64 = std::env::args()
@@ -27,16 +27,25 @@ fn main() {
             + 2 * s.rails.len()
             + s.fans.len()
             + s.devfreq.len()
-            + s.throttle.len();
-        let mut t = Telemetry::default();
-        let mut g = Governor::new(Thresholds::from_trips(&s.zones), Instant::now());
+            + s.throttle.len()
+            + s.cooling.len();
+        let th = Thresholds::from_trips(&s.zones);
+        let mut m = Monitor::new(
+            s,
+            Controls::default(),
+            th,
+            Policy::default(),
+            &Watch::All,
+            None,
+            Instant::now(),
+        )
+        .expect("monitor");
         let mut runs: Vec<f64> = (0..9)
             .map(|_| {
                 let n = 2000;
                 let start = Instant::now();
                 for _ in 0..n {
-                    s.sample(&mut t);
-                    g.update(t.hottest_mc(), Instant::now());
+                    std::hint::black_box(m.tick(Instant::now()));
                 }
                 start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
             })
@@ -45,6 +54,5 @@ fn main() {
         let us = runs[4];
         let share = us / (poll_ms * 1e3) * 100.0;
         println!("| {name} | {count} | {us:.1} | {share:.4} % |");
-        std::hint::black_box(&t);
     }
 }

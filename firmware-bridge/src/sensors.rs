@@ -82,6 +82,16 @@ pub struct Devfreq {
     cur: PathBuf,
 }
 
+/// A cooling device (fan, passive throttle) the kernel drives.
+#[derive(Debug, Clone)]
+pub struct Cooling {
+    /// Its `type` (`pwm-fan`, `Processor`).
+    pub name: String,
+    /// `max_state`.
+    pub max_state: i64,
+    cur: PathBuf,
+}
+
 /// Everything found under a sysfs root.
 #[derive(Debug, Clone)]
 pub struct Sensors {
@@ -99,6 +109,8 @@ pub struct Sensors {
     pub devfreq: Vec<Devfreq>,
     /// Over-current throttle event counters.
     pub throttle: Vec<Channel>,
+    /// Cooling devices.
+    pub cooling: Vec<Cooling>,
 }
 
 /// One rail's reading.
@@ -133,6 +145,8 @@ pub struct Telemetry {
     pub freqs: heapless::Vec<Reading<i64>, MAX_ENTRIES>,
     /// Throttle counters.
     pub throttle: heapless::Vec<Reading<i64>, MAX_ENTRIES>,
+    /// Cooling devices' `cur_state`.
+    pub cooling: heapless::Vec<Reading<i64>, MAX_ENTRIES>,
 }
 
 impl Telemetry {
@@ -148,6 +162,11 @@ impl Telemetry {
     /// Total power of the rails that were read, mW (the board input when it is a rail).
     pub fn power_mw(&self) -> Option<i64> {
         self.rails.first().and_then(RailReading::mw)
+    }
+
+    /// Over-current throttle events counted so far, all counters together.
+    pub fn throttle_events(&self) -> i64 {
+        self.throttle.iter().filter_map(|r| r.value()).sum()
     }
 }
 
@@ -294,6 +313,17 @@ impl Sensors {
                 });
             }
         }
+        let cooling: Vec<Cooling> = sorted_dirs(&sys.join("thermal"), "cooling_device")
+            .into_iter()
+            .filter_map(|c| {
+                Some(Cooling {
+                    name: read::text(&c.join("type")).ok()?.to_string(),
+                    max_state: read::int(&c.join("max_state")).value().unwrap_or(0),
+                    cur: c.join("cur_state"),
+                })
+            })
+            .take(MAX_ENTRIES)
+            .collect();
         let devfreq: Vec<Devfreq> = std::fs::read_dir(sys.join("devfreq"))
             .into_iter()
             .flatten()
@@ -331,6 +361,7 @@ impl Sensors {
             fans: fans.into_iter().take(MAX_ENTRIES).collect(),
             devfreq: devfreq.into_iter().take(MAX_ENTRIES).collect(),
             throttle: throttle.into_iter().take(MAX_ENTRIES).collect(),
+            cooling,
         }
     }
 
@@ -338,11 +369,12 @@ impl Sensors {
     pub fn describe(&self) -> String {
         let names = |v: &mut dyn Iterator<Item = &str>| v.collect::<Vec<_>>().join(", ");
         format!(
-            "board {:?}; zones [{}]; rails [{}]; devfreq [{}]; {} hwmon temperatures, {} fans, {} throttle counters",
+            "board {:?}; zones [{}]; rails [{}]; devfreq [{}]; cooling [{}]; {} hwmon temperatures, {} fans, {} throttle counters",
             self.board,
             names(&mut self.zones.iter().map(|z| z.name.as_str())),
             names(&mut self.rails.iter().map(|r| r.label.as_str())),
             names(&mut self.devfreq.iter().map(|d| d.name.as_str())),
+            names(&mut self.cooling.iter().map(|c| c.name.as_str())),
             self.hwmon_temps.len(),
             self.fans.len(),
             self.throttle.len()
@@ -373,6 +405,10 @@ impl Sensors {
             self.throttle.iter().map(|c| read::int(&c.path)),
         );
         fill(&mut t.freqs, self.devfreq.iter().map(|d| read::int(&d.cur)));
+        fill(
+            &mut t.cooling,
+            self.cooling.iter().map(|c| read::int(&c.cur)),
+        );
         t.rails.clear();
         for r in &self.rails {
             let _ = t.rails.push(RailReading {

@@ -8,7 +8,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
 
-use firmware_bridge::{Board, Reading, Sensors, Telemetry, Thresholds, Why};
+use firmware_bridge::{
+    Board, Controls, Monitor, Policy, Reading, Sensors, Telemetry, Thresholds, Watch, Why,
+};
 
 struct Counting;
 thread_local! {
@@ -65,6 +67,12 @@ fn jetson_orin_nano() {
     assert_eq!(t.fans[0], Reading::Value(2734));
     let oc: Vec<_> = t.throttle.iter().map(|r| r.value().unwrap()).collect();
     assert_eq!(oc, [0, 3, 0]);
+    assert_eq!(t.throttle_events(), 3);
+    assert_eq!(s.cooling[0].name, "pwm-fan");
+    assert_eq!(
+        (t.cooling[0], s.cooling[0].max_state),
+        (Reading::Value(2), 10)
+    );
     let th = Thresholds::from_trips(&s.zones);
     assert_eq!((th.hot_mc, th.critical_mc), (95_500, 100_000));
 }
@@ -84,6 +92,8 @@ fn rk3588() {
     assert_eq!(t.freqs[npu], Reading::Value(1_000_000_000));
     assert_eq!(t.hottest_mc(), Some(42_592));
     assert!(t.rails.is_empty());
+    assert_eq!(s.cooling[0].name, "pwm-fan");
+    assert_eq!(t.cooling[0], Reading::Value(0));
     let th = Thresholds::from_trips(&s.zones);
     assert_eq!(
         (th.warm_mc, th.hot_mc, th.critical_mc),
@@ -106,6 +116,10 @@ fn plain_x86_with_coretemp() {
     s.sample(&mut t);
     assert_eq!(t.hottest_mc(), Some(52_000));
     assert_eq!(t.fans.len(), 1);
+    assert_eq!(
+        (s.cooling[0].name.as_str(), s.cooling[0].max_state),
+        ("Processor", 3)
+    );
     assert!(s.describe().contains("x86_pkg_temp"));
 }
 
@@ -143,4 +157,24 @@ fn sampling_allocates_nothing() {
     }
     let after = ALLOCS.with(Cell::get);
     assert_eq!(after - before, 0, "allocations in 100 samples");
+    // the whole tick, governor and history included, while the state holds
+    let th = Thresholds::from_trips(&s.zones);
+    let t0 = std::time::Instant::now();
+    let mut m = Monitor::new(
+        s,
+        Controls::default(),
+        th,
+        Policy::default(),
+        &Watch::All,
+        None,
+        t0,
+    )
+    .unwrap();
+    m.tick(t0);
+    let before = ALLOCS.with(Cell::get);
+    for i in 0..200u64 {
+        m.tick(t0 + std::time::Duration::from_millis(i));
+    }
+    let after = ALLOCS.with(Cell::get);
+    assert_eq!(after - before, 0, "allocations in 200 ticks");
 }
