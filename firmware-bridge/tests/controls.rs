@@ -1,6 +1,8 @@
 //! Controls and the monitor on a copy of the Jetson fixture: what is written, when, and what
 //! is never touched.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
