@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+mod bridge;
+
+pub use bridge::{BridgeSection, DevfreqSection, NvpmodelSection};
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -18,6 +22,8 @@ pub struct Config {
     pub limits: LimitsSection,
     /// `[[serial]]`: one table per port.
     pub serial: Vec<SerialSection>,
+    /// `[bridge]`.
+    pub bridge: BridgeSection,
 }
 
 /// `[model]`.
@@ -312,7 +318,7 @@ impl Config {
         if m.password.is_some() && m.username.is_none() {
             return Err("[mqtt] password is set without username".into());
         }
-        Ok(())
+        self.bridge.check()
     }
 }
 

@@ -3,13 +3,19 @@
 //! Transports hand it validated [`JobSpec`]s with a reply channel; it answers every accepted
 //! job with exactly one final `Done` or `Error` (also across cancel, deadline and shutdown) and
 //! refuses at once with `busy` when the queue is full. It knows nothing of MQTT or serial.
+//!
+//! It obeys the firmware bridge's thermal limits ([`Scheduler::set_thermal`]): a decode-rate
+//! cap per answer and fewer answers at once when warm; new and waiting requests refused with
+//! `overheated` when hot (running answers finish); running answers ended with finish reason
+//! `thermal` when critical.
 
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use firmware_bridge::{Limits as ThermalLimits, Policy, ThermalState};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::generate::{Candidate, Event};
@@ -76,6 +82,10 @@ enum StopReason {
     None = 0,
     Cancelled = 1,
     Deadline = 2,
+    /// Running at critical: ends with finish reason `thermal`.
+    Thermal = 3,
+    /// Still queued when the board got hot: refused with `overheated`.
+    Overheated = 4,
 }
 
 /// The cancel flag the engine checks, plus why it was raised.
@@ -101,6 +111,8 @@ impl Control {
         match self.reason.load(Ordering::Acquire) {
             1 => StopReason::Cancelled,
             2 => StopReason::Deadline,
+            3 => StopReason::Thermal,
+            4 => StopReason::Overheated,
             _ => StopReason::None,
         }
     }
@@ -129,6 +141,12 @@ struct Queued {
     order: u64,
 }
 
+impl Queued {
+    fn stopped(&self) -> bool {
+        self.control.flag.load(Ordering::Acquire)
+    }
+}
+
 impl PartialEq for Queued {
     fn eq(&self, other: &Self) -> bool {
         self.order == other.order
@@ -150,7 +168,6 @@ impl Ord for Queued {
     }
 }
 
-#[derive(Default)]
 struct State {
     queue: BinaryHeap<Queued>,
     /// Every accepted job not yet finished (queued or running), by id.
@@ -161,12 +178,54 @@ struct State {
     order: u64,
     answered: u64,
     last_decode_tok_s: f32,
+    thermal: ThermalState,
+    limits: ThermalLimits,
+    retry_after_ms: u32,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            queue: BinaryHeap::new(),
+            active: HashMap::new(),
+            running: 0,
+            accepting: false,
+            stopping: false,
+            order: 0,
+            answered: 0,
+            last_decode_tok_s: 0.0,
+            thermal: ThermalState::Nominal,
+            limits: Policy::default().limits(ThermalState::Nominal),
+            retry_after_ms: 0,
+        }
+    }
+}
+
+impl State {
+    /// The next job a worker may take: one already stopped (answered at once, whatever the
+    /// limits), else the first in line if the thermal limits allow one more running answer.
+    fn next_job(&mut self) -> Option<Queued> {
+        let open = self.limits.accept && self.running < self.limits.max_running;
+        if open || self.queue.peek().is_some_and(Queued::stopped) {
+            return self.queue.pop();
+        }
+        if self.queue.iter().any(Queued::stopped) {
+            let mut v = std::mem::take(&mut self.queue).into_vec();
+            let job = v.iter().position(Queued::stopped).map(|i| v.swap_remove(i));
+            self.queue = v.into();
+            return job;
+        }
+        None
+    }
 }
 
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     idle: Condvar,
+    /// Decode-rate cap per answer, tokens/s as `f32` bits (0: none). Read per token without
+    /// the lock.
+    decode_cap: AtomicU32,
 }
 
 impl Shared {
@@ -195,6 +254,8 @@ pub struct Stats {
     pub answered: u64,
     /// Decode speed of the last finished answer.
     pub last_decode_tok_s: f32,
+    /// The thermal state the scheduler obeys.
+    pub thermal: ThermalState,
 }
 
 impl Scheduler {
@@ -210,6 +271,7 @@ impl Scheduler {
             }),
             wake: Condvar::new(),
             idle: Condvar::new(),
+            decode_cap: AtomicU32::new(0),
         });
         let mut workers = Vec::new();
         for n in 0..config.slots {
@@ -245,6 +307,25 @@ impl Scheduler {
         };
         if !st.accepting {
             return refuse(ErrorCode::Internal, "shutting down".into(), st.queue.len());
+        }
+        if !st.limits.accept {
+            let (state, wait) = (st.thermal, st.retry_after_ms);
+            tracing::info!(request_id = %spec.id, thermal = state.as_str(), "overheated: refused");
+            let mut r = wire::error(
+                &spec.id,
+                ErrorCode::Overheated,
+                format!(
+                    "the accelerator is {}: no new work until it cools; try again in {} s",
+                    state.as_str(),
+                    wait.div_ceil(1000)
+                ),
+            );
+            if let Some(Kind::Error(e)) = &mut r.kind {
+                e.retry_after_ms = wait;
+                e.queue_depth = st.queue.len() as u32;
+            }
+            let _ = sink.send(r);
+            return false;
         }
         if st.active.contains_key(&spec.id) {
             return refuse(
@@ -301,7 +382,33 @@ impl Scheduler {
             running: st.running,
             answered: st.answered,
             last_decode_tok_s: st.last_decode_tok_s,
+            thermal: st.thermal,
         }
+    }
+
+    /// Obeys a new thermal state from the firmware bridge. Not accepting: waiting jobs are
+    /// answered `overheated` with `retry_after`. Stopping running answers: they end `thermal`.
+    pub fn set_thermal(&self, state: ThermalState, limits: ThermalLimits, retry_after: Duration) {
+        let mut st = self.shared.lock();
+        st.thermal = state;
+        st.limits = limits;
+        st.retry_after_ms = u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX);
+        let cap = limits.decode_tok_s.filter(|c| *c > 0.0).unwrap_or(0.0);
+        self.shared
+            .decode_cap
+            .store(cap.to_bits(), Ordering::Release);
+        if !limits.accept {
+            for q in st.queue.iter() {
+                q.control.stop(StopReason::Overheated);
+            }
+        }
+        if limits.stop_running {
+            for c in st.active.values() {
+                c.stop(StopReason::Thermal);
+            }
+        }
+        drop(st);
+        self.shared.wake.notify_all();
     }
 
     /// Stops intake, lets accepted jobs finish for up to `grace`, then cancels the rest and
@@ -359,7 +466,7 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
         let job = {
             let mut st = shared.lock();
             loop {
-                if let Some(job) = st.queue.pop() {
+                if let Some(job) = st.next_job() {
                     st.running += 1;
                     break job;
                 }
@@ -376,7 +483,7 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
         };
         // a panic in the engine must not lose the answer or the worker
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&model, job, &mut out)
+            run_job(&model, job, &mut out, &shared)
         }));
         let decode = match result {
             Ok(rate) => rate,
@@ -397,6 +504,8 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
         if decode > 0.0 {
             st.last_decode_tok_s = decode;
         }
+        // a slot under the thermal limit is free again
+        shared.wake.notify_one();
         // counted first, so whoever receives the final sees the job in `stats()`; sent before
         // the idle wake-up, so a returned `shutdown` has every final in its channel
         if let Some(last) = out.last.take() {
@@ -420,8 +529,36 @@ fn candidate(c: Candidate) -> v1::Candidate {
     }
 }
 
+/// Holds each token back until `1 / cap` after the previous one, so the answer's decode rate
+/// stays under the thermal cap (read per token: a cap lifted mid-answer applies at once).
+/// Sleeps in short slices so a cancel or a critical state still ends the answer promptly.
+struct Pacer<'a> {
+    cap: &'a AtomicU32,
+    next: Option<Instant>,
+}
+
+impl Pacer<'_> {
+    fn wait(&mut self, stop: &AtomicBool) {
+        let cap = f32::from_bits(self.cap.load(Ordering::Acquire));
+        if cap <= 0.0 {
+            self.next = None;
+            return;
+        }
+        if let Some(at) = self.next {
+            loop {
+                let now = Instant::now();
+                if now >= at || stop.load(Ordering::Acquire) {
+                    break;
+                }
+                std::thread::sleep((at - now).min(Duration::from_millis(50)));
+            }
+        }
+        self.next = Some(Instant::now() + Duration::from_secs_f32(1.0 / cap));
+    }
+}
+
 /// Runs one job to its final message; returns its decode speed (0 if none).
-fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal) -> f32 {
+fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal, shared: &Shared) -> f32 {
     let Queued { spec, control, .. } = job;
     let id = spec.id.as_str();
     let started = Instant::now();
@@ -453,6 +590,24 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal) -> f32 {
     if control.flag.load(Ordering::Acquire) {
         let finish = match control.reason() {
             StopReason::Deadline => v1::FinishReason::Deadline,
+            StopReason::Thermal | StopReason::Overheated => {
+                // never started: the same answer as a refusal at the door
+                let wait = shared.lock().retry_after_ms;
+                let mut r = wire::error(
+                    id,
+                    ErrorCode::Overheated,
+                    format!(
+                        "the accelerator got hot before this request started; try again in {} s",
+                        wait.div_ceil(1000)
+                    ),
+                );
+                if let Some(Kind::Error(e)) = &mut r.kind {
+                    e.retry_after_ms = wait;
+                }
+                tracing::info!(request_id = %id, "overheated: dropped from the queue");
+                let _ = sink.send(r);
+                return 0.0;
+            }
             _ => v1::FinishReason::Cancelled,
         };
         let _ = sink.send(done(0, finish, 0, 0, base));
@@ -523,7 +678,14 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal) -> f32 {
     let deadline = spec.deadline;
     // the token callback only runs once decoding starts: a long prefill needs its own alarm
     let _alarm = deadline.map(|d| deadline_alarm(control.clone(), d));
+    let mut pacer = Pacer {
+        cap: &shared.decode_cap,
+        next: None,
+    };
     let result = generate(&mut session, &ids, &spec.params, &control.flag, &mut |ev| {
+        if let Event::Token { .. } = ev {
+            pacer.wait(&control.flag);
+        }
         if let Some(d) = deadline
             && Instant::now() >= d
         {
@@ -556,6 +718,9 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal) -> f32 {
         Ok(out) => {
             let finish = match (out.finish, control.reason()) {
                 (FinishReason::Cancelled, StopReason::Deadline) => v1::FinishReason::Deadline,
+                (FinishReason::Cancelled, StopReason::Thermal | StopReason::Overheated) => {
+                    v1::FinishReason::Thermal
+                }
                 (FinishReason::Cancelled, _) => v1::FinishReason::Cancelled,
                 (FinishReason::Stop, _) => v1::FinishReason::Stop,
                 (FinishReason::Length, _) => v1::FinishReason::Length,

@@ -422,3 +422,105 @@ fn a_conversation_feeds_only_its_new_tokens_and_answers_the_same() {
     assert_eq!(d3.usage.unwrap().prompt_tokens, full);
     s.shutdown(Duration::from_secs(1));
 }
+
+fn done_of(r: &Response) -> &v1::Done {
+    match &r.kind {
+        Some(Kind::Done(d)) => d,
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+fn error_of(r: &Response) -> &v1::Error {
+    match &r.kind {
+        Some(Kind::Error(e)) => e,
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+/// Waits for the final of `id`, checking nothing else ends twice on the way.
+fn final_of(rx: &mut UnboundedReceiver<Response>, id: &str) -> Response {
+    loop {
+        let r = rx.blocking_recv().unwrap();
+        if r.is_final() && r.id() == id {
+            return r;
+        }
+        assert!(!r.is_final(), "unexpected final {r:?}");
+    }
+}
+
+#[test]
+fn thermal_limits_cap_refuse_and_stop_then_lift() {
+    use firmware_bridge::{Policy, ThermalState};
+    let policy = Policy {
+        warm_decode_tok_s: 40.0,
+        warm_max_running: 1,
+    };
+    let s = Scheduler::start(tiny(), SchedulerConfig { queue: 8, slots: 2 }).unwrap();
+    let set = |state| s.set_thermal(state, policy.limits(state), Duration::from_secs(7));
+    let (tx, mut rx) = unbounded_channel();
+    let tokens = |n: u32| move |r: &mut Request| r.max_tokens = Some(n);
+
+    // nominal: the tiny model runs far above the cap, so the cap below is what slows it
+    assert!(s.submit(spec("free", "pump", tokens(40)), tx.clone()));
+    let free = final_of(&mut rx, "free");
+    let free_rate = done_of(&free).timings.unwrap().decode_tok_s;
+    assert!(free_rate > 80.0, "uncapped decode {free_rate} tok/s");
+
+    // warm: each answer under the cap, one at a time although there are two slots
+    set(ThermalState::Warm);
+    assert_eq!(s.stats().thermal, ThermalState::Warm);
+    assert!(s.submit(spec("warm-1", "pump", tokens(30)), tx.clone()));
+    assert!(s.submit(spec("warm-2", "pump", tokens(30)), tx.clone()));
+    let (_, finals) = collect(&mut rx, 2);
+    for id in ["warm-1", "warm-2"] {
+        let d = done_of(&finals[id]);
+        let rate = d.timings.unwrap().decode_tok_s;
+        assert!(
+            rate <= 40.0 && rate > 20.0,
+            "{id}: {rate} tok/s under a 40 cap"
+        );
+        assert_eq!(d.usage.unwrap().completion_tokens, 30, "capped, not cut");
+    }
+    let waited = done_of(&finals["warm-2"]).timings.unwrap().queue_ms;
+    assert!(
+        waited > 500.0,
+        "warm-2 waited {waited} ms for warm-1's slot"
+    );
+
+    // hot: the running answer finishes; the waiting one and new ones are refused
+    assert!(s.submit(spec("running", "pump", tokens(60)), tx.clone()));
+    assert!(s.submit(spec("waiting", "pump", tokens(10)), tx.clone()));
+    let first = rx.blocking_recv().unwrap();
+    assert_eq!(first.id(), "running");
+    set(ThermalState::Hot);
+    let waiting = final_of(&mut rx, "waiting");
+    let e = error_of(&waiting);
+    assert_eq!(
+        (e.code, e.retry_after_ms),
+        (ErrorCode::Overheated as i32, 7000)
+    );
+    let (tx2, mut rx2) = unbounded_channel();
+    assert!(!s.submit(spec("new", "pump", tokens(10)), tx2));
+    let e = rx2.blocking_recv().unwrap();
+    assert_eq!(error_code(&e), ErrorCode::Overheated);
+    assert!(error_of(&e).message.contains("hot"), "{e:?}");
+    let running = final_of(&mut rx, "running");
+    assert_eq!(finish(&running), v1::FinishReason::Length);
+
+    // critical: the running answer ends now, with `thermal`
+    set(ThermalState::Warm);
+    assert!(s.submit(spec("cut", "pump", tokens(200)), tx.clone()));
+    assert_eq!(rx.blocking_recv().unwrap().id(), "cut");
+    set(ThermalState::Critical);
+    let cut = final_of(&mut rx, "cut");
+    assert_eq!(finish(&cut), v1::FinishReason::Thermal);
+    assert!(done_of(&cut).usage.unwrap().completion_tokens < 200);
+
+    // cool again: full speed
+    set(ThermalState::Nominal);
+    assert!(s.submit(spec("again", "pump", tokens(40)), tx.clone()));
+    let again = final_of(&mut rx, "again");
+    assert!(done_of(&again).timings.unwrap().decode_tok_s > 80.0);
+    s.shutdown(Duration::from_secs(1));
+    assert_eq!(s.stats().answered, 7, "every accepted job ended once");
+}

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use crate::sensors::{Trip, TripKind, Zone};
 
 /// How hot the accelerator is, in the scheduler's terms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThermalState {
     /// Full speed.
+    #[default]
     Nominal,
     /// Decode rate capped.
     Warm,
