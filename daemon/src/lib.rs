@@ -10,4 +10,6 @@ pub mod proto;
 pub mod request;
 pub mod rss;
 pub mod scheduler;
+pub mod systemd;
+pub mod thermal;
 pub mod transport;

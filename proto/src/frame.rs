@@ -71,8 +71,8 @@ pub enum Frame {
     Done(v1::Done),
     /// A refusal or failure.
     Error(v1::Error),
-    /// The appliance's state.
-    Status(Status),
+    /// The appliance's state (boxed: with its accelerator telemetry it dwarfs the others).
+    Status(Box<Status>),
 }
 
 /// Why bytes between two delimiters were not a frame.
@@ -137,7 +137,7 @@ pub fn parse(decoded: &[u8]) -> Result<Frame, FrameError> {
         Kind::Chunk => Frame::Chunk(v1::Chunk::decode(body).map_err(bad)?),
         Kind::Done => Frame::Done(v1::Done::decode(body).map_err(bad)?),
         Kind::Error => Frame::Error(v1::Error::decode(body).map_err(bad)?),
-        Kind::Status => Frame::Status(Status::decode(body).map_err(bad)?),
+        Kind::Status => Frame::Status(Box::new(Status::decode(body).map_err(bad)?)),
     })
 }
 

@@ -171,6 +171,20 @@ impl Drop for Mosquitto {
     }
 }
 
+/// Copies a directory tree (a sysfs fixture the test then heats up).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read fixture") {
+        let e = e.expect("entry");
+        let dest = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).expect("copy");
+        }
+    }
+}
+
 /// A `fieldllmd serve` process with a config file; stopped (SIGTERM, then kill) on drop.
 pub struct Daemon {
     child: std::process::Child,
@@ -181,6 +195,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `fieldllmd serve --config` with this TOML text.
     pub fn start(config: &str) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// Starts it with extra environment variables (`NOTIFY_SOCKET`).
+    pub fn start_with_env(config: &str, env: &[(&str, &Path)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("fieldllmd.toml");
         std::fs::write(&conf, config).expect("write config");
@@ -188,6 +207,7 @@ impl Daemon {
             .arg("serve")
             .arg("--config")
             .arg(&conf)
+            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .env("RUST_LOG", "info,tract_onnx=error")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

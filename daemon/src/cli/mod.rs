@@ -5,6 +5,7 @@ mod bench;
 mod bench_service;
 mod model;
 mod serve;
+mod thermal;
 mod via;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ enum Command {
     /// Build, describe and check model packages.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Live accelerator telemetry (temperatures, rails, clocks, thermal state), like tegrastats.
+    Thermal(thermal::ThermalArgs),
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level the flags give.
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ask(a) => ask::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Model(m) => model::run(m),
+        Command::Thermal(t) => thermal::run(t),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `fieldllmd serve`: the daemon. Model, scheduler, MQTT; SIGTERM/SIGINT stop it cleanly.
+//! `fieldllmd serve`: the daemon. Model, scheduler, firmware bridge, MQTT, serial ports;
+//! SIGTERM/SIGINT stop it cleanly.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use fieldllmd::config::{Broker, BrokerSetting, Config, Protocol, check_topic_lev
 use fieldllmd::engine::{LoadOptions, Model};
 use fieldllmd::request::Limits;
 use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
+use fieldllmd::systemd;
+use fieldllmd::thermal::{self, ThermalView};
 use fieldllmd::transport::mqtt::{MqttService, embedded};
 use fieldllmd::transport::serial::{self, ModelInfo, SerialContext};
 use tokio::signal::unix::{SignalKind, signal};
@@ -75,6 +78,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             slots: config.model.slots,
         },
     )?;
+    let on_change = {
+        let s = scheduler.clone();
+        Box::new(move |state, limits, retry| s.set_thermal(state, limits, retry))
+    };
+    let (thermal, bridge) = thermal::start(&config.bridge, on_change)?;
     let node = config.mqtt.node_id.clone().unwrap_or_else(hostname);
     let (broker, protocol) = match &config.mqtt.broker {
         BrokerSetting::Url(b) => (b.clone(), config.mqtt.protocol),
@@ -103,6 +111,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         max_payload: config.limits.max_payload_bytes,
         model_name: model.manifest().model.name.clone(),
         open_streams: Arc::new(AtomicUsize::new(0)),
+        thermal: thermal.clone(),
     };
     let serial_ctx = SerialContext {
         scheduler: scheduler.clone(),
@@ -114,8 +123,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             context: model.context_length,
             parameters: model.manifest().model.parameters,
         },
-        // the firmware bridge (issue 5) replaces this with its governor's state
-        thermal: Arc::new(|| "nominal (no sensors configured)".to_string()),
+        thermal: thermal.clone(),
         started: std::time::Instant::now(),
     };
     let ports = config.serial.clone();
@@ -154,6 +162,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+        let status = tokio::spawn(systemd_status(
+            scheduler.clone(),
+            thermal.clone(),
+            stop_rx.clone(),
+        ));
         let mqtt = tokio::spawn(service.run(scheduler.clone(), stop_rx));
         tracing::info!(%node, model = %model.manifest().model.name, "serving");
         tokio::select! {
@@ -165,6 +178,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             grace_s = grace.as_secs(),
             "stopping: intake closed, finishing answers"
         );
+        systemd::stopping("stopping: finishing answers");
         let s = scheduler.clone();
         tokio::task::spawn_blocking(move || s.shutdown(grace)).await?;
         let _ = stop_tx.send(true);
@@ -174,8 +188,52 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         for t in serial_tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
+        let _ = status.await;
         mqtt.await??;
+        if let Some(b) = bridge {
+            // puts the devfreq and power-mode controls back as found
+            tokio::task::spawn_blocking(move || b.stop()).await?;
+        }
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// `systemctl status`'s line: the thermal summary and the queue, refreshed every 2 s and on
+/// each thermal change. `READY=1` goes with the first one.
+async fn systemd_status(
+    scheduler: Scheduler,
+    thermal: ThermalView,
+    mut stop: watch::Receiver<bool>,
+) {
+    if !systemd::enabled() {
+        return;
+    }
+    let line = || {
+        let s = scheduler.stats();
+        format!(
+            "ready; thermal {}; {} queued, {} running, {} answered, last {:.1} tok/s",
+            thermal.summary(),
+            s.queued,
+            s.running,
+            s.answered,
+            s.last_decode_tok_s
+        )
+    };
+    let mut last = line();
+    systemd::ready(&last);
+    let mut changes = thermal.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+            Ok(()) = changes.changed() => {}
+        }
+        let now = line();
+        if now != last {
+            systemd::status(&now);
+            last = now;
+        }
+    }
 }

@@ -18,6 +18,7 @@ use crate::config::{Broker, MqttSection, Protocol};
 use crate::proto::{self as wire, ErrorCode, Request, Response, Status};
 use crate::request::{Limits, check_id, validate};
 use crate::scheduler::Scheduler;
+use crate::thermal::ThermalView;
 
 pub mod embedded;
 pub mod link;
@@ -87,6 +88,8 @@ pub struct MqttService {
     pub model_name: String,
     /// Requests whose responses are still being published (for a clean stop).
     pub open_streams: Arc<AtomicUsize>,
+    /// The firmware bridge's state and readings.
+    pub thermal: ThermalView,
 }
 
 /// Payload encoding of one exchange.
@@ -174,7 +177,8 @@ impl MqttService {
             node: self.node.clone(),
             model: self.model_name.clone(),
             state: state.into(),
-            thermal: "nominal".into(),
+            thermal: self.thermal.state().as_str().into(),
+            accelerator: self.thermal.accelerator(),
             queue_depth: queued as u32,
             running: running as u32,
             decode_tok_s: tok_s,
@@ -251,6 +255,7 @@ impl MqttService {
 
         let mut recent = RecentIds::default();
         let mut telemetry = tokio::time::interval(Duration::from_secs(self.config.telemetry_s));
+        let mut thermal = self.thermal.subscribe();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -261,6 +266,16 @@ impl MqttService {
                     let topic = topics.telemetry.clone();
                     tokio::spawn(async move {
                         let _ = c.publish(topic, Qos::AtMostOnce, false, encode(&st, Encoding::Json), OutProps::default()).await;
+                    });
+                }
+                // a thermal state change is news: the retained status and a telemetry message now
+                Ok(()) = thermal.changed() => {
+                    let s = scheduler.stats();
+                    let st = encode(&self.status("ready", s.queued, s.running, s.answered, s.last_decode_tok_s, started.elapsed().as_secs()), Encoding::Json);
+                    let (c, t) = (client.clone(), topics.clone());
+                    tokio::spawn(async move {
+                        let _ = c.publish(t.status, Qos::AtLeastOnce, true, st.clone(), OutProps::default()).await;
+                        let _ = c.publish(t.telemetry, Qos::AtMostOnce, false, st, OutProps::default()).await;
                     });
                 }
                 Some(p) = in_rx.recv() => self.handle(p, &topics, &client, &scheduler, &mut recent),

@@ -99,7 +99,7 @@ impl Console {
                 m.name,
                 m.weights,
                 m.context,
-                (self.ctx.thermal)()
+                self.ctx.thermal.summary()
             ),
             &mut out,
         );
@@ -320,7 +320,7 @@ impl Console {
                     "node {} · model {} · thermal {}\nqueue {} · running {} · answered {} · last decode {:.1} tok/s · up {} s\nthis console: {} turns in the conversation\n",
                     self.ctx.node,
                     self.ctx.model.name,
-                    (self.ctx.thermal)(),
+                    self.ctx.thermal.summary(),
                     s.queued,
                     s.running,
                     s.answered,
@@ -329,7 +329,7 @@ impl Console {
                     self.history.len() / 2
                 )
             }
-            "thermal" => format!("thermal: {}\n", (self.ctx.thermal)()),
+            "thermal" => self.ctx.thermal.report(),
             "model" => {
                 let m = &self.ctx.model;
                 format!(

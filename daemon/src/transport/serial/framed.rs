@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
@@ -147,17 +148,29 @@ fn handle(
         }
         Frame::StatusQuery => {
             let s = ctx.scheduler.stats();
-            Some(Frame::Status(Status {
+            let mut status = Status {
                 node: ctx.node.clone(),
                 model: ctx.model.name.clone(),
                 state: "ready".into(),
-                thermal: (ctx.thermal)(),
+                thermal: ctx.thermal.state().as_str().into(),
+                accelerator: ctx.thermal.accelerator(),
                 queue_depth: s.queued as u32,
                 running: s.running as u32,
                 decode_tok_s: s.last_decode_tok_s,
                 uptime_s: ctx.started.elapsed().as_secs(),
                 answered: s.answered,
-            }))
+            };
+            // a board with many sensors could overflow a frame: keep the summary, drop the lists
+            if status.encoded_len() + 16 > frame::MAX_FRAME
+                && let Some(a) = &mut status.accelerator
+            {
+                a.temps_c.clear();
+                a.rails_w.clear();
+                a.clocks_mhz.clear();
+                a.fans_rpm.clear();
+                a.cooling.clear();
+            }
+            Some(Frame::Status(Box::new(status)))
         }
         other => Some(error_frame(
             "",

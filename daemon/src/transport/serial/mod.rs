@@ -4,7 +4,6 @@
 //! the port fails, then try to reopen it every half second, so an unplugged USB adapter comes
 //! back by itself. Ports are independent of each other and of MQTT.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -13,6 +12,7 @@ use tokio_serial::SerialPortBuilderExt;
 use crate::config::{SerialMode, SerialSection};
 use crate::request::Limits;
 use crate::scheduler::Scheduler;
+use crate::thermal::ThermalView;
 
 pub mod console;
 pub use fieldllm_proto::frame;
@@ -44,8 +44,8 @@ pub struct SerialContext {
     pub node: String,
     /// The served model.
     pub model: ModelInfo,
-    /// The current thermal state, for banners and `/thermal`.
-    pub thermal: Arc<dyn Fn() -> String + Send + Sync>,
+    /// The firmware bridge's state and readings, for banners, `/thermal` and status.
+    pub thermal: ThermalView,
     /// When the daemon started.
     pub started: Instant,
 }
