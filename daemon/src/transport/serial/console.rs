@@ -258,6 +258,10 @@ impl Console {
                     v1::FinishReason::Stop => {}
                     v1::FinishReason::Length => crlf("[cut: max_tokens reached]\n", &mut out),
                     v1::FinishReason::Cancelled => crlf("[cancelled]\n", &mut out),
+                    v1::FinishReason::Thermal => crlf(
+                        "[stopped: the accelerator is critically hot; see /thermal]\n",
+                        &mut out,
+                    ),
                     other => crlf(&format!("[ended: {}]\n", other.as_str_name()), &mut out),
                 }
                 self.history.push(v1::Message {
