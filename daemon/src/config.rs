@@ -245,6 +245,10 @@ pub struct LimitsSection {
     pub max_payload_bytes: usize,
     /// Seconds in-flight answers get to finish on SIGTERM before they are cancelled.
     pub grace_s: u64,
+    /// Seconds an answer may go without a token before the engine counts as hung and the
+    /// systemd watchdog is no longer fed (above the longest prefill the board takes).
+    #[serde(deserialize_with = "positive_u64")]
+    pub stall_s: u64,
 }
 
 impl Default for LimitsSection {
@@ -255,6 +259,7 @@ impl Default for LimitsSection {
             max_tokens: 512,
             max_payload_bytes: 65536,
             grace_s: 10,
+            stall_s: 120,
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct JobSpec {
     /// A conversation whose KV cache carries over between turns (the console's); `None`: a
     /// fresh session for this request alone.
     pub conversation: Option<crate::scheduler::Conversation>,
+    /// Which transport it came by (`mqtt`, `console`, `framed`), for the log.
+    pub transport: &'static str,
 }
 
 /// Why a request was refused.
@@ -182,6 +184,7 @@ pub fn validate(req: Request, limits: &Limits, received: Instant) -> Result<JobS
         stream: req.stream.unwrap_or(true),
         received,
         conversation: None,
+        transport: "",
     })
 }
 

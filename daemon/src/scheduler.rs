@@ -10,7 +10,7 @@
 //! `thermal` when critical.
 
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -226,6 +226,17 @@ struct Shared {
     /// Decode-rate cap per answer, tokens/s as `f32` bits (0: none). Read per token without
     /// the lock.
     decode_cap: AtomicU32,
+    /// Per worker: the last sign of life of the job it runs (ms since `epoch`, plus one), or
+    /// 0 when idle. The heartbeat behind systemd's watchdog.
+    beats: Vec<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn beat(&self, worker: usize) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.beats[worker].store(ms, Ordering::Release);
+    }
 }
 
 impl Shared {
@@ -272,13 +283,15 @@ impl Scheduler {
             wake: Condvar::new(),
             idle: Condvar::new(),
             decode_cap: AtomicU32::new(0),
+            beats: (0..config.slots).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
         });
         let mut workers = Vec::new();
         for n in 0..config.slots {
             let (shared, model) = (shared.clone(), model.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("engine-{n}"))
-                .spawn(move || worker(shared, model))
+                .spawn(move || worker(shared, model, n))
                 .map_err(|e| EngineError::Graph(format!("cannot start engine thread: {e}")))?;
             workers.push(handle);
         }
@@ -310,7 +323,7 @@ impl Scheduler {
         }
         if !st.limits.accept {
             let (state, wait) = (st.thermal, st.retry_after_ms);
-            tracing::info!(request_id = %spec.id, thermal = state.as_str(), "overheated: refused");
+            tracing::info!(request_id = %spec.id, transport = spec.transport, thermal = state.as_str(), "overheated: refused");
             let mut r = wire::error(
                 &spec.id,
                 ErrorCode::Overheated,
@@ -336,7 +349,7 @@ impl Scheduler {
         }
         if st.queue.len() >= self.config.queue {
             let depth = st.queue.len();
-            tracing::info!(request_id = %spec.id, depth, "queue full: busy");
+            tracing::info!(request_id = %spec.id, transport = spec.transport, depth, "queue full: busy");
             return refuse(
                 ErrorCode::Busy,
                 format!("queue full ({depth} waiting)"),
@@ -347,7 +360,7 @@ impl Scheduler {
         st.active.insert(spec.id.clone(), control.clone());
         st.order += 1;
         let order = st.order;
-        tracing::debug!(request_id = %spec.id, priority = ?spec.priority, "queued");
+        tracing::debug!(request_id = %spec.id, transport = spec.transport, priority = ?spec.priority, "queued");
         st.queue.push(Queued {
             spec,
             sink,
@@ -384,6 +397,22 @@ impl Scheduler {
             last_decode_tok_s: st.last_decode_tok_s,
             thermal: st.thermal,
         }
+    }
+
+    /// The heartbeat: the longest time a worker has been on one job without a sign of life
+    /// (a generated token, or the start of the job), if that exceeds `limit`. Idle workers
+    /// are alive. A long prefill shows no token until it ends, so `limit` must exceed the
+    /// longest prefill the board can take.
+    pub fn stalled(&self, limit: Duration) -> Option<Duration> {
+        let now = self.shared.epoch.elapsed().as_millis() as u64 + 1;
+        self.shared
+            .beats
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .filter(|&b| b != 0)
+            .map(|b| Duration::from_millis(now.saturating_sub(b)))
+            .filter(|d| *d > limit)
+            .max()
     }
 
     /// Obeys a new thermal state from the firmware bridge. Not accepting: waiting jobs are
@@ -461,13 +490,14 @@ impl HoldFinal {
     }
 }
 
-fn worker(shared: Arc<Shared>, model: Arc<Model>) {
+fn worker(shared: Arc<Shared>, model: Arc<Model>, n: usize) {
     loop {
         let job = {
             let mut st = shared.lock();
             loop {
                 if let Some(job) = st.next_job() {
                     st.running += 1;
+                    shared.beat(n);
                     break job;
                 }
                 if st.stopping {
@@ -483,7 +513,7 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
         };
         // a panic in the engine must not lose the answer or the worker
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&model, job, &mut out, &shared)
+            run_job(&model, job, &mut out, &shared, n)
         }));
         let decode = match result {
             Ok(rate) => rate,
@@ -497,6 +527,7 @@ fn worker(shared: Arc<Shared>, model: Arc<Model>) {
                 0.0
             }
         };
+        shared.beats[n].store(0, Ordering::Release);
         let mut st = shared.lock();
         st.running -= 1;
         st.active.remove(&id);
@@ -558,7 +589,13 @@ impl Pacer<'_> {
 }
 
 /// Runs one job to its final message; returns its decode speed (0 if none).
-fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal, shared: &Shared) -> f32 {
+fn run_job(
+    model: &Arc<Model>,
+    job: Queued,
+    sink: &mut HoldFinal,
+    shared: &Shared,
+    worker: usize,
+) -> f32 {
     let Queued { spec, control, .. } = job;
     let id = spec.id.as_str();
     let started = Instant::now();
@@ -655,7 +692,7 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal, shared: &Share
     if reused > 0 {
         tracing::debug!(request_id = %id, reused, new = ids.len(), "conversation cache reused");
     }
-    tracing::debug!(request_id = %id, prompt_tokens = ids.len(), queue_ms, "generating");
+    tracing::debug!(request_id = %id, transport = spec.transport, prompt_tokens = ids.len(), queue_ms, "generating");
     let mut seq = 0u32;
     let mut pending = String::new();
     let mut pending_lp: Vec<v1::TokenLogprobs> = Vec::new();
@@ -684,6 +721,7 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal, shared: &Share
     };
     let result = generate(&mut session, &ids, &spec.params, &control.flag, &mut |ev| {
         if let Event::Token { .. } = ev {
+            shared.beat(worker);
             pacer.wait(&control.flag);
         }
         if let Some(d) = deadline
@@ -734,7 +772,7 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal, shared: &Share
                 prompt_tok_s: t.prompt_tok_s as f32,
                 decode_tok_s: t.decode_tok_s as f32,
             };
-            tracing::info!(request_id = %id, finish = ?finish, tokens = out.tokens.len(), decode_tok_s = t.decode_tok_s, "answered");
+            tracing::info!(request_id = %id, transport = spec.transport, finish = ?finish, tokens = out.tokens.len(), decode_tok_s = t.decode_tok_s, "answered");
             let _ = sink.send(done(
                 seq,
                 finish,
@@ -750,7 +788,7 @@ fn run_job(model: &Arc<Model>, job: Queued, sink: &mut HoldFinal, shared: &Share
                 EngineError::InvalidParam(_) | EngineError::EmptyPrompt => ErrorCode::BadRequest,
                 _ => ErrorCode::ModelError,
             };
-            tracing::warn!(request_id = %id, error = %e, "request failed");
+            tracing::warn!(request_id = %id, transport = spec.transport, error = %e, "request failed");
             let _ = sink.send(wire::error(id, code, e.to_string()));
             0.0
         }

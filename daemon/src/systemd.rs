@@ -21,6 +21,24 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// The watchdog period systemd asks for (`WATCHDOG_USEC`), when it is meant for this process.
+/// As sd_watchdog_enabled(3): `WATCHDOG_PID`, when set, must be ours (sd-notify's own check
+/// insists on it being set).
+pub fn watchdog_period() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}
+
+/// Keep-alive for `WatchdogSec`.
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
 /// A new status line (`systemctl status` shows it).
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);

@@ -524,3 +524,28 @@ fn thermal_limits_cap_refuse_and_stop_then_lift() {
     s.shutdown(Duration::from_secs(1));
     assert_eq!(s.stats().answered, 7, "every accepted job ended once");
 }
+
+#[test]
+fn the_heartbeat_sees_a_worker_stuck_without_tokens() {
+    let s = Scheduler::start(smollm2(), SchedulerConfig { queue: 4, slots: 1 }).unwrap();
+    assert_eq!(s.stalled(Duration::ZERO), None, "idle workers are alive");
+    let (tx, mut rx) = unbounded_channel();
+    // a long prefill stands in for a hung engine: no token for seconds
+    let prompt = "Check the pressure valve and log the reading. ".repeat(150);
+    assert!(s.submit(spec("long", &prompt, |r| r.max_tokens = Some(4)), tx));
+    std::thread::sleep(Duration::from_millis(600));
+    let stuck = s.stalled(Duration::from_millis(300));
+    assert!(
+        stuck.is_some_and(|d| d >= Duration::from_millis(300)),
+        "{stuck:?}"
+    );
+    assert_eq!(
+        s.stalled(Duration::from_secs(600)),
+        None,
+        "within a generous limit"
+    );
+    assert!(s.cancel("long"));
+    collect(&mut rx, 1);
+    assert_eq!(s.stalled(Duration::ZERO), None, "alive again once done");
+    s.shutdown(Duration::from_secs(1));
+}

@@ -53,10 +53,38 @@ pub fn init_logging(verbose: u8, serving: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let journal = stderr_is_journal()
+        .then(|| {
+            tracing_journald::layer().ok().map(|l| {
+                // fields as their own journal fields: `journalctl REQUEST_ID=q1`
+                l.with_field_prefix(None)
+                    .with_syslog_identifier("fieldllmd".into())
+            })
+        })
+        .flatten();
+    let registry = tracing_subscriber::registry().with(filter);
+    match journal {
+        Some(j) => registry.with(j).init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+/// Whether stderr is systemd's journal stream (`JOURNAL_STREAM` names its device and inode),
+/// as under a unit; then logs go to journald with structured fields instead.
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/fd/2")
+        .is_ok_and(|m| dev.parse::<u64>() == Ok(m.dev()) && ino.parse::<u64>() == Ok(m.ino()))
 }
 
 impl Cli {

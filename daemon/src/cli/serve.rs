@@ -129,6 +129,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let ports = config.serial.clone();
     let local_console = a.local_console();
     let grace = Duration::from_secs(config.limits.grace_s);
+    let stall = Duration::from_secs(config.limits.stall_s);
+    let model_name = model.manifest().model.name.clone();
+    let broker_name = service.broker.to_string();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -162,13 +165,21 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mqtt = tokio::spawn(service.run(scheduler.clone(), stop_rx.clone(), ready_tx));
+        // READY once the broker link is subscribed; a broker that is down does not hold the
+        // service in "activating" (MQTT keeps retrying, the console and framed ports serve)
+        if tokio::time::timeout(READY_WAIT, ready_rx).await.is_err() {
+            tracing::warn!(broker = %broker_name, wait_s = READY_WAIT.as_secs(), "broker not reached yet: ready without it, still trying");
+        }
+        tracing::info!(%node, model = %model_name, "serving");
         let status = tokio::spawn(systemd_status(
             scheduler.clone(),
             thermal.clone(),
+            model_name.clone(),
             stop_rx.clone(),
         ));
-        let mqtt = tokio::spawn(service.run(scheduler.clone(), stop_rx));
-        tracing::info!(%node, model = %model.manifest().model.name, "serving");
+        let watchdog = tokio::spawn(systemd_watchdog(scheduler.clone(), stall, stop_rx));
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
@@ -189,6 +200,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
         let _ = status.await;
+        let _ = watchdog.await;
         mqtt.await??;
         if let Some(b) = bridge {
             // puts the devfreq and power-mode controls back as found
@@ -199,11 +211,43 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// `systemctl status`'s line: the thermal summary and the queue, refreshed every 2 s and on
-/// each thermal change. `READY=1` goes with the first one.
+/// How long READY waits for the broker.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Feeds systemd's watchdog (`WatchdogSec`) at half its period while the scheduler's heartbeat
+/// is good: a worker stuck on one job for over `stall` without a token (a hung engine) stops
+/// the pings, and systemd restarts the service. A stopped or wedged process stops them too.
+async fn systemd_watchdog(scheduler: Scheduler, stall: Duration, mut stop: watch::Receiver<bool>) {
+    let Some(period) = systemd::watchdog_period() else {
+        return;
+    };
+    let every = period / 2;
+    tracing::info!(
+        every_ms = every.as_millis() as u64,
+        stall_s = stall.as_secs(),
+        "feeding the systemd watchdog"
+    );
+    loop {
+        match scheduler.stalled(stall) {
+            None => systemd::watchdog(),
+            Some(d) => tracing::error!(
+                stuck_s = d.as_secs(),
+                "the engine has made no progress on an answer: not feeding the watchdog, systemd will restart the service"
+            ),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// `systemctl status`'s line: model, state, thermal summary and the queue, refreshed every
+/// 2 s and on each thermal change. `READY=1` goes with the first one.
 async fn systemd_status(
     scheduler: Scheduler,
     thermal: ThermalView,
+    model: String,
     mut stop: watch::Receiver<bool>,
 ) {
     if !systemd::enabled() {
@@ -212,7 +256,7 @@ async fn systemd_status(
     let line = || {
         let s = scheduler.stats();
         format!(
-            "ready; thermal {}; {} queued, {} running, {} answered, last {:.1} tok/s",
+            "ready; {model}; thermal {}; {} queued, {} running, {} answered, last {:.1} tok/s",
             thermal.summary(),
             s.queued,
             s.running,

@@ -188,13 +188,16 @@ impl MqttService {
     }
 
     /// Runs until `stop` turns true: connects (and reconnects), serves requests, publishes
-    /// status and telemetry. On stop it publishes the `stopping` status and returns; answers
-    /// still running are the scheduler's to end.
+    /// status and telemetry. `ready` is told once the first connection is subscribed (the
+    /// daemon's READY waits on it). On stop it publishes the `stopping` status and returns;
+    /// answers still running are the scheduler's to end.
     pub async fn run(
         self,
         scheduler: Scheduler,
         mut stop: watch::Receiver<bool>,
+        ready: tokio::sync::oneshot::Sender<()>,
     ) -> anyhow::Result<()> {
+        let ready = Arc::new(std::sync::Mutex::new(Some(ready)));
         let topics = Topics::new(&self.config.prefix, &self.node, &self.config.group);
         let (client, mut link) = link::connect(&self.config, self.identity(&topics), 256)?;
         let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Message>();
@@ -222,14 +225,19 @@ impl MqttService {
                             backoff = Duration::from_millis(250);
                             failures = 0;
                             let (c, t) = (loop_client.clone(), loop_topics.clone());
-                            let ready = loop_svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
+                            let status = loop_svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
+                            let ready = ready.clone();
                             tokio::spawn(async move {
                                 for topic in [&t.req, &t.fleet, &t.cancel] {
                                     if let Err(e) = c.subscribe(topic.clone()).await {
                                         tracing::warn!(%topic, error = %e, "subscribe failed");
                                     }
                                 }
-                                let _ = c.publish(t.status.clone(), Qos::AtLeastOnce, true, encode(&ready, Encoding::Json), OutProps::default()).await;
+                                let _ = c.publish(t.status.clone(), Qos::AtLeastOnce, true, encode(&status, Encoding::Json), OutProps::default()).await;
+                                let first = ready.lock().ok().and_then(|mut r| r.take());
+                                if let Some(tx) = first {
+                                    let _ = tx.send(());
+                                }
                             });
                         }
                         Ok(LinkEvent::Message(m)) => {
@@ -340,7 +348,7 @@ impl MqttService {
             match id {
                 Some(id) => {
                     let found = scheduler.cancel(&id);
-                    tracing::info!(request_id = %id, found, "cancel");
+                    tracing::info!(request_id = %id, transport = "mqtt", found, "cancel");
                 }
                 None => tracing::warn!(%topic, "undecodable cancel message"),
             }
@@ -361,7 +369,7 @@ impl MqttService {
             encoding,
         };
         let refuse = |id: &str, code: ErrorCode, msg: String| {
-            tracing::info!(request_id = %id, code = ?code, reason = %msg, "request refused");
+            tracing::info!(request_id = %id, transport = "mqtt", code = ?code, reason = %msg, "request refused");
             publish_all(client.clone(), reply(id), vec![wire::error(id, code, msg)]);
         };
         if p.payload.len() > self.max_payload {
@@ -400,15 +408,16 @@ impl MqttService {
         };
         let id = req.id.clone();
         if check_id(&id).is_ok() && !recent.first_time(&id) {
-            tracing::info!(request_id = %id, dup = p.dup, "request id seen before: not answered again");
+            tracing::info!(request_id = %id, transport = "mqtt", dup = p.dup, "request id seen before: not answered again");
             return;
         }
-        let spec = match validate(req, &self.limits, received) {
+        let mut spec = match validate(req, &self.limits, received) {
             Ok(s) => s,
             Err(r) => return refuse(&id, r.code, r.message),
         };
+        spec.transport = "mqtt";
         let (tx, rx) = mpsc::unbounded_channel();
-        tracing::debug!(request_id = %id, %topic, "request");
+        tracing::debug!(request_id = %id, transport = "mqtt", %topic, "request");
         // accepted or refused (busy, duplicate, shutting down), the channel carries the answer
         scheduler.submit(spec, tx);
         stream_replies(client.clone(), reply(&id), rx, self.open_streams.clone());
@@ -439,7 +448,7 @@ fn publish_all(client: Client, to: ReplyTo, responses: Vec<Response>) {
     tokio::spawn(async move {
         for r in &responses {
             if let Err(e) = publish_one(&client, &to, r).await {
-                tracing::warn!(request_id = %r.id(), error = %e, "could not queue a response");
+                tracing::warn!(request_id = %r.id(), transport = "mqtt", error = %e, "could not queue a response");
             }
         }
     });
@@ -457,7 +466,7 @@ fn stream_replies(
         while let Some(r) = rx.recv().await {
             let last = r.is_final();
             if let Err(e) = publish_one(&client, &to, &r).await {
-                tracing::warn!(request_id = %r.id(), error = %e, "could not queue a response");
+                tracing::warn!(request_id = %r.id(), transport = "mqtt", error = %e, "could not queue a response");
             }
             if last {
                 break;

@@ -126,7 +126,7 @@ impl Console {
                 // while an answer streams only Ctrl-C counts; typing waits for the prompt
                 if b == 0x03 {
                     let found = self.ctx.scheduler.cancel(&r.id);
-                    tracing::info!(request_id = %r.id, port = %self.port, found, "console cancel");
+                    tracing::info!(transport = "console", request_id = %r.id, port = %self.port, found, "console cancel");
                 }
                 continue;
             }
@@ -212,7 +212,8 @@ impl Console {
         };
         spec.priority = self.priority;
         spec.conversation = Some(self.conversation.clone());
-        tracing::info!(request_id = %id, port = %self.port, "console question");
+        spec.transport = "console";
+        tracing::info!(transport = "console", request_id = %id, port = %self.port, "console question");
         self.running = Some(Running {
             id,
             question: question.to_string(),
@@ -308,7 +309,7 @@ impl Console {
     pub fn abandon(&mut self) {
         if let Some(r) = self.running.take() {
             let found = self.ctx.scheduler.cancel(&r.id);
-            tracing::info!(request_id = %r.id, port = %self.port, found, "console gone: answer cancelled");
+            tracing::info!(transport = "console", request_id = %r.id, port = %self.port, found, "console gone: answer cancelled");
         }
     }
 

@@ -96,7 +96,7 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
 fn finish(e: std::io::Error, ctx: &SerialContext, mine: &HashSet<String>) -> std::io::Result<()> {
     for id in mine {
         let found = ctx.scheduler.cancel(id);
-        tracing::info!(request_id = %id, found, "serial port gone: answer cancelled");
+        tracing::info!(transport = "framed", request_id = %id, found, "serial port gone: answer cancelled");
     }
     Err(e)
 }
@@ -136,14 +136,15 @@ fn handle(
                 }
             };
             spec.priority = priority;
-            tracing::info!(request_id = %id, port = %name, "framed request");
+            spec.transport = "framed";
+            tracing::info!(transport = "framed", request_id = %id, port = %name, "framed request");
             mine.insert(id);
             ctx.scheduler.submit(spec, tx.clone());
             None
         }
         Frame::Cancel(c) => {
             let found = ctx.scheduler.cancel(&c.id);
-            tracing::info!(request_id = %c.id, port = %name, found, "framed cancel");
+            tracing::info!(transport = "framed", request_id = %c.id, port = %name, found, "framed cancel");
             None
         }
         Frame::StatusQuery => {

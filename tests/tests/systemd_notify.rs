@@ -1,0 +1,98 @@
+//! The daemon speaks systemd's notify protocol: READY=1 only once the broker link is
+//! subscribed (a question asked right then is answered), STATUS= lines, WATCHDOG=1 at half of
+//! WATCHDOG_USEC, STOPPING=1 on SIGTERM and a clean exit.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use fieldllm_tests::mqtt::{Client, answer, daemon_config, finish, json};
+use fieldllm_tests::{Daemon, Mosquitto};
+use fieldllmd::proto::v1;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+fn recv_until(sock: &UnixDatagram, seen: &mut Vec<String>, needle: &str, wait: Duration) {
+    let until = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    while !seen.iter().any(|m| m.contains(needle)) {
+        assert!(
+            Instant::now() < until,
+            "{needle:?} never came; got {seen:?}"
+        );
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_watchdog_status_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let broker = Mosquitto::start("allow_anonymous true");
+    let usec = dir.path().join("1000000");
+    // WATCHDOG_USEC's value is a number; start_with_env takes paths, and a path is text
+    let mut d = Daemon::start_with_env(
+        &daemon_config(broker.port, "sd1", "tiny-llama", ""),
+        &[
+            ("NOTIFY_SOCKET", &path),
+            ("WATCHDOG_USEC", usec.file_name().unwrap().as_ref()),
+        ],
+    );
+    let mut c = Client::connect(broker.port, "t-sd").await;
+    c.sub("fieldllm/v1/sd1/resp/r1").await;
+    let mut seen = Vec::new();
+    let s = tokio::task::block_in_place(|| {
+        recv_until(&sock, &mut seen, "READY=1", Duration::from_secs(60));
+        seen.clone()
+    });
+    let ready = s.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        ready.contains("STATUS=ready; tiny-llama; thermal nominal"),
+        "{ready}"
+    );
+    // READY means subscribed: a question asked at once is answered
+    c.request(
+        "sd1",
+        r#"{"id":"r1","prompt":"pump","maxTokens":4}"#,
+        PublishProperties::default(),
+    )
+    .await;
+    let (_, last, _) = answer(&mut c, json).await;
+    assert!(matches!(
+        finish(&last),
+        v1::FinishReason::Length | v1::FinishReason::Stop
+    ));
+
+    // the watchdog is fed every 0.5 s
+    let before = seen.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    let started = Instant::now();
+    tokio::task::block_in_place(|| {
+        let mut buf = [0u8; 4096];
+        while started.elapsed() < Duration::from_millis(2200) {
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            if let Ok(n) = sock.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let pings = seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() - before;
+    assert!((3..=6).contains(&pings), "{pings} pings in 2.2 s: {seen:?}");
+    assert!(d.log().contains("feeding the systemd watchdog"));
+
+    // a status line counts the answer
+    tokio::task::block_in_place(|| {
+        recv_until(&sock, &mut seen, "1 answered", Duration::from_secs(10));
+    });
+
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    tokio::task::block_in_place(|| {
+        recv_until(&sock, &mut seen, "STOPPING=1", Duration::from_secs(5));
+    });
+}
