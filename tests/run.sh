@@ -2,7 +2,8 @@
 # The whole test suite: build fieldllmd, make the model packages the tests use (tiny model,
 # SmolLM2 package + NumPy reference, f16 artifact), then every test of the workspace.
 # Extra arguments go to `cargo test`.
-# Needs mosquitto (Debian package) for the MQTT tests; .ci/run installs it.
+# Needs mosquitto (Debian package) for the MQTT tests, and root with debootstrap and
+# systemd-container for the boot test; .ci/run installs them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # build through `cargo test` so the binary has the test build's features: a separate
@@ -11,3 +12,5 @@ cargo test --workspace --locked --no-run
 export FIELDLLMD_BIN="$PWD/target/debug/fieldllmd"
 models/setup.sh "$FIELDLLMD_BIN"
 cargo test --workspace --locked "$@"
+# fieldllmd under a real systemd (debootstrap + systemd-nspawn; root only)
+tests/boot/run.sh "$FIELDLLMD_BIN"
