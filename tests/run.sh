@@ -14,3 +14,5 @@ models/setup.sh "$FIELDLLMD_BIN"
 cargo test --workspace --locked "$@"
 # fieldllmd under a real systemd (debootstrap + systemd-nspawn; root only)
 tests/boot/run.sh "$FIELDLLMD_BIN"
+# the Yocto layer: crate list current, oelint-adv clean
+yocto/meta-fieldllm/scripts/lint.sh

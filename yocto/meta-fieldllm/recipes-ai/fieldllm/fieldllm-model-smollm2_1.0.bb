@@ -1,0 +1,35 @@
+# nooelint: oelint.var.bbclassextend - architecture-independent data for the target image
+SUMMARY = "SmolLM2-135M-Instruct model package for fieldllmd"
+DESCRIPTION = "The deployable fieldllm artifact of SmolLM2-135M-Instruct (tract NNEF, f16 \
+               weights, tokenizer, chat template, manifest with the sha256 of every file), \
+               installed where fieldllmd looks for its default model."
+# nooelint: oelint.vars.homepageping - CI runs offline
+HOMEPAGE = "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+BUGTRACKER = "https://github.com/fieldllm/fieldllm/issues"
+SECTION = "misc"
+CVE_PRODUCT = "smollm2"
+LICENSE = "Apache-2.0"
+# the artifact carries no license file (its manifest names Apache-2.0, the model's license)
+# nooelint: oelint.var.licenseremotefile
+LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
+
+# Made on a build host by `models/setup.sh` then `scripts/model-tarball.sh` (the conversion
+# needs PyPI packages a Yocto build does not have); put the tarball in files/ next to this
+# recipe or in a layer of your own (FILESEXTRAPATHS). Every file is checked against the
+# manifest's sha256 when fieldllmd loads it.
+SRC_URI = "file://smollm2-135m-instruct.f16.tar.gz;subdir=model"
+
+S = "${WORKDIR}/model"
+
+inherit allarch
+
+do_configure[noexec] = "1"
+do_compile[noexec] = "1"
+
+do_install() {
+    install -d ${D}${datadir}/fieldllm/models/smollm2-135m-instruct
+    cp -R --no-preserve=ownership ${S}/smollm2-135m-instruct.f16/. \
+        ${D}${datadir}/fieldllm/models/smollm2-135m-instruct/
+}
+
+FILES:${PN} += "${datadir}/fieldllm/models/smollm2-135m-instruct"
