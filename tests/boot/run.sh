@@ -53,9 +53,6 @@ cat >"$root/etc/fieldllm/fieldllmd.toml" <<'TOML'
 path = "/usr/share/fieldllm/models/tiny-llama"
 threads = 1
 
-[mqtt]
-node_id = "boot"
-
 [limits]
 max_tokens = 16
 grace_s = 5
@@ -116,8 +113,10 @@ inside systemctl status fieldllmd --no-pager | sed -n '1,4p;/Status:/p'
 inside systemctl show -P StatusText fieldllmd | grep -q 'thermal' || fail "no STATUS= line"
 
 # 5. a question over MQTT, and the journal's structured fields
-inside sh -c 'timeout 30 mosquitto_sub -h 127.0.0.1 -t "fieldllm/v1/boot/resp/q1" -v > /tmp/answer & sleep 0.5;
-  mosquitto_pub -h 127.0.0.1 -t fieldllm/v1/boot/req -m "{\"id\":\"q1\",\"prompt\":\"pump\",\"maxTokens\":8}";
+# no node_id in the config: the node is the hostname (nspawn's -M), read by uname(2) since
+# the unit hides /proc/sys
+inside sh -c 'node=$(uname -n); timeout 30 mosquitto_sub -h 127.0.0.1 -t "fieldllm/v1/$node/resp/q1" -v > /tmp/answer & sleep 0.5;
+  mosquitto_pub -h 127.0.0.1 -t fieldllm/v1/$node/req -m "{\"id\":\"q1\",\"prompt\":\"pump\",\"maxTokens\":8}";
   for i in $(seq 100); do grep -q "\"done\"" /tmp/answer && break; sleep 0.2; done; cat /tmp/answer' \
   >"$work/answer"
 grep -q '"done"' "$work/answer" || { cat "$work/answer"; fail "no answer over MQTT"; }

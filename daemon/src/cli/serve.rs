@@ -43,7 +43,11 @@ impl ServeArgs {
 
 /// The machine's hostname as a topic level, or "fieldllm".
 fn hostname() -> String {
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    // uname(2), not /proc/sys/kernel/hostname: the unit's ProcSubset=pid hides /proc/sys
+    let h = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
     let h = h.trim();
     if check_topic_level(h).is_ok() {
         h.to_string()
