@@ -25,8 +25,9 @@ fn status_kb(key: &str) -> Option<u64> {
 mod tests {
     #[test]
     fn reads_own_rss() {
-        let peak = super::peak_rss_bytes().expect("VmHWM on Linux");
+        // current first: the peak read after it can only be at least as high
         let now = super::rss_bytes().expect("VmRSS on Linux");
+        let peak = super::peak_rss_bytes().expect("VmHWM on Linux");
         assert!(now > 0 && peak >= now);
     }
 }
