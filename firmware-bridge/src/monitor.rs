@@ -52,7 +52,8 @@ pub struct Monitor {
     policy: Policy,
     telemetry: Telemetry,
     watched: Option<Vec<usize>>,
-    power_mode: Option<PowerMode>,
+    /// The mode `nvpmodel -q` gave at start, when no nvpmodel control keeps it current.
+    queried_mode: Option<PowerMode>,
 }
 
 impl Monitor {
@@ -90,12 +91,11 @@ impl Monitor {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        let power_mode = match controls.power_mode() {
-            Some(m) => Some(m.clone()),
+        let queried_mode = match controls.power_mode() {
             None if sensors.board == Board::Jetson => {
                 nvpmodel_bin.and_then(|b| nvpmodel::query(&b))
             }
-            None => None,
+            _ => None,
         };
         controls.start();
         Ok(Monitor {
@@ -105,7 +105,7 @@ impl Monitor {
             policy,
             telemetry: Telemetry::default(),
             watched,
-            power_mode,
+            queried_mode,
         })
     }
 
@@ -122,9 +122,6 @@ impl Monitor {
         let (state, changed) = self.governor.update(watched_mc, now);
         if changed {
             self.controls.apply(state);
-            if let Some(m) = self.controls.power_mode() {
-                self.power_mode = Some(m.clone());
-            }
         }
         Tick {
             state,
@@ -155,7 +152,7 @@ impl Monitor {
 
     /// The Jetson power mode, when known.
     pub fn power_mode(&self) -> Option<&PowerMode> {
-        self.power_mode.as_ref()
+        self.controls.power_mode().or(self.queried_mode.as_ref())
     }
 
     /// Puts the controls back as found (also done on drop).

@@ -199,7 +199,7 @@ impl Daemon {
     }
 
     /// Starts it with extra environment variables (`NOTIFY_SOCKET`).
-    pub fn start_with_env(config: &str, env: &[(&str, &Path)]) -> Daemon {
+    pub fn start_with_env(config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("fieldllmd.toml");
         std::fs::write(&conf, config).expect("write config");
@@ -207,7 +207,7 @@ impl Daemon {
             .arg("serve")
             .arg("--config")
             .arg(&conf)
-            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,tract_onnx=error")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -34,13 +34,11 @@ async fn ready_watchdog_status_and_stopping() {
     let path = dir.path().join("notify");
     let sock = UnixDatagram::bind(&path).unwrap();
     let broker = Mosquitto::start("allow_anonymous true");
-    let usec = dir.path().join("1000000");
-    // WATCHDOG_USEC's value is a number; start_with_env takes paths, and a path is text
     let mut d = Daemon::start_with_env(
         &daemon_config(broker.port, "sd1", "tiny-llama", ""),
         &[
-            ("NOTIFY_SOCKET", &path),
-            ("WATCHDOG_USEC", usec.file_name().unwrap().as_ref()),
+            ("NOTIFY_SOCKET", path.as_os_str()),
+            ("WATCHDOG_USEC", "1000000".as_ref()),
         ],
     );
     let mut c = Client::connect(broker.port, "t-sd").await;

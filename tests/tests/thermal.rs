@@ -205,7 +205,10 @@ async fn a_heat_ramp_walks_every_state_and_no_answer_is_lost() {
         broker.port,
         cable.dev
     );
-    let d = Daemon::start_with_env(&config, &[("NOTIFY_SOCKET", &dir.path().join("notify"))]);
+    let d = Daemon::start_with_env(
+        &config,
+        &[("NOTIFY_SOCKET", dir.path().join("notify").as_os_str())],
+    );
     let seen = watch(broker.port).await;
     wait_thermal(&seen, "nominal").await;
     let mut t = Terminal::open(&cable.host);
