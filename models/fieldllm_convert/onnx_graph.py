@@ -32,7 +32,9 @@ def rope_tables(head_dim: int, max_pos: int, base: float) -> tuple[np.ndarray, n
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def build_model(weights: LlamaWeights) -> onnx.ModelProto:
+def build_model(weights: LlamaWeights) -> tuple[onnx.ModelProto, list[tuple[str, str, int | None]]]:
+    """The graph, and which GGUF tensor each weight constant holds: (constant name, tensor name,
+    heads when the rows were un-permuted for rotary, else None)."""
     cfg = weights.config
     hd = cfg.head_dim
     inits: list[TensorProto] = []
@@ -46,7 +48,13 @@ def build_model(weights: LlamaWeights) -> onnx.ModelProto:
     def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0] + "." + op, **attrs))
 
-    def linear(x: str, wname: str, w: np.ndarray, out: str) -> str:
+    sources: list[tuple[str, str, int | None]] = []
+
+    def linear(x: str, wname: str, gguf_name: str, out: str, heads: int | None = None) -> str:
+        w = weights.get(gguf_name)
+        if heads is not None:
+            w = unpermute_qk(w, heads)
+        sources.append((wname, gguf_name, heads))
         # weights stored transposed ([in, out]) so the MatMul is x @ W with no Transpose node
         node("MatMul", [x, const(wname, w.T)], [out])
         return out
@@ -75,15 +83,16 @@ def build_model(weights: LlamaWeights) -> onnx.ModelProto:
     const("rope_sin", sin)
 
     node("Gather", [const("embed_tokens", weights.get("token_embd.weight")), "input_ids"], ["h0"], axis=0)
+    sources.append(("embed_tokens", "token_embd.weight", None))
     x = "h0"
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         l = f"l{i}"
         node("RMSNormalization", [x, const(f"{l}.attn_norm", weights.get(p + "attn_norm.weight"))],
              [f"{l}.attn_in"], axis=-1, epsilon=cfg.rms_eps)
-        q = linear(f"{l}.attn_in", f"{l}.wq", unpermute_qk(weights.get(p + "attn_q.weight"), cfg.n_heads), f"{l}.q")
-        k = linear(f"{l}.attn_in", f"{l}.wk", unpermute_qk(weights.get(p + "attn_k.weight"), cfg.n_kv_heads), f"{l}.k")
-        v = linear(f"{l}.attn_in", f"{l}.wv", weights.get(p + "attn_v.weight"), f"{l}.v")
+        q = linear(f"{l}.attn_in", f"{l}.wq", p + "attn_q.weight", f"{l}.q", cfg.n_heads)
+        k = linear(f"{l}.attn_in", f"{l}.wk", p + "attn_k.weight", f"{l}.k", cfg.n_kv_heads)
+        v = linear(f"{l}.attn_in", f"{l}.wv", p + "attn_v.weight", f"{l}.v")
         node("RotaryEmbedding", [q, "rope_cos", "rope_sin", "position_ids"], [f"{l}.q_rot"],
              num_heads=cfg.n_heads, interleaved=0)
         node("RotaryEmbedding", [k, "rope_cos", "rope_sin", "position_ids"], [f"{l}.k_rot"],
@@ -91,16 +100,16 @@ def build_model(weights: LlamaWeights) -> onnx.ModelProto:
         node("Attention", [f"{l}.q_rot", f"{l}.k_rot", v, "", f"past_key_{i}", f"past_value_{i}"],
              [f"{l}.attn", f"present_key_{i}", f"present_value_{i}"],
              is_causal=1, q_num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=float(1.0 / np.sqrt(hd)))
-        o = linear(f"{l}.attn", f"{l}.wo", weights.get(p + "attn_output.weight"), f"{l}.o")
+        o = linear(f"{l}.attn", f"{l}.wo", p + "attn_output.weight", f"{l}.o")
         node("Add", [x, o], [f"{l}.resid1"])
         node("RMSNormalization", [f"{l}.resid1", const(f"{l}.ffn_norm", weights.get(p + "ffn_norm.weight"))],
              [f"{l}.ffn_in"], axis=-1, epsilon=cfg.rms_eps)
-        g = linear(f"{l}.ffn_in", f"{l}.wgate", weights.get(p + "ffn_gate.weight"), f"{l}.gate")
-        u = linear(f"{l}.ffn_in", f"{l}.wup", weights.get(p + "ffn_up.weight"), f"{l}.up")
+        g = linear(f"{l}.ffn_in", f"{l}.wgate", p + "ffn_gate.weight", f"{l}.gate")
+        u = linear(f"{l}.ffn_in", f"{l}.wup", p + "ffn_up.weight", f"{l}.up")
         node("Sigmoid", [g], [f"{l}.gate_sig"])
         node("Mul", [g, f"{l}.gate_sig"], [f"{l}.gate_silu"])
         node("Mul", [f"{l}.gate_silu", u], [f"{l}.act"])
-        d = linear(f"{l}.act", f"{l}.wdown", weights.get(p + "ffn_down.weight"), f"{l}.down")
+        d = linear(f"{l}.act", f"{l}.wdown", p + "ffn_down.weight", f"{l}.down")
         node("Add", [f"{l}.resid1", d], [f"{l}.out"])
         x = f"{l}.out"
 
@@ -111,10 +120,10 @@ def build_model(weights: LlamaWeights) -> onnx.ModelProto:
          ["final_norm"], axis=-1, epsilon=cfg.rms_eps)
     # an untied copy of the head: one constant shared with the embedding makes tract repack it
     # every step (DESIGN.md section 2)
-    linear("final_norm", "lm_head", weights.lm_head(), "logits")
+    linear("final_norm", "lm_head", weights.lm_head_name(), "logits")
 
     graph = helper.make_graph(nodes, "llama", graph_inputs, graph_outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="fieldllm-convert")
     model.ir_version = 10
-    return model
+    return model, sources

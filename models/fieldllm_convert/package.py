@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import onnx
 
 from .onnx_graph import build_model
@@ -29,13 +30,15 @@ def write_package(out_dir: str, weights: LlamaWeights, tokenizer: dict, chat_tem
                   name: str, bos: int, eos: list[int], license: str, source: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     cfg = weights.config
-    model = build_model(weights)
+    model, sources = build_model(weights)
     onnx.save_model(model, os.path.join(out_dir, "model.onnx"))
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(chat_template)
     files = ["model.onnx", "tokenizer.json", "chat_template.jinja"]
+    if weights.blocks:
+        files += write_blocks(out_dir, weights, sources)
     params = sum(int(t.size) for t in weights.tensors.values())
     lines = [
         f"format_version = {MANIFEST_VERSION}",
@@ -76,6 +79,43 @@ def write_package(out_dir: str, weights: LlamaWeights, tokenizer: dict, chat_tem
     ] + [f"{_toml_str(fn)} = {_toml_str(sha256_file(os.path.join(out_dir, fn)))}" for fn in files]
     with open(os.path.join(out_dir, "manifest.toml"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+BLOCKS_BIN = "gguf_blocks.bin"
+BLOCKS_INDEX = "gguf_blocks.json"
+
+
+def write_blocks(out_dir: str, weights: LlamaWeights, sources: list[tuple[str, str, int | None]]) -> list[str]:
+    """The GGUF's own quantized blocks for every graph weight that has them, in the graph's row
+    order (Q/K rows un-permuted like the f32 copy), so `fieldllmd model import --weights gguf`
+    runs them as they are. One copy per distinct tensor: the tied head shares the embedding's.
+
+    gguf_blocks.json: {"tensors": [{"name": graph constant, "type": "Q4_1"|"Q8_0", "rows": out,
+    "cols": in, "offset": byte offset in gguf_blocks.bin, "bytes": length}, ...]}
+    """
+    from .onnx_graph import unpermute_qk
+
+    index, placed = [], {}
+    with open(os.path.join(out_dir, BLOCKS_BIN), "wb") as f:
+        offset = 0
+        for const_name, gguf_name, heads in sources:
+            raw = weights.blocks.get(gguf_name)
+            if raw is None:
+                continue
+            key = (gguf_name, heads)
+            if key not in placed:
+                data = unpermute_qk(raw, heads) if heads is not None else raw
+                data = np.ascontiguousarray(data)
+                f.write(data.tobytes())
+                placed[key] = (offset, data.nbytes)
+                offset += data.nbytes
+            rows, cols = weights.get(gguf_name).shape
+            off, nbytes = placed[key]
+            index.append({"name": const_name, "type": weights.source_types[gguf_name], "rows": rows,
+                          "cols": cols, "offset": off, "bytes": nbytes})
+    with open(os.path.join(out_dir, BLOCKS_INDEX), "w") as f:
+        json.dump({"tensors": index}, f, indent=1)
+    return [BLOCKS_BIN, BLOCKS_INDEX]
 
 
 def write_reference(path: str, run: dict, meta: dict) -> None:

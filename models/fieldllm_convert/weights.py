@@ -35,13 +35,23 @@ class LlamaWeights:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     # what the source stored, per tensor, for the manifest ("Q4_1", "Q8_0", "F32", ...)
     source_types: dict[str, str] = field(default_factory=dict)
+    # the source's own quantized blocks, per quantized tensor: uint8 [rows, bytes per row]
+    blocks: dict[str, np.ndarray] = field(default_factory=dict)
 
     def get(self, name: str) -> np.ndarray:
         return self.tensors[name]
 
+    def lm_head_name(self) -> str:
+        """The LM head's tensor: tied to the embedding when the file has no output.weight."""
+        return "output.weight" if "output.weight" in self.tensors else "token_embd.weight"
+
     def lm_head(self) -> np.ndarray:
-        """[vocab, hidden]; tied to the embedding when the file has no output.weight."""
-        return self.tensors.get("output.weight", self.tensors["token_embd.weight"])
+        """[vocab, hidden]."""
+        return self.tensors[self.lm_head_name()]
+
+
+# the block types the daemon's kernels run as they are (daemon/src/engine/ggml)
+BLOCK_TYPES = ("Q4_1", "Q8_0")
 
 
 def read_gguf(path: str) -> tuple[LlamaWeights, dict]:
@@ -72,6 +82,8 @@ def read_gguf(path: str) -> tuple[LlamaWeights, dict]:
         shape = tuple(int(d) for d in reversed(t.shape))
         w.tensors[t.name] = arr.reshape(shape)
         w.source_types[t.name] = t.tensor_type.name
+        if t.tensor_type.name in BLOCK_TYPES:
+            w.blocks[t.name] = np.asarray(t.data, dtype=np.uint8).reshape(shape[0], -1)
     return w, meta
 
 

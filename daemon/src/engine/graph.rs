@@ -17,6 +17,7 @@ use tract_transformers::WithTractTransformers;
 
 use super::EngineError;
 use super::chat::{ChatTemplate, Message};
+use super::ggml;
 use super::package::{GraphFormat, Manifest, Package, WeightFormat};
 use super::tokenizer::TokenText;
 
@@ -57,7 +58,9 @@ pub struct Model {
 }
 
 fn nnef() -> Nnef {
-    tract_nnef::nnef().with_tract_transformers()
+    tract_nnef::nnef()
+        .with_tract_transformers()
+        .with_registry(ggml::op::registry())
 }
 
 fn transform(model: &mut TypedModel, name: &str) -> Result<(), EngineError> {
@@ -74,12 +77,16 @@ fn typed_from_onnx(package: &Package, weights: WeightFormat) -> Result<TypedMode
     let mut model = tract_onnx::onnx()
         .model_for_path(&path)
         .and_then(|m| m.into_typed())
-        .and_then(|m| m.into_decluttered())
         .map_err(|e| EngineError::Graph(format!("{}: {e:#}", path.display())))?;
+    if weights == WeightFormat::Gguf {
+        // before decluttering: the constants still have their ONNX names and shapes
+        let tensors = ggml::package_blocks(package)?;
+        ggml::op::install_blocks(&mut model, &tensors).map_err(EngineError::graph)?;
+    }
+    model.declutter().map_err(EngineError::graph)?;
     transform(&mut model, "transformers_detect_all")?;
-    match weights {
-        WeightFormat::F32 => {}
-        WeightFormat::F16 => transform(&mut model, "f32_to_f16")?,
+    if weights == WeightFormat::F16 {
+        transform(&mut model, "f32_to_f16")?;
     }
     model.declutter().map_err(EngineError::graph)?;
     Ok(model)
@@ -179,7 +186,8 @@ impl Model {
         let template = ChatTemplate::load(&package.path(&m.chat.template), &tokenizer, m)?;
 
         let typed = typed_for_run(&package)?;
-        let optimized = typed.into_optimized().map_err(EngineError::graph)?;
+        let mut optimized = typed.into_optimized().map_err(EngineError::graph)?;
+        ggml::op::install_team(&mut optimized, options.threads);
         check_io(&optimized, m)?;
         let executor = if options.threads > 1 {
             Some(Executor::multithread(options.threads))

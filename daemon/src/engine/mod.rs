@@ -6,6 +6,7 @@
 
 pub mod chat;
 pub mod generate;
+pub mod ggml;
 pub mod graph;
 pub mod package;
 pub mod sampler;

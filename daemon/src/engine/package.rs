@@ -128,6 +128,9 @@ pub enum WeightFormat {
     F32,
     /// 16-bit floats: half the bytes, same answers within the quality tests' bounds.
     F16,
+    /// The GGUF's own quantized blocks (Q4_1, Q8_0), run as they are by the project's kernels
+    /// (`engine::ggml`); needs a package converted with its blocks (`gguf_blocks.json`).
+    Gguf,
 }
 
 impl fmt::Display for WeightFormat {
@@ -135,6 +138,7 @@ impl fmt::Display for WeightFormat {
         f.write_str(match self {
             WeightFormat::F32 => "f32",
             WeightFormat::F16 => "f16",
+            WeightFormat::Gguf => "gguf",
         })
     }
 }
@@ -145,7 +149,10 @@ impl FromStr for WeightFormat {
         match s {
             "f32" => Ok(WeightFormat::F32),
             "f16" => Ok(WeightFormat::F16),
-            other => Err(format!("unknown weight format {other:?} (known: f32, f16)")),
+            "gguf" => Ok(WeightFormat::Gguf),
+            other => Err(format!(
+                "unknown weight format {other:?} (known: f32, f16, gguf)"
+            )),
         }
     }
 }

@@ -1,0 +1,383 @@
+//! The GGUF's own quantized blocks, run as they are: matrix products of Q4_1 / Q8_0 weights
+//! with activations quantized once per row to 8 bits, using integer dot products.
+//!
+//! tract has no kernel for this (its only 4-bit path dequantizes every weight to f32 for every
+//! activation value, and it cannot keep Q4_1's minimum at all; see PERFORMANCE.md), so the
+//! project carries its own: [`kernel`] (scalar reference, AVX2, AVX-512 VNNI, NEON, NEON
+//! dot-product), [`team`] (a two-thread split), and [`op`] (the tract ops and the import
+//! transform that installs them).
+//!
+//! Weight layout ("planes"): a `[n, k]` matrix (n output rows, k inputs, k a multiple of 32) is
+//! kept as the GGUF stored it, row after row of 32-value blocks, with each block's f16 scale
+//! (and Q4_1 minimum) widened to f32 into planes of their own: the quantized values are the
+//! GGUF's bytes unchanged, and the kernels never convert f16 in their inner loop.
+
+// SIMD intrinsics, raw output pointers shared by threads that write disjoint columns, and a
+// job pointer handed to helper threads: each use carries its reason in a `Safety:` comment.
+#![allow(unsafe_code)]
+
+pub mod kernel;
+pub mod op;
+pub mod team;
+
+/// Values per quantization block (every GGUF type used here).
+pub const BLOCK: usize = 32;
+
+/// The GGUF block types the kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockKind {
+    /// 4-bit unsigned `q` with a scale and a minimum: `x = d * q + m`, 16 bytes of nibbles per
+    /// block (low nibbles are values 0..16, high nibbles 16..32).
+    Q4_1,
+    /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block.
+    Q8_0,
+}
+
+impl BlockKind {
+    /// The GGUF type name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockKind::Q4_1 => "Q4_1",
+            BlockKind::Q8_0 => "Q8_0",
+        }
+    }
+
+    /// Parses a GGUF type name.
+    pub fn parse(s: &str) -> Option<BlockKind> {
+        match s {
+            "Q4_1" => Some(BlockKind::Q4_1),
+            "Q8_0" => Some(BlockKind::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of quantized values per block (scales excluded).
+    pub fn qs_bytes(self) -> usize {
+        match self {
+            BlockKind::Q4_1 => BLOCK / 2,
+            BlockKind::Q8_0 => BLOCK,
+        }
+    }
+
+    /// Bytes per block in the GGUF file (f16 scale, f16 minimum for Q4_1, then the values).
+    pub fn gguf_block_bytes(self) -> usize {
+        match self {
+            BlockKind::Q4_1 => 4 + BLOCK / 2,
+            BlockKind::Q8_0 => 2 + BLOCK,
+        }
+    }
+}
+
+/// A weight matrix in the planes layout, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct Weights<'a> {
+    /// Block type.
+    pub kind: BlockKind,
+    /// Output rows.
+    pub n: usize,
+    /// Inputs per row (a multiple of [`BLOCK`]).
+    pub k: usize,
+    /// `n * k / 32` blocks of [`BlockKind::qs_bytes`] bytes, row-major.
+    pub qs: &'a [u8],
+    /// One scale per block.
+    pub d: &'a [f32],
+    /// One minimum per block (Q4_1), empty for Q8_0.
+    pub m: &'a [f32],
+}
+
+/// Why a weight matrix cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum LayoutError {
+    /// The sizes disagree with the shape.
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl<'a> Weights<'a> {
+    /// Checks every plane's length against the shape.
+    pub fn new(
+        kind: BlockKind,
+        n: usize,
+        k: usize,
+        qs: &'a [u8],
+        d: &'a [f32],
+        m: &'a [f32],
+    ) -> Result<Weights<'a>, LayoutError> {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(LayoutError::Shape(format!(
+                "k = {k} is not a positive multiple of {BLOCK}"
+            )));
+        }
+        let blocks = n * (k / BLOCK);
+        let want_m = if kind == BlockKind::Q4_1 { blocks } else { 0 };
+        if qs.len() != blocks * kind.qs_bytes() || d.len() != blocks || m.len() != want_m {
+            return Err(LayoutError::Shape(format!(
+                "{} [{n}, {k}] needs {} value bytes, {blocks} scales and {want_m} minimums; \
+                 got {}, {} and {}",
+                kind.name(),
+                blocks * kind.qs_bytes(),
+                qs.len(),
+                d.len(),
+                m.len()
+            )));
+        }
+        Ok(Weights {
+            kind,
+            n,
+            k,
+            qs,
+            d,
+            m,
+        })
+    }
+
+    /// Blocks per row.
+    pub fn blocks_per_row(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    /// Row `r` dequantized into `out` (`k` values): what the embedding lookup uses.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let nb = self.blocks_per_row();
+        let qb = self.kind.qs_bytes();
+        for b in 0..nb {
+            let i = r * nb + b;
+            let q = &self.qs[i * qb..(i + 1) * qb];
+            let d = self.d[i];
+            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
+            match self.kind {
+                BlockKind::Q4_1 => {
+                    let m = self.m[i];
+                    for j in 0..BLOCK / 2 {
+                        o[j] = d * (q[j] & 0x0f) as f32 + m;
+                        o[j + BLOCK / 2] = d * (q[j] >> 4) as f32 + m;
+                    }
+                }
+                BlockKind::Q8_0 => {
+                    for j in 0..BLOCK {
+                        o[j] = d * (q[j] as i8) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Owned planes, made from GGUF block bytes (the import) or kept by a test.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedWeights {
+    /// Block type.
+    pub kind: BlockKind,
+    /// Output rows.
+    pub n: usize,
+    /// Inputs per row.
+    pub k: usize,
+    /// Quantized values, the GGUF's bytes.
+    pub qs: Vec<u8>,
+    /// Scales, widened from f16.
+    pub d: Vec<f32>,
+    /// Minimums (Q4_1), widened from f16.
+    pub m: Vec<f32>,
+}
+
+impl OwnedWeights {
+    /// Splits GGUF blocks (`n` rows of `k / 32` blocks) into planes. Nothing is re-quantized:
+    /// values are copied and the f16 scales widened exactly.
+    pub fn from_gguf(
+        kind: BlockKind,
+        n: usize,
+        k: usize,
+        bytes: &[u8],
+    ) -> Result<OwnedWeights, LayoutError> {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(LayoutError::Shape(format!(
+                "k = {k} is not a positive multiple of {BLOCK}"
+            )));
+        }
+        let blocks = n * (k / BLOCK);
+        let bb = kind.gguf_block_bytes();
+        if bytes.len() != blocks * bb {
+            return Err(LayoutError::Shape(format!(
+                "{} [{n}, {k}] is {} bytes in GGUF blocks, got {}",
+                kind.name(),
+                blocks * bb,
+                bytes.len()
+            )));
+        }
+        let f16_at =
+            |b: &[u8], o: usize| tract_core::prelude::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
+        let mut w = OwnedWeights {
+            kind,
+            n,
+            k,
+            qs: Vec::with_capacity(blocks * kind.qs_bytes()),
+            d: Vec::with_capacity(blocks),
+            m: Vec::with_capacity(if kind == BlockKind::Q4_1 { blocks } else { 0 }),
+        };
+        for blk in bytes.chunks_exact(bb) {
+            w.d.push(f16_at(blk, 0));
+            match kind {
+                BlockKind::Q4_1 => {
+                    w.m.push(f16_at(blk, 2));
+                    w.qs.extend_from_slice(&blk[4..]);
+                }
+                BlockKind::Q8_0 => w.qs.extend_from_slice(&blk[2..]),
+            }
+        }
+        Ok(w)
+    }
+
+    /// Borrowed view.
+    pub fn view(&self) -> Weights<'_> {
+        Weights {
+            kind: self.kind,
+            n: self.n,
+            k: self.k,
+            qs: &self.qs,
+            d: &self.d,
+            m: &self.m,
+        }
+    }
+}
+
+/// Activations quantized to 8 bits, once per row, in blocks of 32 (ggml's Q8_1: a scale and
+/// the block's sum, the sum serving Q4_1's minimum term). Reused between calls: quantizing
+/// allocates only when a row count grows.
+#[derive(Debug, Default, Clone)]
+pub struct QuantizedActs {
+    /// Rows.
+    pub rows: usize,
+    /// Values per row.
+    pub k: usize,
+    /// `rows * k` values.
+    pub qs: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// `d * sum(qs)` per block.
+    pub s: Vec<f32>,
+}
+
+impl QuantizedActs {
+    /// Quantizes `x` (`rows` rows of `k` values, `k` a multiple of 32): per block,
+    /// `d = max|x| / 127`, `q = round(x / d)`, as ggml's `quantize_row_q8_1`.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        debug_assert!(k.is_multiple_of(BLOCK) && x.len() == rows * k);
+        self.rows = rows;
+        self.k = k;
+        let blocks = rows * k / BLOCK;
+        self.qs.resize(rows * k, 0);
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let q = &mut self.qs[b * BLOCK..(b + 1) * BLOCK];
+            let mut sum = 0i32;
+            for (qi, v) in q.iter_mut().zip(xb) {
+                // NaN stays NaN-free here (as 0): a NaN activation already poisons d
+                let r = (v * id).round() as i32;
+                *qi = r as i8;
+                sum += r;
+            }
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+
+    /// Blocks per row.
+    pub fn blocks_per_row(&self) -> usize {
+        self.k / BLOCK
+    }
+}
+
+/// The package's block index (`gguf_blocks.json`, written by the converter).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockIndex {
+    tensors: Vec<IndexEntry>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexEntry {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    rows: usize,
+    cols: usize,
+    offset: u64,
+    bytes: u64,
+}
+
+/// Block index file of a package.
+pub const BLOCKS_INDEX: &str = "gguf_blocks.json";
+/// Block bytes file of a package.
+pub const BLOCKS_BIN: &str = "gguf_blocks.bin";
+
+/// Reads a package's GGUF blocks into planes, one per distinct tensor (entries pointing at the
+/// same bytes share them).
+pub fn package_blocks(
+    package: &super::Package,
+) -> Result<Vec<op::BlockTensor>, super::EngineError> {
+    use super::EngineError;
+    let ipath = package.path(BLOCKS_INDEX);
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    let text = std::fs::read_to_string(&ipath).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::Graph(format!(
+            "{}: missing; weight format gguf needs a package converted with its GGUF blocks",
+            ipath.display()
+        )),
+        _ => io(&ipath)(e),
+    })?;
+    let index: BlockIndex = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Graph(format!("{}: {e}", ipath.display())))?;
+    let bpath = package.path(BLOCKS_BIN);
+    let bytes = std::fs::read(&bpath).map_err(io(&bpath))?;
+    let mut shared: std::collections::HashMap<u64, std::sync::Arc<OwnedWeights>> =
+        Default::default();
+    let mut out = Vec::with_capacity(index.tensors.len());
+    for e in index.tensors {
+        let bad = |m: String| EngineError::Graph(format!("{}: {}: {m}", ipath.display(), e.name));
+        let kind = BlockKind::parse(&e.kind).ok_or_else(|| {
+            bad(format!(
+                "block type {:?} has no kernel (Q4_1, Q8_0 do)",
+                e.kind
+            ))
+        })?;
+        let end = e
+            .offset
+            .checked_add(e.bytes)
+            .filter(|&end| end <= bytes.len() as u64);
+        let end = end.ok_or_else(|| {
+            bad(format!(
+                "bytes {}+{} run past {}",
+                e.offset, e.bytes, BLOCKS_BIN
+            ))
+        })?;
+        let w = match shared.get(&e.offset) {
+            Some(w) if (w.kind, w.n, w.k) == (kind, e.rows, e.cols) => w.clone(),
+            Some(_) => return Err(bad("shares bytes with a tensor of another shape".into())),
+            None => {
+                let slice = &bytes[e.offset as usize..end as usize];
+                let w = OwnedWeights::from_gguf(kind, e.rows, e.cols, slice)
+                    .map_err(|err| bad(err.to_string()))?;
+                let w = std::sync::Arc::new(w);
+                shared.insert(e.offset, w.clone());
+                w
+            }
+        };
+        out.push(op::BlockTensor {
+            name: e.name,
+            key: e.offset,
+            weights: w,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

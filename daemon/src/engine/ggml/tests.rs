@@ -1,0 +1,161 @@
+//! Every kernel against the scalar reference, and the reference against plain f32 arithmetic,
+//! on random blocks of awkward sizes.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use tract_core::prelude::f16;
+
+use super::kernel::{Isa, gemm};
+use super::*;
+
+fn uniform(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u32() as f64 / u32::MAX as f64 * 2.0 - 1.0) as f32
+}
+
+/// Random GGUF blocks: random values, f16 scales of a trained model's size.
+fn random_gguf(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for _ in 0..n * k / BLOCK {
+        bytes.extend(f16::from_f32(0.01 + 0.05 * uniform(rng).abs()).to_le_bytes());
+        if kind == BlockKind::Q4_1 {
+            bytes.extend(f16::from_f32(-0.2 * uniform(rng).abs()).to_le_bytes());
+        }
+        for _ in 0..kind.qs_bytes() {
+            let mut b = rng.next_u32() as u8;
+            if kind == BlockKind::Q8_0 && b == 0x80 {
+                b = 0x81; // ggml's quantizer never writes -128
+            }
+            bytes.push(b);
+        }
+    }
+    bytes
+}
+
+fn random_acts(rng: &mut ChaCha8Rng, rows: usize, k: usize) -> Vec<f32> {
+    (0..rows * k)
+        .map(|i| uniform(rng) * if i % 7 == 0 { 4.0 } else { 1.0 })
+        .collect()
+}
+
+#[test]
+fn the_reference_is_the_f32_product_of_the_dequantized_operands() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+        let (n, k, rows) = (5, 96, 3);
+        let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k)).unwrap();
+        let x = random_acts(&mut rng, rows, k);
+        let mut q = QuantizedActs::default();
+        q.quantize(&x, rows, k);
+        let mut out = vec![0f32; rows * n];
+        gemm(Isa::Scalar, &w.view(), &q, &mut out);
+        let mut wrow = vec![0f32; k];
+        for c in 0..rows {
+            for r in 0..n {
+                w.view().dequantize_row(r, &mut wrow);
+                let mut want = 0f64;
+                let mut scale = 0f64;
+                for kk in 0..k {
+                    let xd = q.d[(c * k + kk) / BLOCK] * q.qs[c * k + kk] as f32;
+                    want += wrow[kk] as f64 * xd as f64;
+                    scale += (wrow[kk] as f64 * xd as f64).abs();
+                }
+                let got = out[c * n + r] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * scale + 1e-6,
+                    "{kind:?} [{c},{r}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_activations_are_within_half_a_step() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut x = random_acts(&mut rng, 2, 64);
+    x[32..64].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+    let mut q = QuantizedActs::default();
+    q.quantize(&x, 2, 64);
+    for (i, v) in x.iter().enumerate() {
+        let d = q.d[i / BLOCK];
+        assert!((d * q.qs[i] as f32 - v).abs() <= d / 2.0 + 1e-7, "x[{i}]");
+    }
+    assert_eq!(q.d[1], 0.0);
+    for b in 0..q.d.len() {
+        let sum: i32 = q.qs[b * BLOCK..(b + 1) * BLOCK]
+            .iter()
+            .map(|&v| v as i32)
+            .sum();
+        assert_eq!(q.s[b], q.d[b] * sum as f32);
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_reference_on_awkward_sizes() {
+    let isas = Isa::available();
+    eprintln!("kernels on this CPU: {isas:?}");
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+        for (n, k) in [
+            (1, 32),
+            (3, 64),
+            (5, 96),
+            (7, 576),
+            (13, 160),
+            (67, 224),
+            (4, 32),
+        ] {
+            for rows in [1, 2, 3, 4, 5, 9] {
+                let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k))
+                    .unwrap();
+                let mut q = QuantizedActs::default();
+                q.quantize(&random_acts(&mut rng, rows, k), rows, k);
+                let mut want = vec![0f32; rows * n];
+                gemm(Isa::Scalar, &w.view(), &q, &mut want);
+                for &isa in &isas[1..] {
+                    let mut got = vec![f32::NAN; rows * n];
+                    gemm(isa, &w.view(), &q, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "{isa:?} {kind:?} n={n} k={k} rows={rows} [{i}]: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_split_product_equals_the_whole() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (n, k, rows) = (133, 128, 3);
+    let w = OwnedWeights::from_gguf(
+        BlockKind::Q4_1,
+        n,
+        k,
+        &random_gguf(&mut rng, BlockKind::Q4_1, n, k),
+    )
+    .unwrap();
+    let mut q = QuantizedActs::default();
+    q.quantize(&random_acts(&mut rng, rows, k), rows, k);
+    let isa = Isa::best();
+    let mut whole = vec![0f32; rows * n];
+    gemm(isa, &w.view(), &q, &mut whole);
+    let team = team::Team::new(3);
+    let mut split = vec![f32::NAN; rows * n];
+    let out = kernel::Out::new(&mut split, rows, n);
+    let parts: Vec<_> = team::split_rows(n, 3, 4).collect();
+    team.run(&|p| unsafe { kernel::gemm_into(isa, &w.view(), parts[p].clone(), &q, out) });
+    assert_eq!(whole, split);
+}
+
+#[test]
+fn planes_check_their_sizes() {
+    assert!(OwnedWeights::from_gguf(BlockKind::Q4_1, 2, 48, &[0; 60]).is_err());
+    assert!(OwnedWeights::from_gguf(BlockKind::Q4_1, 2, 32, &[0; 39]).is_err());
+    let w = OwnedWeights::from_gguf(BlockKind::Q8_0, 2, 32, &[0; 68]).unwrap();
+    assert!(Weights::new(BlockKind::Q8_0, 2, 32, &w.qs, &w.d[..1], &[]).is_err());
+    assert!(Weights::new(BlockKind::Q4_1, 2, 32, &w.qs[..32], &w.d, &w.d).is_ok());
+}
