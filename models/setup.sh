@@ -3,6 +3,7 @@
 #   build/tiny-llama/                  tiny random-weight llama (tests), + .reference.json
 #   build/smollm2-135m-instruct/       ONNX package (f32), + .reference.json (NumPy logits)
 #   build/smollm2-135m-instruct.f16/   deployable artifact (NNEF, f16), made by `fieldllmd model import`
+#   build/smollm2-135m-instruct.gguf/  the same with the GGUF's own Q4_1/Q8_0 blocks (engine/ggml)
 # Usage: models/setup.sh FIELDLLMD_BINARY. Idempotent: outputs newer than their inputs are kept.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,7 +39,9 @@ if stale build/smollm2-135m-instruct/manifest.toml "$gguf" $conv_src; then
   $py -m fieldllm_convert gguf "$gguf" build/smollm2-135m-instruct --name smollm2-135m-instruct \
     --reference build/smollm2-135m-instruct.reference.json
 fi
-if stale build/smollm2-135m-instruct.f16/manifest.toml build/smollm2-135m-instruct/manifest.toml; then
-  rm -rf build/smollm2-135m-instruct.f16
-  "$bin" model import build/smollm2-135m-instruct build/smollm2-135m-instruct.f16 --weights f16
-fi
+for w in f16 gguf; do
+  if stale build/smollm2-135m-instruct.$w/manifest.toml build/smollm2-135m-instruct/manifest.toml "$bin"; then
+    rm -rf build/smollm2-135m-instruct.$w
+    "$bin" model import build/smollm2-135m-instruct build/smollm2-135m-instruct.$w --weights $w
+  fi
+done

@@ -3,6 +3,7 @@
 # GGUF, same machine, same run. Not part of CI (it builds llama.cpp: a few minutes).
 #
 #   tests/bench/compare_llama_cpp.sh [THREADS...]      (default: 1 2)
+#   FIELDLLM_WEIGHTS=f16 tests/bench/compare_llama_cpp.sh   (the f16 artifact instead of gguf)
 #
 # llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), built with
 # Debian's cmake into tests/bench/.cache (ignored). Prefill is pp128, decode tg128, as
@@ -24,7 +25,7 @@ cd "$root"
 cargo build --release --locked -p fieldllmd
 models/setup.sh target/release/fieldllmd
 gguf=$(models/fetch.sh)
-artifact=models/build/smollm2-135m-instruct.f16
+artifact=models/build/smollm2-135m-instruct.${FIELDLLM_WEIGHTS:-gguf}
 
 bench_bin="$cache/llama.cpp-$llama_version/build/bin/llama-bench"
 if [ ! -x "$bench_bin" ]; then

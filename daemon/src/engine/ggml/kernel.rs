@@ -3,14 +3,15 @@
 //!
 //! Every kernel computes each block's integer dot product exactly and scales it in f32, as
 //! ggml does; they differ from the scalar reference only in the order of f32 additions.
-//! Tiles share loads: with one activation row (decode) a tile is 4 weight rows, so each
-//! activation block is loaded once for four rows; with several (prefill), 2 weight rows by 4
-//! activation rows, so each weight block is unpacked once for four tokens.
+//! A tile is one group of 8 weight rows (see [`super::packed`]) by 1 or 4 activation rows:
+//! each activation load serves 8 rows, and with several tokens (prefill) each weight load
+//! serves 4 tokens.
 
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::{BLOCK, BlockKind, QuantizedActs, Weights};
+use super::packed::{GROUP, Packed};
+use super::{BLOCK, QuantizedActs};
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
@@ -110,114 +111,104 @@ impl Out {
 }
 
 /// `out[c * n + r] = sum_k w[r, k] * x[c, k]` for every weight row and activation row.
-pub fn gemm(isa: Isa, w: &Weights<'_>, x: &QuantizedActs, out: &mut [f32]) {
+pub fn gemm(isa: Isa, w: &Packed<'_>, x: &QuantizedActs, out: &mut [f32]) {
     let o = Out::new(out, x.rows, w.n);
     // Safety: one caller writes all of `out`, which it borrows mutably.
-    unsafe { gemm_into(isa, w, 0..w.n, x, o) }
+    unsafe { gemm_into(isa, w, 0..w.groups(), x, o) }
 }
 
-/// [`gemm`] for weight rows `rows` only.
+/// [`gemm`] for the rows of row groups `groups` only (rows `8 * start .. 8 * end`, clipped to
+/// `n`).
 ///
 /// # Safety
-/// `out` must stay valid for the call, and no other thread may write columns `rows` of it
+/// `out` must stay valid for the call, and no other thread may write those rows' columns of it
 /// meanwhile.
 pub unsafe fn gemm_into(
     isa: Isa,
-    w: &Weights<'_>,
-    rows: Range<usize>,
+    w: &Packed<'_>,
+    groups: Range<usize>,
     x: &QuantizedActs,
     out: Out,
 ) {
-    assert!(rows.end <= w.n && x.k == w.k && out.rows == x.rows && out.ldo >= w.n);
-    assert!(Isa::available().contains(&isa) || isa == Isa::Scalar);
+    assert!(groups.end <= w.groups() && x.k == w.k && out.rows == x.rows && out.ldo >= w.n);
+    assert!(isa == Isa::Scalar || Isa::available().contains(&isa));
     match isa {
-        Isa::Scalar => scalar(w, rows, x, out),
+        Isa::Scalar => scalar(w, groups, x, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::gemm_avx2(w, rows, x, out.ptr, out.ldo) },
+        Isa::Avx2 => unsafe { x86::gemm_avx2(w, groups, x, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => unsafe { x86::gemm_vnni(w, rows, x, out.ptr, out.ldo) },
+        Isa::Avx512Vnni => unsafe { x86::gemm_vnni(w, groups, x, out) },
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => unsafe { arm::gemm_neon(w, rows, x, out.ptr, out.ldo) },
+        Isa::Neon => unsafe { arm::gemm_neon(w, groups, x, out) },
         #[cfg(target_arch = "aarch64")]
-        Isa::NeonDot => unsafe { arm::gemm_dot(w, rows, x, out.ptr, out.ldo) },
+        Isa::NeonDot => unsafe { arm::gemm_dot(w, groups, x, out) },
         #[allow(unreachable_patterns)]
-        _ => scalar(w, rows, x, out),
+        _ => scalar(w, groups, x, out),
     }
 }
 
-/// The reference: one block at a time, integer dot product, then the scales.
-fn scalar(w: &Weights<'_>, rows: Range<usize>, x: &QuantizedActs, out: Out) {
+/// Plain Rust over the packed layout, one row and block at a time: integer dot product, then
+/// the scales.
+fn scalar(w: &Packed<'_>, groups: Range<usize>, x: &QuantizedActs, out: Out) {
     let nb = w.blocks_per_row();
-    let qb = w.kind.qs_bytes();
+    let rows = groups.start * GROUP..(groups.end * GROUP).min(w.n);
     for c in 0..x.rows {
         for r in rows.clone() {
             let mut acc = 0f32;
             for b in 0..nb {
-                let wi = r * nb + b;
+                let (d, m, q) = w.block(r, b);
                 let xi = c * nb + b;
-                let q = &w.qs[wi * qb..(wi + 1) * qb];
                 let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
-                let mut sumi = 0i32;
-                match w.kind {
-                    BlockKind::Q4_1 => {
-                        for j in 0..BLOCK / 2 {
-                            sumi += (q[j] & 0x0f) as i32 * xq[j] as i32;
-                            sumi += (q[j] >> 4) as i32 * xq[j + BLOCK / 2] as i32;
-                        }
-                        acc += w.d[wi] * x.d[xi] * sumi as f32 + w.m[wi] * x.s[xi];
-                    }
-                    BlockKind::Q8_0 => {
-                        for j in 0..BLOCK {
-                            sumi += (q[j] as i8) as i32 * xq[j] as i32;
-                        }
-                        acc += w.d[wi] * x.d[xi] * sumi as f32;
-                    }
-                }
+                let sumi: i32 = q.iter().zip(xq).map(|(&a, &b)| a * b as i32).sum();
+                acc += d * x.d[xi] * sumi as f32 + m * x.s[xi];
             }
             // Safety: in bounds (asserted by the caller), column r is this caller's
-            unsafe { *out.ptr.add(c * out.ldo + r) = acc };
+            unsafe { out.write(c, r, acc) };
         }
     }
 }
 
-/// Walks weight rows `rows` and all activation rows in tiles, calling `tile::<R, C>` with
-/// (first weight row, first activation row). Shared by every SIMD kernel.
+impl Out {
+    /// Writes `v` at (activation row `c`, weight row `r`).
+    ///
+    /// # Safety
+    /// In bounds, and column `r` belongs to the caller.
+    #[inline(always)]
+    unsafe fn write(&self, c: usize, r: usize, v: f32) {
+        debug_assert!(c < self.rows && r < self.ldo);
+        unsafe { *self.ptr.add(c * self.ldo + r) = v };
+    }
+
+    /// Writes the 8 lanes of group `g` for activation row `c`, clipped to `n` rows.
+    ///
+    /// # Safety
+    /// As [`Out::write`], for every row of the group below `n`.
+    #[inline(always)]
+    unsafe fn write_group(&self, c: usize, g: usize, n: usize, lanes: &[f32; GROUP]) {
+        let r0 = g * GROUP;
+        let valid = n.saturating_sub(r0).min(GROUP);
+        debug_assert!(c < self.rows && r0 + valid <= self.ldo);
+        unsafe {
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), self.ptr.add(c * self.ldo + r0), valid)
+        };
+    }
+}
+
+/// Walks row groups `groups` and all activation rows, 4 activation rows at a time while there
+/// are, calling `tile::<C>(g, c0)`. Shared by every SIMD kernel.
 macro_rules! drive_tiles {
-    ($tile:ident, $w:expr, $rows:expr, $x:expr, $out:expr, $ldo:expr) => {{
-        let (w, x, out, ldo) = ($w, $x, $out, $ldo);
-        let rows: std::ops::Range<usize> = $rows;
-        let s = x.rows;
-        let mut r = rows.start;
-        if s == 1 {
-            while r + 4 <= rows.end {
-                $tile::<4, 1>(w, r, x, 0, out, ldo);
-                r += 4;
+    ($tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
+        let (w, x, out) = ($w, $x, $out);
+        let groups: std::ops::Range<usize> = $groups;
+        for g in groups {
+            let mut c = 0;
+            while c + 4 <= x.rows {
+                $tile::<4>(w, g, x, c, out);
+                c += 4;
             }
-            while r < rows.end {
-                $tile::<1, 1>(w, r, x, 0, out, ldo);
-                r += 1;
-            }
-        } else {
-            while r < rows.end {
-                let two = r + 2 <= rows.end;
-                let mut c = 0;
-                while c + 4 <= s {
-                    if two {
-                        $tile::<2, 4>(w, r, x, c, out, ldo)
-                    } else {
-                        $tile::<1, 4>(w, r, x, c, out, ldo)
-                    }
-                    c += 4;
-                }
-                while c < s {
-                    if two {
-                        $tile::<2, 1>(w, r, x, c, out, ldo)
-                    } else {
-                        $tile::<1, 1>(w, r, x, c, out, ldo)
-                    }
-                    c += 1;
-                }
-                r += if two { 2 } else { 1 };
+            while c < x.rows {
+                $tile::<1>(w, g, x, c, out);
+                c += 1;
             }
         }
     }};

@@ -18,6 +18,7 @@
 
 pub mod kernel;
 pub mod op;
+pub mod packed;
 pub mod team;
 
 /// Values per quantization block (every GGUF type used here).

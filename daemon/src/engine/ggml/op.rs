@@ -1,10 +1,10 @@
-//! The tract side: [`GgmlMatMul`] and [`GgmlGather`] ops over weight planes held as graph
+//! The tract side: [`GgmlMatMul`] and [`GgmlGather`] ops over packed weights held as graph
 //! constants, their NNEF form (extension `fieldllm`), and the import transform that puts them
 //! in place of the f32 products of an ONNX package using the package's GGUF blocks.
 //!
-//! The planes are ordinary constants (u8 values, f32 scales), so tract saves and loads them as
-//! NNEF tensors and nothing outside this module knows the format. One set of planes can feed
-//! several ops: the tied embedding and LM head share theirs.
+//! The packed weights are ordinary u8 constants, so tract saves and loads them as NNEF tensors
+//! and nothing outside this module knows the format. One constant can feed several ops: the
+//! tied embedding and LM head share theirs.
 
 use std::sync::Arc;
 
@@ -15,59 +15,63 @@ use tract_core::ops::konst::Const;
 use tract_nnef::internal as nnef;
 
 use super::kernel::{Isa, Out, gemm_into};
+use super::packed::{GROUP, Packed, group_block_bytes, pack};
 use super::team::{Team, split_rows};
-use super::{BLOCK, BlockKind, OwnedWeights, QuantizedActs, Weights};
+use super::{BLOCK, BlockKind, OwnedWeights, QuantizedActs};
 
-/// `y[..., n] = x[..., k] . w[n, k]` with `w` in planes (inputs: x, qs, d, and m for Q4_1).
+/// `y[..., n] = x[..., k] . w[n, k]` (inputs: x, and `w` packed: u8 `[groups, k / 32, bytes]`,
+/// see [`super::packed`]).
 #[derive(Clone, Debug)]
 pub struct GgmlMatMul {
     /// Weight block type.
     pub kind: BlockKind,
+    /// Rows of `w` (the packed form pads them to a multiple of 8).
+    pub n: usize,
     /// Threads that split the rows; set after loading (none: this thread only).
     pub team: Option<Arc<Team>>,
 }
 
 impl PartialEq for GgmlMatMul {
     fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind
+        (self.kind, self.n) == (other.kind, other.n)
     }
 }
 
 impl Eq for GgmlMatMul {}
 
-/// `y[ids..., k] = w[id, :]` dequantized (inputs: ids, qs, d, and m for Q4_1).
+/// `y[ids..., k] = w[id, :]` dequantized (inputs: ids, and `w` packed as for [`GgmlMatMul`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GgmlGather {
     /// Weight block type.
     pub kind: BlockKind,
+    /// Rows of `w`.
+    pub n: usize,
 }
 
-fn planes(kind: BlockKind) -> usize {
-    if kind == BlockKind::Q4_1 { 3 } else { 2 }
-}
-
-/// `(n, k)` from the value plane's fact `[n, k / 32 * qs_bytes]`.
-fn shape_of(kind: BlockKind, qs: &TypedFact) -> TractResult<(usize, usize)> {
-    let s = qs
+/// `k` from the packed weight's fact `[groups, k / 32, bytes]`, checked against `kind`, `n`.
+fn k_of(kind: BlockKind, n: usize, w: &TypedFact) -> TractResult<usize> {
+    let s = w
         .shape
         .as_concrete()
-        .context("weight planes have a fixed shape")?;
-    ensure!(s.len() == 2, "value plane must be [n, bytes], got {s:?}");
-    Ok((s[0], s[1] / kind.qs_bytes() * BLOCK))
+        .context("packed weights have a fixed shape")?;
+    ensure!(
+        s.len() == 3 && s[0] == n.div_ceil(GROUP) && s[2] == group_block_bytes(kind),
+        "packed {} weights for {n} rows must be [{}, k / 32, {}], got {s:?}",
+        kind.name(),
+        n.div_ceil(GROUP),
+        group_block_bytes(kind)
+    );
+    Ok(s[1] * BLOCK)
 }
 
-fn weights<'a>(kind: BlockKind, inputs: &'a [TValue]) -> TractResult<Weights<'a>> {
-    let qs = inputs[0].try_as_plain_ram()?.as_slice::<u8>()?;
-    let d = inputs[1].try_as_plain_ram()?.as_slice::<f32>()?;
-    let m: &[f32] = if kind == BlockKind::Q4_1 {
-        inputs[2].try_as_plain_ram()?.as_slice::<f32>()?
-    } else {
-        &[]
-    };
-    let shape = inputs[0].shape();
-    ensure!(shape.len() == 2, "value plane must be [n, bytes]");
-    let (n, k) = (shape[0], shape[1] / kind.qs_bytes() * BLOCK);
-    Weights::new(kind, n, k, qs, d, m).map_err(|e| anyhow!(e))
+fn weights(kind: BlockKind, n: usize, input: &TValue) -> TractResult<Packed<'_>> {
+    let bytes = input.try_as_plain_ram()?.as_slice::<u8>()?;
+    let shape = input.shape();
+    ensure!(
+        shape.len() == 3,
+        "packed weights must be [groups, blocks, bytes]"
+    );
+    Packed::new(kind, n, shape[1] * BLOCK, bytes).map_err(|e| anyhow!(e))
 }
 
 thread_local! {
@@ -86,8 +90,8 @@ impl EvalOp for GgmlMatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 1 + planes(self.kind), "GgmlMatMul inputs");
-        let w = weights(self.kind, &inputs[1..])?;
+        ensure!(inputs.len() == 2, "GgmlMatMul inputs");
+        let w = weights(self.kind, self.n, &inputs[1])?;
         let x = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
         let xs = inputs[0].shape();
         ensure!(
@@ -97,7 +101,9 @@ impl EvalOp for GgmlMatMul {
         );
         let rows = x.len() / w.k;
         let mut shape: TVec<usize> = xs.into();
-        *shape.last_mut().unwrap() = w.n;
+        if let Some(last) = shape.last_mut() {
+            *last = w.n;
+        }
         let mut y = Tensor::zero::<f32>(&shape)?;
         ACTS.with_borrow_mut(|acts| {
             acts.quantize(x, rows, w.k);
@@ -107,13 +113,13 @@ impl EvalOp for GgmlMatMul {
             let acts = &*acts;
             match &self.team {
                 Some(team) if team.threads() > 1 && w.n >= 64 => {
-                    let parts: Vec<_> = split_rows(w.n, team.threads(), 4).collect();
+                    let parts: Vec<_> = split_rows(w.groups(), team.threads(), 1).collect();
                     // Safety: each part writes its own rows' columns of `y`, alive until run
                     // returns
                     team.run(&|p| unsafe { gemm_into(isa, &w, parts[p].clone(), acts, out) });
                 }
                 // Safety: this thread writes all of `y`
-                _ => unsafe { gemm_into(isa, &w, 0..w.n, acts, out) },
+                _ => unsafe { gemm_into(isa, &w, 0..w.groups(), acts, out) },
             }
             TractResult::Ok(())
         })?;
@@ -123,24 +129,26 @@ impl EvalOp for GgmlMatMul {
 
 impl TypedOp for GgmlMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 + planes(self.kind), "GgmlMatMul inputs");
+        ensure!(inputs.len() == 2, "GgmlMatMul inputs");
         ensure!(
             inputs[0].datum_type == f32::datum_type(),
             "GgmlMatMul takes f32"
         );
-        let (n, k) = shape_of(self.kind, inputs[1])?;
+        let (n, k) = (self.n, k_of(self.kind, self.n, inputs[1])?);
         let mut shape = inputs[0].shape.to_tvec();
         ensure!(
             shape.last() == Some(&k.to_dim()),
             "input {:?} does not end with k = {k}",
             inputs[0].shape
         );
-        *shape.last_mut().unwrap() = n.to_dim();
+        if let Some(last) = shape.last_mut() {
+            *last = n.to_dim();
+        }
         Ok(tvec!(f32::fact(shape)))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let (n, k) = shape_of(self.kind, inputs[1])?;
+        let (n, k) = (self.n, k_of(self.kind, self.n, inputs[1])?);
         let rows = inputs[0].shape.volume() / k;
         Ok(tvec!((Cost::FMA(f32::datum_type()), rows * n * k)))
     }
@@ -159,8 +167,8 @@ impl EvalOp for GgmlGather {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 1 + planes(self.kind), "GgmlGather inputs");
-        let w = weights(self.kind, &inputs[1..])?;
+        ensure!(inputs.len() == 2, "GgmlGather inputs");
+        let w = weights(self.kind, self.n, &inputs[1])?;
         let ids = inputs[0].cast_to::<i64>()?;
         let ids = ids.try_as_plain_ram()?.as_slice::<i64>()?.to_vec();
         let mut shape: TVec<usize> = inputs[0].shape().into();
@@ -184,8 +192,8 @@ impl EvalOp for GgmlGather {
 
 impl TypedOp for GgmlGather {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 + planes(self.kind), "GgmlGather inputs");
-        let (_, k) = shape_of(self.kind, inputs[1])?;
+        ensure!(inputs.len() == 2, "GgmlGather inputs");
+        let k = k_of(self.kind, self.n, inputs[1])?;
         let mut shape = inputs[0].shape.to_tvec();
         shape.push(k.to_dim());
         Ok(tvec!(f32::fact(shape)))
@@ -194,46 +202,65 @@ impl TypedOp for GgmlGather {
     as_op!();
 }
 
-/// The NNEF extension `fieldllm`: `fieldllm_matmul_q4_1(input, qs, d, m)`,
-/// `fieldllm_matmul_q8_0(input, qs, d)`, and `fieldllm_gather_*` likewise.
+/// The NNEF extension `fieldllm`: `fieldllm_matmul_q4_1(input, w, rows = N)`,
+/// `fieldllm_matmul_q8_0(...)`, and `fieldllm_gather_*` likewise (`input` the token ids).
 pub fn registry() -> nnef::Registry {
     let mut reg = nnef::Registry::new("fieldllm")
         .with_doc("Extension `fieldllm`: matrix products and lookups on GGUF weight blocks");
-    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
-        let mut params = vec![
-            nnef::TypeName::Scalar.tensor().named("input"),
-            nnef::TypeName::Scalar.tensor().named("qs"),
-            nnef::TypeName::Scalar.tensor().named("d"),
-        ];
-        if kind == BlockKind::Q4_1 {
-            params.push(nnef::TypeName::Scalar.tensor().named("m"));
-        }
-        let lower = kind.name().to_lowercase();
-        let (mm, ga): (nnef::ToTract, nnef::ToTract) = match kind {
-            BlockKind::Q4_1 => (
-                |b, i| deser(b, i, BlockKind::Q4_1, false),
-                |b, i| deser(b, i, BlockKind::Q4_1, true),
-            ),
-            BlockKind::Q8_0 => (
-                |b, i| deser(b, i, BlockKind::Q8_0, false),
-                |b, i| deser(b, i, BlockKind::Q8_0, true),
-            ),
-        };
-        let out = [("output", nnef::TypeName::Scalar.tensor())];
-        reg.register_primitive(&format!("fieldllm_matmul_{lower}"), &params, &out, mm);
-        reg.register_primitive(&format!("fieldllm_gather_{lower}"), &params, &out, ga);
+    let params = [
+        nnef::TypeName::Scalar.tensor().named("input"),
+        nnef::TypeName::Scalar.tensor().named("w"),
+        nnef::TypeName::Integer.named("rows"),
+    ];
+    let out = [("output", nnef::TypeName::Scalar.tensor())];
+    let prims: [(&str, nnef::ToTract); 4] = [
+        ("fieldllm_matmul_q4_1", |b, i| {
+            deser(b, i, BlockKind::Q4_1, false)
+        }),
+        ("fieldllm_gather_q4_1", |b, i| {
+            deser(b, i, BlockKind::Q4_1, true)
+        }),
+        ("fieldllm_matmul_q8_0", |b, i| {
+            deser(b, i, BlockKind::Q8_0, false)
+        }),
+        ("fieldllm_gather_q8_0", |b, i| {
+            deser(b, i, BlockKind::Q8_0, true)
+        }),
+    ];
+    for (name, f) in prims {
+        reg.register_primitive(name, &params, &out, f);
     }
     reg.register_dumper(|ast, node, op: &GgmlMatMul| {
-        let inputs: Vec<_> = node.inputs.iter().map(|i| ast.mapping[i].clone()).collect();
-        let prim = format!("fieldllm_matmul_{}", op.kind.name().to_lowercase());
-        Ok(Some(nnef::invocation(&prim, &inputs, &[])))
+        dump(
+            ast,
+            node,
+            format!("fieldllm_matmul_{}", op.kind.name().to_lowercase()),
+            op.n,
+        )
     });
     reg.register_dumper(|ast, node, op: &GgmlGather| {
-        let inputs: Vec<_> = node.inputs.iter().map(|i| ast.mapping[i].clone()).collect();
-        let prim = format!("fieldllm_gather_{}", op.kind.name().to_lowercase());
-        Ok(Some(nnef::invocation(&prim, &inputs, &[])))
+        dump(
+            ast,
+            node,
+            format!("fieldllm_gather_{}", op.kind.name().to_lowercase()),
+            op.n,
+        )
     });
     reg
+}
+
+fn dump(
+    ast: &mut nnef::IntoAst<'_>,
+    node: &TypedNode,
+    prim: String,
+    rows: usize,
+) -> TractResult<Option<Arc<nnef::RValue>>> {
+    let inputs: Vec<_> = node.inputs.iter().map(|i| ast.mapping[i].clone()).collect();
+    Ok(Some(nnef::invocation(
+        &prim,
+        &inputs,
+        &[("rows", nnef::numeric(rows))],
+    )))
 }
 
 fn deser(
@@ -242,15 +269,22 @@ fn deser(
     kind: BlockKind,
     gather: bool,
 ) -> TractResult<nnef::Value> {
-    let names = ["input", "qs", "d", "m"];
-    let inputs = names[..1 + planes(kind)]
-        .iter()
-        .map(|n| invocation.named_arg_as(builder, n))
-        .collect::<TractResult<TVec<OutletId>>>()?;
+    let input: OutletId = invocation.named_arg_as(builder, "input")?;
+    let w: OutletId = invocation.named_arg_as(builder, "w")?;
+    let n: i64 = invocation.named_arg_as(builder, "rows")?;
+    ensure!(n > 0, "rows must be positive");
+    let n = n as usize;
     if gather {
-        builder.wire(GgmlGather { kind }, &inputs)
+        builder.wire(GgmlGather { kind, n }, &[input, w])
     } else {
-        builder.wire(GgmlMatMul { kind, team: None }, &inputs)
+        builder.wire(
+            GgmlMatMul {
+                kind,
+                n,
+                team: None,
+            },
+            &[input, w],
+        )
     }
 }
 
@@ -276,7 +310,7 @@ pub fn uses_blocks(model: &TypedModel) -> bool {
 pub struct BlockTensor {
     /// The constant's node name in the ONNX graph.
     pub name: String,
-    /// Identifies the bytes: tensors with the same key share one set of planes.
+    /// Identifies the bytes: tensors with the same key share one packed constant.
     pub key: u64,
     /// The weight, `[n out, k in]`.
     pub weights: Arc<OwnedWeights>,
@@ -285,7 +319,7 @@ pub struct BlockTensor {
 /// Replaces every product with (and lookup in) a named constant by the ops above, after
 /// checking that the constant is exactly the blocks dequantized. `model` is decluttered.
 pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractResult<()> {
-    let mut planes_of: HashMap<u64, TVec<OutletId>> = HashMap::new();
+    let mut packed_of: HashMap<u64, OutletId> = HashMap::new();
     for t in tensors {
         let w = &t.weights;
         // tract names a typed ONNX initializer after its outlet: "name.0"
@@ -301,26 +335,18 @@ pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractR
             .clone();
         let consumers: Vec<InletId> = model.outlet_successors(OutletId::new(const_id, 0)).to_vec();
         ensure!(!consumers.is_empty(), "constant {:?} is unused", t.name);
-        if !planes_of.contains_key(&t.key) {
-            let mut outlets = tvec![];
-            let nb = w.k / BLOCK;
-            outlets.push(model.add_const(
-                format!("{}.qs", t.name),
-                Tensor::from_shape(&[w.n, nb * w.kind.qs_bytes()], &w.qs)?,
-            )?);
-            outlets.push(model.add_const(
-                format!("{}.d", t.name),
-                Tensor::from_shape(&[w.n, nb], &w.d)?,
-            )?);
-            if w.kind == BlockKind::Q4_1 {
-                outlets.push(model.add_const(
-                    format!("{}.m", t.name),
-                    Tensor::from_shape(&[w.n, nb], &w.m)?,
-                )?);
+        let packed = match packed_of.get(&t.key) {
+            Some(p) => *p,
+            None => {
+                let shape = [w.n.div_ceil(GROUP), w.k / BLOCK, group_block_bytes(w.kind)];
+                let bytes = pack(w);
+                check_product(w, &bytes, &t.name)?;
+                let packed = Tensor::from_shape(&shape, &bytes)?;
+                let outlet = model.add_const(format!("{}.packed", t.name), packed)?;
+                packed_of.insert(t.key, outlet);
+                outlet
             }
-            planes_of.insert(t.key, outlets);
-        }
-        let planes = planes_of[&t.key].clone();
+        };
         for inlet in consumers {
             let node = model.node(inlet.node).clone();
             let mut patch = TypedModelPatch::default();
@@ -337,6 +363,7 @@ pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractR
                 taps.push(patch.tap_model(model, node.inputs[0])?);
                 Box::new(GgmlMatMul {
                     kind: w.kind,
+                    n: w.n,
                     team: None,
                 })
             } else if let Some(g) = node.op_as::<Gather>() {
@@ -348,7 +375,10 @@ pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractR
                 );
                 check_equal(&konst, w, false, &t.name)?;
                 taps.push(patch.tap_model(model, node.inputs[1])?);
-                Box::new(GgmlGather { kind: w.kind })
+                Box::new(GgmlGather {
+                    kind: w.kind,
+                    n: w.n,
+                })
             } else {
                 bail!(
                     "{}: {} on {:?} has no block-quantized form",
@@ -357,13 +387,36 @@ pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractR
                     t.name
                 );
             };
-            for p in &planes {
-                taps.push(patch.tap_model(model, *p)?);
-            }
+            taps.push(patch.tap_model(model, packed)?);
             let out = patch.wire_node(&node.name, op, &taps)?;
             patch.shunt_outside(model, node.id.into(), out[0])?;
             patch.apply(model)?;
         }
+    }
+    Ok(())
+}
+
+/// The packed weights times a fixed activation row, through the kernels this CPU runs, must
+/// match the f32 product of the dequantized weights within what 8-bit activations cost.
+fn check_product(w: &OwnedWeights, bytes: &[u8], name: &str) -> TractResult<()> {
+    let x: Vec<f32> = (0..w.k)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + (i % 7) as f32))
+        .collect();
+    let mut acts = QuantizedActs::default();
+    acts.quantize(&x, 1, w.k);
+    let p = Packed::new(w.kind, w.n, w.k, bytes).map_err(|e| anyhow!(e))?;
+    let mut got = vec![0f32; w.n];
+    super::kernel::gemm(Isa::best(), &p, &acts, &mut got);
+    let mut row = vec![0f32; w.k];
+    for (r, got) in got.iter().enumerate() {
+        w.view().dequantize_row(r, &mut row);
+        let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let scale: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+        ensure!(
+            (got - want).abs() <= 0.02 * scale + 1e-6,
+            "{name}: row {r}: kernel {} gives {got}, f32 {want}",
+            Isa::best().name(),
+        );
     }
     Ok(())
 }
@@ -423,4 +476,105 @@ fn check_equal(konst: &Tensor, w: &OwnedWeights, transposed: bool, name: &str) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rand_chacha::ChaCha8Rng;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+    fn random_weights(kind: BlockKind, n: usize, k: usize, seed: u64) -> OwnedWeights {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut bytes = Vec::new();
+        for _ in 0..n * k / BLOCK {
+            bytes.extend(f16::from_f32(0.01 + (rng.next_u32() % 100) as f32 * 1e-4).to_le_bytes());
+            if kind == BlockKind::Q4_1 {
+                bytes.extend(f16::from_f32(-((rng.next_u32() % 100) as f32) * 1e-3).to_le_bytes());
+            }
+            for _ in 0..kind.qs_bytes() {
+                bytes.push((rng.next_u32() % 255) as u8);
+            }
+        }
+        OwnedWeights::from_gguf(kind, n, k, &bytes).unwrap()
+    }
+
+    /// x @ W and W[ids] in f32 against the same graph after `install_blocks`.
+    #[test]
+    fn installed_ops_compute_what_the_f32_graph_did() {
+        for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+            let (n, k) = (200, 576);
+            let w = Arc::new(random_weights(kind, n, k, 7));
+            let mut dense = vec![0f32; n * k];
+            for r in 0..n {
+                w.view().dequantize_row(r, &mut dense[r * k..(r + 1) * k]);
+            }
+            let wt: Vec<f32> = (0..k * n).map(|i| dense[(i % n) * k + i / n]).collect();
+            let mut model = TypedModel::default();
+            let ids = model.add_source("ids", i64::fact([1, 37])).unwrap();
+            let table = model
+                .add_const("table", Tensor::from_shape(&[n, k], &dense).unwrap())
+                .unwrap();
+            let x = model
+                .wire_node("lookup", Gather::new(0), &[table, ids])
+                .unwrap()[0];
+            let wk = model
+                .add_const("wk", Tensor::from_shape(&[k, n], &wt).unwrap())
+                .unwrap();
+            let y = model
+                .wire_node(
+                    "mm",
+                    EinSum::new("abk,kn->abn".parse().unwrap(), f32::datum_type()),
+                    &[x, wk],
+                )
+                .unwrap();
+            model.select_output_outlets(&y).unwrap();
+            let ids: Vec<i64> = (0..37).map(|i| (i * 7 % 200) as i64).collect();
+            let input = Tensor::from_shape(&[1, 37], &ids).unwrap();
+            let run = |m: TypedModel| {
+                m.into_runnable()
+                    .unwrap()
+                    .run(tvec!(input.clone().into_tvalue()))
+                    .unwrap()[0]
+                    .clone()
+                    .into_tensor()
+            };
+            let want = run(model.clone());
+            let tensors = [
+                BlockTensor {
+                    name: "table".into(),
+                    key: 0,
+                    weights: w.clone(),
+                },
+                BlockTensor {
+                    name: "wk".into(),
+                    key: 0,
+                    weights: w.clone(),
+                },
+            ];
+            install_blocks(&mut model, &tensors).unwrap();
+            let model = model.into_decluttered().unwrap();
+            assert!(uses_blocks(&model));
+            let got = run(model);
+            let (g, e) = (
+                got.try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec(),
+                want.try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec(),
+            );
+            assert_eq!(g.len(), e.len());
+            let max = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in g.iter().zip(&e).enumerate() {
+                // the activations are quantized to 8 bits: about 1% of the magnitude
+                assert!((a - b).abs() <= 0.01 * max, "{kind:?} [{i}]: {a} vs {b}");
+            }
+        }
+    }
 }

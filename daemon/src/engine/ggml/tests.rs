@@ -37,6 +37,42 @@ fn random_acts(rng: &mut ChaCha8Rng, rows: usize, k: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The reference: planes as the GGUF stored them, one block at a time, integer dot product,
+/// then the scales (ggml's `vec_dot_q4_1_q8_1` / `vec_dot_q8_0_q8_0`).
+fn reference(w: &Weights<'_>, x: &QuantizedActs) -> Vec<f32> {
+    let nb = w.blocks_per_row();
+    let qb = w.kind.qs_bytes();
+    let mut out = vec![0f32; x.rows * w.n];
+    for c in 0..x.rows {
+        for r in 0..w.n {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let (wi, xi) = (r * nb + b, c * nb + b);
+                let q = &w.qs[wi * qb..(wi + 1) * qb];
+                let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
+                let mut sumi = 0i32;
+                match w.kind {
+                    BlockKind::Q4_1 => {
+                        for j in 0..BLOCK / 2 {
+                            sumi += (q[j] & 0x0f) as i32 * xq[j] as i32;
+                            sumi += (q[j] >> 4) as i32 * xq[j + BLOCK / 2] as i32;
+                        }
+                        acc += w.d[wi] * x.d[xi] * sumi as f32 + w.m[wi] * x.s[xi];
+                    }
+                    BlockKind::Q8_0 => {
+                        for j in 0..BLOCK {
+                            sumi += (q[j] as i8) as i32 * xq[j] as i32;
+                        }
+                        acc += w.d[wi] * x.d[xi] * sumi as f32;
+                    }
+                }
+            }
+            out[c * w.n + r] = acc;
+        }
+    }
+    out
+}
+
 #[test]
 fn the_reference_is_the_f32_product_of_the_dequantized_operands() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -46,18 +82,17 @@ fn the_reference_is_the_f32_product_of_the_dequantized_operands() {
         let x = random_acts(&mut rng, rows, k);
         let mut q = QuantizedActs::default();
         q.quantize(&x, rows, k);
-        let mut out = vec![0f32; rows * n];
-        gemm(Isa::Scalar, &w.view(), &q, &mut out);
+        let out = reference(&w.view(), &q);
         let mut wrow = vec![0f32; k];
         for c in 0..rows {
             for r in 0..n {
                 w.view().dequantize_row(r, &mut wrow);
                 let mut want = 0f64;
                 let mut scale = 0f64;
-                for kk in 0..k {
+                for (kk, w) in wrow.iter().enumerate() {
                     let xd = q.d[(c * k + kk) / BLOCK] * q.qs[c * k + kk] as f32;
-                    want += wrow[kk] as f64 * xd as f64;
-                    scale += (wrow[kk] as f64 * xd as f64).abs();
+                    want += *w as f64 * xd as f64;
+                    scale += (*w as f64 * xd as f64).abs();
                 }
                 let got = out[c * n + r] as f64;
                 assert!(
@@ -105,16 +140,17 @@ fn every_kernel_matches_the_reference_on_awkward_sizes() {
             (67, 224),
             (4, 32),
         ] {
-            for rows in [1, 2, 3, 4, 5, 9] {
+            for rows in [1, 2, 3, 4, 5, 9, 37] {
                 let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k))
                     .unwrap();
                 let mut q = QuantizedActs::default();
                 q.quantize(&random_acts(&mut rng, rows, k), rows, k);
-                let mut want = vec![0f32; rows * n];
-                gemm(Isa::Scalar, &w.view(), &q, &mut want);
-                for &isa in &isas[1..] {
+                let want = reference(&w.view(), &q);
+                let bytes = packed::pack(&w);
+                let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
+                for &isa in &isas {
                     let mut got = vec![f32::NAN; rows * n];
-                    gemm(isa, &w.view(), &q, &mut got);
+                    gemm(isa, &p, &q, &mut got);
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - e).abs() <= 1e-4 * e.abs().max(1.0),
@@ -141,13 +177,15 @@ fn a_split_product_equals_the_whole() {
     let mut q = QuantizedActs::default();
     q.quantize(&random_acts(&mut rng, rows, k), rows, k);
     let isa = Isa::best();
+    let bytes = packed::pack(&w);
+    let p = packed::Packed::new(BlockKind::Q4_1, n, k, &bytes).unwrap();
     let mut whole = vec![0f32; rows * n];
-    gemm(isa, &w.view(), &q, &mut whole);
+    gemm(isa, &p, &q, &mut whole);
     let team = team::Team::new(3);
     let mut split = vec![f32::NAN; rows * n];
     let out = kernel::Out::new(&mut split, rows, n);
-    let parts: Vec<_> = team::split_rows(n, 3, 4).collect();
-    team.run(&|p| unsafe { kernel::gemm_into(isa, &w.view(), parts[p].clone(), &q, out) });
+    let parts: Vec<_> = team::split_rows(p.groups(), 3, 1).collect();
+    team.run(&|i| unsafe { kernel::gemm_into(isa, &p, parts[i].clone(), &q, out) });
     assert_eq!(whole, split);
 }
 
@@ -158,4 +196,24 @@ fn planes_check_their_sizes() {
     let w = OwnedWeights::from_gguf(BlockKind::Q8_0, 2, 32, &[0; 68]).unwrap();
     assert!(Weights::new(BlockKind::Q8_0, 2, 32, &w.qs, &w.d[..1], &[]).is_err());
     assert!(Weights::new(BlockKind::Q4_1, 2, 32, &w.qs[..32], &w.d, &w.d).is_ok());
+}
+
+#[test]
+fn packing_moves_every_value_and_scale_unchanged() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+        for (n, k) in [(1, 32), (8, 64), (13, 96)] {
+            let w =
+                OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k)).unwrap();
+            let bytes = packed::pack(&w);
+            let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
+            let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+            for r in 0..n {
+                w.view().dequantize_row(r, &mut a);
+                p.dequantize_row(r, &mut b);
+                assert_eq!(a, b, "{kind:?} [{n}, {k}] row {r}");
+            }
+            assert!(packed::Packed::new(kind, n, k, &bytes[1..]).is_err());
+        }
+    }
 }

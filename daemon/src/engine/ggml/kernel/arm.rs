@@ -1,5 +1,6 @@
-//! aarch64 kernels: NEON widening multiplies (`smull`/`smlal` then pairwise adds), and the
-//! dot-product extension's `sdot` (four i8 x i8 products summed into each i32 lane).
+//! aarch64 kernels on 128-bit registers holding 4 values of each of 4 rows (one row per 32-bit
+//! lane; a group of 8 rows is two registers), multiplied by 4 activation bytes broadcast to
+//! every lane: with the dot-product extension one `sdot`, without it `smull` + pairwise adds.
 //!
 //! Q4_1's nibbles (0..=15) fit an i8, so both weight types take the signed x signed form.
 //! `sdot` is written as inline assembly: its intrinsic (`vdotq_s32`) is not stable Rust.
@@ -7,169 +8,175 @@
 use std::arch::aarch64::*;
 use std::ops::Range;
 
-use super::super::{BLOCK, BlockKind, QuantizedActs, Weights};
-use super::drive_tiles;
+use super::super::packed::{GROUP, Packed, values_offset};
+use super::super::{BLOCK, BlockKind, QuantizedActs};
+use super::{Out, drive_tiles};
 
-/// Sum of products of two 32-value blocks (each as two 16-lane halves), in 4 i32 lanes.
+/// `acc + sum of the 4 i8 x i8 products of each 32-bit lane`, plain NEON.
 #[target_feature(enable = "neon")]
-fn dot_neon(a0: int8x16_t, a1: int8x16_t, b0: int8x16_t, b1: int8x16_t) -> int32x4_t {
-    // |a * b| <= 128 * 127, two of them fit an i16
-    let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(a0), vget_low_s8(b0)), a0, b0);
-    let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(b1)), a1, b1);
-    vpadalq_s16(vpaddlq_s16(p0), p1)
+fn dp_neon(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    let hi = vmull_high_s8(a, b);
+    // adjacent products summed in i16 (|2 * 128 * 127| fits), then pairs of those into i32
+    vpadalq_s16(acc, vpaddq_s16(lo, hi))
 }
 
+/// The same with `sdot`.
 #[target_feature(enable = "neon,dotprod")]
-fn dot_sdot(a0: int8x16_t, a1: int8x16_t, b0: int8x16_t, b1: int8x16_t) -> int32x4_t {
-    let mut acc = vdupq_n_s32(0);
-    // Safety: register-only instructions of an extension the caller's features include
+fn dp_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // Safety: one register-only instruction of an extension the caller's features include
     unsafe {
         std::arch::asm!(
-            "sdot {acc:v}.4s, {a0:v}.16b, {b0:v}.16b",
-            "sdot {acc:v}.4s, {a1:v}.16b, {b1:v}.16b",
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
             acc = inout(vreg) acc,
-            a0 = in(vreg) a0,
-            b0 = in(vreg) b0,
-            a1 = in(vreg) a1,
-            b1 = in(vreg) b1,
+            a = in(vreg) a,
+            b = in(vreg) b,
             options(pure, nomem, nostack, preserves_flags)
         );
     }
     acc
 }
 
+/// 4 activation bytes at `p`, in every lane.
+#[target_feature(enable = "neon")]
+unsafe fn bcast4(p: *const i8) -> int8x16_t {
+    // Safety: the caller's p has 4 readable bytes
+    vreinterpretq_s8_s32(vdupq_n_s32(unsafe {
+        std::ptr::read_unaligned(p as *const i32)
+    }))
+}
+
 macro_rules! kernels {
-    ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dot:ident) => {
-        /// Tile of R weight rows x C activation rows, Q4_1 weights.
+    ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident) => {
+        /// One group of 8 Q4_1 rows x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q41<const R: usize, const C: usize>(
-            w: &Weights<'_>,
-            r0: usize,
+        unsafe fn $q41<const C: usize>(
+            w: &Packed<'_>,
+            g: usize,
             x: &QuantizedActs,
             c0: usize,
-            out: *mut f32,
-            ldo: usize,
+            out: Out,
         ) {
             let nb = w.blocks_per_row();
-            let mut acc = [[vdupq_n_f32(0.0); C]; R];
-            let mut macc = [[0f32; C]; R];
+            let mut acc = [[vdupq_n_f32(0.0); 2]; C];
             let mask = vdupq_n_u8(0x0f);
-            let (qs, xq) = (w.qs.as_ptr(), x.qs.as_ptr());
+            let vo = values_offset(BlockKind::Q4_1);
             for b in 0..nb {
-                let mut x0 = [vdupq_n_s8(0); C];
-                let mut x1 = [vdupq_n_s8(0); C];
-                let mut xd = [0f32; C];
-                let mut xs = [0f32; C];
-                for c in 0..C {
-                    let i = (c0 + c) * nb + b;
-                    // Safety: i < x.rows * nb (the driver's tiles stay inside x)
-                    unsafe {
-                        x0[c] = vld1q_s8(xq.add(i * BLOCK));
-                        x1[c] = vld1q_s8(xq.add(i * BLOCK + 16));
-                        xd[c] = *x.d.get_unchecked(i);
-                        xs[c] = *x.s.get_unchecked(i);
+                let blk = w.group_block(g, b).as_ptr();
+                let mut sum = [[vdupq_n_s32(0); 2]; C];
+                for v in 0..4 {
+                    for h in 0..2 {
+                        // Safety: a group block holds 4 vectors of 32 bytes after the scales
+                        let raw = unsafe { vld1q_u8(blk.add(vo + v * 32 + h * 16)) };
+                        let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+                        for c in 0..C {
+                            // Safety: row c0 + c of x has nb blocks of 32 bytes
+                            let xp =
+                                unsafe { x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8) };
+                            let (x0, x1) = unsafe { (bcast4(xp), bcast4(xp.add(4))) };
+                            sum[c][h] = $dp($dp(sum[c][h], lo, x0), hi, x1);
+                        }
                     }
                 }
-                for r in 0..R {
-                    let i = (r0 + r) * nb + b;
-                    // Safety: i < w.n * nb (the driver's tiles stay inside rows)
-                    let (raw, wd, wm) = unsafe {
+                for h in 0..2 {
+                    // Safety: scales then minimums, 8 f32 each, open the block
+                    let (d, m) = unsafe {
                         (
-                            vld1q_u8(qs.add(i * (BLOCK / 2))),
-                            *w.d.get_unchecked(i),
-                            *w.m.get_unchecked(i),
+                            vld1q_f32(blk.add(h * 16) as *const f32),
+                            vld1q_f32(blk.add(GROUP * 4 + h * 16) as *const f32),
                         )
                     };
-                    let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
-                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
                     for c in 0..C {
-                        let p = vcvtq_f32_s32($dot(lo, hi, x0[c], x1[c]));
-                        acc[r][c] = vfmaq_n_f32(acc[r][c], p, wd * xd[c]);
-                        macc[r][c] += wm * xs[c];
+                        let xi = (c0 + c) * nb + b;
+                        let dd = vmulq_n_f32(d, x.d[xi]);
+                        acc[c][h] = vfmaq_f32(acc[c][h], dd, vcvtq_f32_s32(sum[c][h]));
+                        acc[c][h] = vfmaq_n_f32(acc[c][h], m, x.s[xi]);
                     }
                 }
             }
-            for r in 0..R {
-                for c in 0..C {
-                    // Safety: the caller's Out covers (c0 + c, r0 + r)
-                    unsafe {
-                        *out.add((c0 + c) * ldo + r0 + r) = vaddvq_f32(acc[r][c]) + macc[r][c]
-                    };
+            for c in 0..C {
+                let mut lanes = [0f32; GROUP];
+                // Safety: lanes holds 8 f32
+                unsafe {
+                    vst1q_f32(lanes.as_mut_ptr(), acc[c][0]);
+                    vst1q_f32(lanes.as_mut_ptr().add(4), acc[c][1]);
                 }
+                // Safety: the caller owns this group's columns
+                unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
             }
         }
 
-        /// Tile of R weight rows x C activation rows, Q8_0 weights.
+        /// One group of 8 Q8_0 rows x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q80<const R: usize, const C: usize>(
-            w: &Weights<'_>,
-            r0: usize,
+        unsafe fn $q80<const C: usize>(
+            w: &Packed<'_>,
+            g: usize,
             x: &QuantizedActs,
             c0: usize,
-            out: *mut f32,
-            ldo: usize,
+            out: Out,
         ) {
             let nb = w.blocks_per_row();
-            let mut acc = [[vdupq_n_f32(0.0); C]; R];
-            let (qs, xq) = (w.qs.as_ptr() as *const i8, x.qs.as_ptr());
+            let mut acc = [[vdupq_n_f32(0.0); 2]; C];
+            let vo = values_offset(BlockKind::Q8_0);
             for b in 0..nb {
-                let mut x0 = [vdupq_n_s8(0); C];
-                let mut x1 = [vdupq_n_s8(0); C];
-                let mut xd = [0f32; C];
-                for c in 0..C {
-                    let i = (c0 + c) * nb + b;
-                    // Safety: as above
-                    unsafe {
-                        x0[c] = vld1q_s8(xq.add(i * BLOCK));
-                        x1[c] = vld1q_s8(xq.add(i * BLOCK + 16));
-                        xd[c] = *x.d.get_unchecked(i);
+                let blk = w.group_block(g, b).as_ptr();
+                let mut sum = [[vdupq_n_s32(0); 2]; C];
+                for ch in 0..8 {
+                    for h in 0..2 {
+                        // Safety: a group block holds 8 vectors of 32 bytes after the scales
+                        let wv = unsafe { vld1q_s8(blk.add(vo + ch * 32 + h * 16) as *const i8) };
+                        for c in 0..C {
+                            // Safety: as above
+                            let xb = unsafe {
+                                bcast4(x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + ch * 4))
+                            };
+                            sum[c][h] = $dp(sum[c][h], wv, xb);
+                        }
                     }
                 }
-                for r in 0..R {
-                    let i = (r0 + r) * nb + b;
-                    // Safety: as above
-                    let (w0, w1, wd) = unsafe {
-                        (
-                            vld1q_s8(qs.add(i * BLOCK)),
-                            vld1q_s8(qs.add(i * BLOCK + 16)),
-                            *w.d.get_unchecked(i),
-                        )
-                    };
+                for h in 0..2 {
+                    // Safety: the scales open the block
+                    let d = unsafe { vld1q_f32(blk.add(h * 16) as *const f32) };
                     for c in 0..C {
-                        let p = vcvtq_f32_s32($dot(w0, w1, x0[c], x1[c]));
-                        acc[r][c] = vfmaq_n_f32(acc[r][c], p, wd * xd[c]);
+                        let xi = (c0 + c) * nb + b;
+                        let dd = vmulq_n_f32(d, x.d[xi]);
+                        acc[c][h] = vfmaq_f32(acc[c][h], dd, vcvtq_f32_s32(sum[c][h]));
                     }
                 }
             }
-            for r in 0..R {
-                for c in 0..C {
-                    // Safety: as above
-                    unsafe { *out.add((c0 + c) * ldo + r0 + r) = vaddvq_f32(acc[r][c]) };
+            for c in 0..C {
+                let mut lanes = [0f32; GROUP];
+                // Safety: as above
+                unsafe {
+                    vst1q_f32(lanes.as_mut_ptr(), acc[c][0]);
+                    vst1q_f32(lanes.as_mut_ptr().add(4), acc[c][1]);
+                    out.write_group(c0 + c, g, w.n, &lanes);
                 }
             }
         }
 
-        /// All tiles of weight rows `rows`.
+        /// Every tile of row groups `groups`.
         ///
         /// # Safety
-        /// The CPU has `$features`; `out` covers `x.rows` rows of `ldo >= w.n`.
+        /// The CPU has `$features`; see `gemm_into`.
         pub(super) unsafe fn $gemm(
-            w: &Weights<'_>,
-            rows: Range<usize>,
+            w: &Packed<'_>,
+            groups: Range<usize>,
             x: &QuantizedActs,
-            out: *mut f32,
-            ldo: usize,
+            out: Out,
         ) {
             // Safety: forwarded from the caller
             unsafe {
                 match w.kind {
-                    BlockKind::Q4_1 => drive_tiles!($q41, w, rows, x, out, ldo),
-                    BlockKind::Q8_0 => drive_tiles!($q80, w, rows, x, out, ldo),
+                    BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
+                    BlockKind::Q8_0 => drive_tiles!($q80, w, groups, x, out),
                 }
             }
         }
     };
 }
 
-kernels!(gemm_neon, q41_neon, q80_neon, "neon", dot_neon);
-kernels!(gemm_dot, q41_dot, q80_dot, "neon,dotprod", dot_sdot);
+kernels!(gemm_neon, q41_neon, q80_neon, "neon", dp_neon);
+kernels!(gemm_dot, q41_dot, q80_dot, "neon,dotprod", dp_sdot);

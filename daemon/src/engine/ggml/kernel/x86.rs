@@ -1,5 +1,6 @@
 //! x86-64 kernels: AVX2 (`vpmaddubsw` u8 x i8 pairs, `vpmaddwd` to i32) and AVX-512 VNNI
-//! (`vpdpbusd`, the same in one instruction), 32 values per 256-bit register.
+//! (`vpdpbusd`, the same in one instruction), on 256-bit registers holding 4 values of each of
+//! 8 rows (one row per 32-bit lane), multiplied by 4 activation bytes broadcast to every lane.
 //!
 //! Q4_1's nibbles are unsigned, the activations signed: exactly the u8 x i8 form both
 //! instructions take. Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
@@ -8,161 +9,174 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::super::{BLOCK, BlockKind, QuantizedActs, Weights};
-use super::drive_tiles;
+use super::super::packed::{GROUP, Packed, values_offset};
+use super::super::{BLOCK, BlockKind, QuantizedActs};
+use super::{Out, drive_tiles};
 
+/// `acc + sum of u8 x i8 products of each 32-bit lane`.
 #[target_feature(enable = "avx2")]
-fn dot_avx2(a: __m256i, b: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+fn dp_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    // |pair sum| <= 2 * 255 * 128 only for bytes the kernels never make: nibbles (<= 15) and
+    // magnitudes (<= 128) times |x| <= 127 stay below i16's limit
+    _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)),
+    )
 }
 
 #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-fn dot_vnni(a: __m256i, b: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+fn dp_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, a, b)
 }
 
+/// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "avx2")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    // Safety: the caller's p has 4 readable bytes
+    _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(p as *const i32) })
 }
 
 macro_rules! kernels {
-    ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dot:ident) => {
-        /// Tile of R weight rows x C activation rows, Q4_1 weights.
+    ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident) => {
+        /// One group of 8 Q4_1 rows x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q41<const R: usize, const C: usize>(
-            w: &Weights<'_>,
-            r0: usize,
+        unsafe fn $q41<const C: usize>(
+            w: &Packed<'_>,
+            g: usize,
             x: &QuantizedActs,
             c0: usize,
-            out: *mut f32,
-            ldo: usize,
+            out: Out,
         ) {
             let nb = w.blocks_per_row();
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut macc = [[0f32; C]; R];
-            let mask = _mm_set1_epi8(0x0f);
-            let (qs, xq) = (w.qs.as_ptr(), x.qs.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); C];
+            let mask = _mm256_set1_epi8(0x0f);
+            let vo = values_offset(BlockKind::Q4_1);
             for b in 0..nb {
-                let mut xv = [_mm256_setzero_si256(); C];
-                let mut xd = [0f32; C];
-                let mut xs = [0f32; C];
-                for c in 0..C {
-                    let i = (c0 + c) * nb + b;
-                    // Safety: i < x.rows * nb (the driver's tiles stay inside x)
-                    unsafe {
-                        xv[c] = _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i);
-                        xd[c] = *x.d.get_unchecked(i);
-                        xs[c] = *x.s.get_unchecked(i);
+                let blk = w.group_block(g, b).as_ptr();
+                // two chains for one activation row, so the dot products overlap
+                let mut lo_sum = [_mm256_setzero_si256(); C];
+                let mut hi_sum = [_mm256_setzero_si256(); C];
+                for v in 0..4 {
+                    // Safety: a group block holds 4 vectors of 32 bytes after the scales
+                    let raw = unsafe { _mm256_loadu_si256(blk.add(vo + v * 32) as *const __m256i) };
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    for c in 0..C {
+                        // Safety: row c0 + c of x has nb blocks of 32 bytes
+                        let xp = unsafe { x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8) };
+                        let (x0, x1) = unsafe { (bcast4(xp), bcast4(xp.add(4))) };
+                        if C == 1 {
+                            lo_sum[c] = $dp(lo_sum[c], lo, x0);
+                            hi_sum[c] = $dp(hi_sum[c], hi, x1);
+                        } else {
+                            lo_sum[c] = $dp($dp(lo_sum[c], lo, x0), hi, x1);
+                        }
                     }
                 }
-                for r in 0..R {
-                    let i = (r0 + r) * nb + b;
-                    // Safety: i < w.n * nb (the driver's tiles stay inside rows)
-                    let (raw, wd, wm) = unsafe {
-                        (
-                            _mm_loadu_si128(qs.add(i * (BLOCK / 2)) as *const __m128i),
-                            *w.d.get_unchecked(i),
-                            *w.m.get_unchecked(i),
-                        )
+                // Safety: the scales and minimums are the block's first 64 bytes
+                let (d, m) = unsafe {
+                    (
+                        _mm256_loadu_ps(blk as *const f32),
+                        _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32),
+                    )
+                };
+                for c in 0..C {
+                    let xi = (c0 + c) * nb + b;
+                    let sum = if C == 1 {
+                        _mm256_add_epi32(lo_sum[c], hi_sum[c])
+                    } else {
+                        lo_sum[c]
                     };
-                    let lo = _mm_and_si128(raw, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
-                    let wv = _mm256_set_m128i(hi, lo);
-                    for c in 0..C {
-                        let p = _mm256_cvtepi32_ps($dot(wv, xv[c]));
-                        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wd * xd[c]), p, acc[r][c]);
-                        macc[r][c] += wm * xs[c];
-                    }
+                    let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
+                    acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
+                    acc[c] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s[xi]), acc[c]);
                 }
             }
-            for r in 0..R {
-                for c in 0..C {
-                    // Safety: the caller's Out covers (c0 + c, r0 + r)
-                    unsafe { *out.add((c0 + c) * ldo + r0 + r) = hsum(acc[r][c]) + macc[r][c] };
-                }
+            for c in 0..C {
+                let mut lanes = [0f32; GROUP];
+                // Safety: lanes holds 8 f32
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
+                // Safety: the caller owns this group's columns
+                unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
             }
         }
 
-        /// Tile of R weight rows x C activation rows, Q8_0 weights.
+        /// One group of 8 Q8_0 rows x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q80<const R: usize, const C: usize>(
-            w: &Weights<'_>,
-            r0: usize,
+        unsafe fn $q80<const C: usize>(
+            w: &Packed<'_>,
+            g: usize,
             x: &QuantizedActs,
             c0: usize,
-            out: *mut f32,
-            ldo: usize,
+            out: Out,
         ) {
             let nb = w.blocks_per_row();
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let (qs, xq) = (w.qs.as_ptr(), x.qs.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); C];
+            let vo = values_offset(BlockKind::Q8_0);
             for b in 0..nb {
-                let mut xv = [_mm256_setzero_si256(); C];
-                let mut xd = [0f32; C];
-                for c in 0..C {
-                    let i = (c0 + c) * nb + b;
-                    // Safety: as above
-                    unsafe {
-                        xv[c] = _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i);
-                        xd[c] = *x.d.get_unchecked(i);
-                    }
-                }
-                for r in 0..R {
-                    let i = (r0 + r) * nb + b;
-                    // Safety: as above
-                    let (wv, wd) = unsafe {
-                        (
-                            _mm256_loadu_si256(qs.add(i * BLOCK) as *const __m256i),
-                            *w.d.get_unchecked(i),
-                        )
-                    };
+                let blk = w.group_block(g, b).as_ptr();
+                let mut even = [_mm256_setzero_si256(); C];
+                let mut odd = [_mm256_setzero_si256(); C];
+                for ch in 0..8 {
+                    // Safety: a group block holds 8 vectors of 32 bytes after the scales
+                    let wv = unsafe { _mm256_loadu_si256(blk.add(vo + ch * 32) as *const __m256i) };
                     let wabs = _mm256_sign_epi8(wv, wv);
                     for c in 0..C {
-                        let xs = _mm256_sign_epi8(xv[c], wv);
-                        let p = _mm256_cvtepi32_ps($dot(wabs, xs));
-                        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wd * xd[c]), p, acc[r][c]);
+                        // Safety: as above
+                        let xb = unsafe {
+                            bcast4(x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + ch * 4))
+                        };
+                        let xs = _mm256_sign_epi8(xb, wv);
+                        if C == 1 && ch % 2 == 1 {
+                            odd[c] = $dp(odd[c], wabs, xs);
+                        } else {
+                            even[c] = $dp(even[c], wabs, xs);
+                        }
                     }
                 }
-            }
-            for r in 0..R {
+                // Safety: the scales are the block's first 32 bytes
+                let d = unsafe { _mm256_loadu_ps(blk as *const f32) };
                 for c in 0..C {
-                    // Safety: as above
-                    unsafe { *out.add((c0 + c) * ldo + r0 + r) = hsum(acc[r][c]) };
+                    let xi = (c0 + c) * nb + b;
+                    let sum = _mm256_add_epi32(even[c], odd[c]);
+                    let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
+                    acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
                 }
+            }
+            for c in 0..C {
+                let mut lanes = [0f32; GROUP];
+                // Safety: as above
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
+                unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
             }
         }
 
-        /// All tiles of weight rows `rows`.
+        /// Every tile of row groups `groups`.
         ///
         /// # Safety
-        /// The CPU has `$features`; `out` covers `x.rows` rows of `ldo >= w.n`.
+        /// The CPU has `$features`; see `gemm_into`.
         pub(super) unsafe fn $gemm(
-            w: &Weights<'_>,
-            rows: Range<usize>,
+            w: &Packed<'_>,
+            groups: Range<usize>,
             x: &QuantizedActs,
-            out: *mut f32,
-            ldo: usize,
+            out: Out,
         ) {
             // Safety: forwarded from the caller
             unsafe {
                 match w.kind {
-                    BlockKind::Q4_1 => drive_tiles!($q41, w, rows, x, out, ldo),
-                    BlockKind::Q8_0 => drive_tiles!($q80, w, rows, x, out, ldo),
+                    BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
+                    BlockKind::Q8_0 => drive_tiles!($q80, w, groups, x, out),
                 }
             }
         }
     };
 }
 
-kernels!(gemm_avx2, q41_avx2, q80_avx2, "avx2,fma", dot_avx2);
+kernels!(gemm_avx2, q41_avx2, q80_avx2, "avx2,fma", dp_avx2);
 kernels!(
     gemm_vnni,
     q41_vnni,
     q80_vnni,
     "avx2,fma,avx512vnni,avx512vl",
-    dot_vnni
+    dp_vnni
 );

@@ -1,0 +1,171 @@
+//! The run-time weight layout: rows in groups of 8, interleaved 4 values at a time, so one
+//! SIMD register holds 4 consecutive weights of each of 8 rows and a dot-product instruction
+//! against 4 activation bytes broadcast to every lane gives each row's partial sum in its own
+//! lane (ggml's `q4_0_8x8` repacking idea, applied to Q4_1 and Q8_0). A decode step reads each
+//! weight matrix as one sequential stream, and needs no horizontal sums.
+//!
+//! Per group of 8 rows and per 32-value block, little-endian:
+//! - `d`: 8 x f32, the rows' scales (the GGUF's f16, widened exactly);
+//! - `m`: 8 x f32, the rows' minimums (Q4_1 only);
+//! - Q4_1: 4 vectors of 32 bytes; vector `v`, row `r`, byte `t` (0..4) holds value `8v + t`
+//!   of row `r` in its low nibble and value `8v + 4 + t` in its high nibble;
+//! - Q8_0: 8 vectors of 32 bytes; vector `c`, row `r`, byte `t` is value `4c + t` of row `r`.
+//!
+//! Rows past `n` (the last group's padding) are zero and never written out. Values are the
+//! GGUF's quantized values moved, never re-quantized.
+
+use super::{BLOCK, BlockKind, LayoutError, OwnedWeights};
+
+/// Rows per group.
+pub const GROUP: usize = 8;
+
+/// Bytes of one group's block: scales (and minimums) then values.
+pub fn group_block_bytes(kind: BlockKind) -> usize {
+    match kind {
+        BlockKind::Q4_1 => 2 * GROUP * 4 + GROUP * BLOCK / 2,
+        BlockKind::Q8_0 => GROUP * 4 + GROUP * BLOCK,
+    }
+}
+
+/// Byte offset of the values in a group's block.
+pub fn values_offset(kind: BlockKind) -> usize {
+    match kind {
+        BlockKind::Q4_1 => 2 * GROUP * 4,
+        BlockKind::Q8_0 => GROUP * 4,
+    }
+}
+
+/// A packed weight matrix, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct Packed<'a> {
+    /// Block type.
+    pub kind: BlockKind,
+    /// Output rows (without padding).
+    pub n: usize,
+    /// Inputs per row.
+    pub k: usize,
+    /// `groups * k / 32` group blocks, group-major.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Packed<'a> {
+    /// Checks the length against the shape.
+    pub fn new(kind: BlockKind, n: usize, k: usize, bytes: &'a [u8]) -> Result<Self, LayoutError> {
+        if k == 0 || !k.is_multiple_of(BLOCK) || n == 0 {
+            return Err(LayoutError::Shape(format!(
+                "[{n}, {k}]: k must be a positive multiple of {BLOCK}, n positive"
+            )));
+        }
+        let want = n.div_ceil(GROUP) * (k / BLOCK) * group_block_bytes(kind);
+        if bytes.len() != want {
+            return Err(LayoutError::Shape(format!(
+                "packed {} [{n}, {k}] is {want} bytes, got {}",
+                kind.name(),
+                bytes.len()
+            )));
+        }
+        Ok(Packed { kind, n, k, bytes })
+    }
+
+    /// Groups of rows (the last one maybe padded).
+    pub fn groups(&self) -> usize {
+        self.n.div_ceil(GROUP)
+    }
+
+    /// Blocks per row.
+    pub fn blocks_per_row(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    /// The block `b` of group `g`.
+    pub fn group_block(&self, g: usize, b: usize) -> &'a [u8] {
+        let gbb = group_block_bytes(self.kind);
+        let i = g * self.blocks_per_row() + b;
+        &self.bytes[i * gbb..(i + 1) * gbb]
+    }
+
+    /// Row `r`'s scale, minimum (0 for Q8_0) and 32 quantized values in block `b`.
+    pub fn block(&self, r: usize, b: usize) -> (f32, f32, [i32; BLOCK]) {
+        let blk = self.group_block(r / GROUP, b);
+        let lane = r % GROUP;
+        let f = |o: usize| f32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
+        let d = f(lane * 4);
+        let vo = values_offset(self.kind);
+        let mut q = [0i32; BLOCK];
+        let m = match self.kind {
+            BlockKind::Q4_1 => {
+                for (j, qj) in q.iter_mut().enumerate() {
+                    let (v, hi, t) = (j / 8, (j / 4) % 2 == 1, j % 4);
+                    let byte = blk[vo + v * 32 + lane * 4 + t];
+                    *qj = if hi { byte >> 4 } else { byte & 0x0f } as i32;
+                }
+                f(GROUP * 4 + lane * 4)
+            }
+            BlockKind::Q8_0 => {
+                for (j, qj) in q.iter_mut().enumerate() {
+                    *qj = blk[vo + (j / 4) * 32 + lane * 4 + j % 4] as i8 as i32;
+                }
+                0.0
+            }
+        };
+        (d, m, q)
+    }
+
+    /// Row `r` dequantized into `out` (`k` values): the embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for b in 0..self.blocks_per_row() {
+            let (d, m, q) = self.block(r, b);
+            for (o, q) in out[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(q) {
+                *o = d * q as f32 + m;
+            }
+        }
+    }
+}
+
+/// Packs planes into groups.
+pub fn pack(w: &OwnedWeights) -> Vec<u8> {
+    let nb = w.k / BLOCK;
+    let gbb = group_block_bytes(w.kind);
+    let groups = w.n.div_ceil(GROUP);
+    let mut out = vec![0u8; groups * nb * gbb];
+    let qb = w.kind.qs_bytes();
+    for g in 0..groups {
+        for b in 0..nb {
+            let blk = &mut out[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
+            let vo = values_offset(w.kind);
+            for lane in 0..GROUP {
+                let r = g * GROUP + lane;
+                if r >= w.n {
+                    break;
+                }
+                let i = r * nb + b;
+                blk[lane * 4..lane * 4 + 4].copy_from_slice(&w.d[i].to_le_bytes());
+                let q = &w.qs[i * qb..(i + 1) * qb];
+                match w.kind {
+                    BlockKind::Q4_1 => {
+                        let o = GROUP * 4 + lane * 4;
+                        blk[o..o + 4].copy_from_slice(&w.m[i].to_le_bytes());
+                        // GGUF: byte j holds value j (low nibble) and j + 16 (high)
+                        let val = |j: usize| {
+                            if j < 16 { q[j] & 0x0f } else { q[j - 16] >> 4 }
+                        };
+                        for v in 0..4 {
+                            for t in 0..4 {
+                                blk[vo + v * 32 + lane * 4 + t] =
+                                    val(8 * v + t) | (val(8 * v + 4 + t) << 4);
+                            }
+                        }
+                    }
+                    BlockKind::Q8_0 => {
+                        for c in 0..8 {
+                            for t in 0..4 {
+                                blk[vo + c * 32 + lane * 4 + t] = q[4 * c + t];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
