@@ -28,7 +28,8 @@ gguf=$(models/fetch.sh)
 artifact=models/build/smollm2-135m-instruct.${FIELDLLM_WEIGHTS:-gguf}
 
 bench_bin="$cache/llama.cpp-$llama_version/build/bin/llama-bench"
-if [ ! -x "$bench_bin" ]; then
+ppl_bin="$cache/llama.cpp-$llama_version/build/bin/llama-perplexity"
+if [ ! -x "$bench_bin" ] || [ ! -x "$ppl_bin" ]; then
   mkdir -p "$cache"
   models/.venv/bin/pip download --quiet --no-deps --no-binary :all: -d "$cache" "llama-cpp-python==$llama_version"
   rm -rf "$cache/src" && mkdir -p "$cache/src"
@@ -40,7 +41,7 @@ if [ ! -x "$bench_bin" ]; then
   cmake -S "$cache/llama.cpp-$llama_version" -B "$cache/llama.cpp-$llama_version/build" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$cache/llama.cpp-$llama_version/build" --target llama-bench -j "$(nproc)" >/dev/null
+  cmake --build "$cache/llama.cpp-$llama_version/build" --target llama-bench llama-perplexity -j "$(nproc)" >/dev/null
 fi
 
 tmax=${threads[-1]}
@@ -54,6 +55,11 @@ targs=(); for t in "${threads[@]}"; do targs+=(--threads "$t"); done
 target/release/fieldllmd bench --model "$artifact" "${targs[@]}" --reps 3 --json > "$out/fieldllm.json"
 /usr/bin/time -f '%M' -o "$out/llama.rss" "$bench_bin" -m "$gguf" -p 128 -n 128 -t "$tmax" -r 1 -o json > /dev/null
 /usr/bin/time -f '%M' -o "$out/fieldllm.rss" target/release/fieldllmd bench --model "$artifact" --threads "$tmax" --reps 1 --json > /dev/null
+# quality: llama-perplexity's measure on the same text and context, both engines
+ppl_text=${FIELDLLM_PPL_TEXT:-$root/LICENSE}
+"$ppl_bin" -m "$gguf" -f "$ppl_text" -c 512 -t "$tmax" 2>&1 | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' > "$out/llama.ppl"
+target/release/fieldllmd bench --model "$artifact" --perplexity "$ppl_text" --ctx 512 --threads "$tmax" \
+  --kl-divergence models/build/smollm2-135m-instruct --json > "$out/fieldllm.ppl.json"
 # load: process start to model ready, llama.cpp's from its own timing of a 1-token run
 python3 - "$out" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)" <<'PY'
 import json, sys
@@ -77,5 +83,10 @@ for row in fl["rows"]:
         print(f"| {t} | {kind}128 | {l:.1f} | {f:.1f} | {f / l:.2f}x |")
 print(f"| - | peak RSS MB | {rss_l:.0f} | {rss_f:.0f} | {rss_f / rss_l:.2f}x |")
 print(f"| - | fieldllmd load ms | - | {fl['rows'][-1]['load_ms']:.0f} | - |")
+pl = float(open(f"{out}/llama.ppl").read().strip() or "nan")
+pf = json.load(open(f"{out}/fieldllm.ppl.json"))
+print(f"| - | perplexity (ctx 512, {pf['chunks']} chunks) | {pl:.4f} | {pf['perplexity']:.4f} | {pf['perplexity'] / pl:.4f}x |")
+r = pf["reference"]
+print(f"fieldllmd vs its f32 model: f32 perplexity {r['perplexity']:.4f}, mean KLD {r['mean_kld']:.6f}, same top-1 {r['same_top1_pct']:.2f}%")
 PY
 echo "raw results: $out"

@@ -49,6 +49,20 @@ pub struct BenchArgs {
     /// With --service: tokens per answer.
     #[arg(long, default_value_t = 16, requires = "service")]
     max_tokens: u32,
+    /// Measure quality instead: perplexity on this text as llama.cpp's `llama-perplexity`
+    /// computes it (chunks of --ctx tokens, the second half of each scored).
+    #[arg(long, value_name = "FILE", conflicts_with = "service")]
+    perplexity: Option<std::path::PathBuf>,
+    /// With --perplexity: tokens per chunk.
+    #[arg(long, default_value_t = 512, requires = "perplexity")]
+    ctx: usize,
+    /// With --perplexity: score at most this many chunks (0: all).
+    #[arg(long, default_value_t = 0, requires = "perplexity")]
+    chunks: usize,
+    /// With --perplexity: also run this model (the f32 package of the same GGUF) and report the
+    /// mean KL divergence from it and how often both pick the same top token.
+    #[arg(long, value_name = "F32_MODEL", requires = "perplexity")]
+    kl_divergence: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +110,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             threads: a.threads.first().copied().unwrap_or(1),
         };
         return super::bench_service::run(b, &a.model.dir(), a.json);
+    }
+    if let Some(text) = &a.perplexity {
+        let q = super::bench_quality::QualityBench {
+            model: a.model.dir(),
+            text: text.clone(),
+            ctx: a.ctx,
+            chunks: a.chunks,
+            reference: a.kl_divergence.clone(),
+            threads: a.threads.first().copied().unwrap_or(2),
+        };
+        return super::bench_quality::run(q, a.json);
     }
     let threads = if a.threads.is_empty() {
         vec![1, 2]

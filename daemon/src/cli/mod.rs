@@ -2,6 +2,7 @@
 
 mod ask;
 mod bench;
+mod bench_quality;
 mod bench_service;
 mod model;
 mod serve;
