@@ -34,8 +34,13 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Every instruction set this CPU can run, the reference first.
-    pub fn available() -> Vec<Isa> {
+    /// Every instruction set this CPU can run, the reference first (detected once).
+    pub fn available() -> &'static [Isa] {
+        static AVAILABLE: OnceLock<Vec<Isa>> = OnceLock::new();
+        AVAILABLE.get_or_init(Isa::detect)
+    }
+
+    fn detect() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {

@@ -7,10 +7,10 @@
 //! dot-product), [`team`] (a two-thread split), and [`op`] (the tract ops and the import
 //! transform that installs them).
 //!
-//! Weight layout ("planes"): a `[n, k]` matrix (n output rows, k inputs, k a multiple of 32) is
-//! kept as the GGUF stored it, row after row of 32-value blocks, with each block's f16 scale
-//! (and Q4_1 minimum) widened to f32 into planes of their own: the quantized values are the
-//! GGUF's bytes unchanged, and the kernels never convert f16 in their inner loop.
+//! Weights come from the package as the GGUF stored them and are split into planes
+//! ([`OwnedWeights`]: values, f16 scales and minimums widened to f32; the reference form the
+//! tests and the import checks use), then packed for the kernels ([`packed`]: rows interleaved
+//! in groups of 8). Neither step changes a quantized value.
 
 // SIMD intrinsics, raw output pointers shared by threads that write disjoint columns, and a
 // job pointer handed to helper threads: each use carries its reason in a `Safety:` comment.
@@ -94,44 +94,7 @@ pub enum LayoutError {
     Shape(String),
 }
 
-impl<'a> Weights<'a> {
-    /// Checks every plane's length against the shape.
-    pub fn new(
-        kind: BlockKind,
-        n: usize,
-        k: usize,
-        qs: &'a [u8],
-        d: &'a [f32],
-        m: &'a [f32],
-    ) -> Result<Weights<'a>, LayoutError> {
-        if k == 0 || !k.is_multiple_of(BLOCK) {
-            return Err(LayoutError::Shape(format!(
-                "k = {k} is not a positive multiple of {BLOCK}"
-            )));
-        }
-        let blocks = n * (k / BLOCK);
-        let want_m = if kind == BlockKind::Q4_1 { blocks } else { 0 };
-        if qs.len() != blocks * kind.qs_bytes() || d.len() != blocks || m.len() != want_m {
-            return Err(LayoutError::Shape(format!(
-                "{} [{n}, {k}] needs {} value bytes, {blocks} scales and {want_m} minimums; \
-                 got {}, {} and {}",
-                kind.name(),
-                blocks * kind.qs_bytes(),
-                qs.len(),
-                d.len(),
-                m.len()
-            )));
-        }
-        Ok(Weights {
-            kind,
-            n,
-            k,
-            qs,
-            d,
-            m,
-        })
-    }
-
+impl Weights<'_> {
     /// Blocks per row.
     pub fn blocks_per_row(&self) -> usize {
         self.k / BLOCK
@@ -164,6 +127,16 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// `k` (inputs per row) must be a positive multiple of [`BLOCK`].
+pub fn check_k(k: usize) -> Result<(), LayoutError> {
+    if k == 0 || !k.is_multiple_of(BLOCK) {
+        return Err(LayoutError::Shape(format!(
+            "k = {k} is not a positive multiple of {BLOCK}"
+        )));
+    }
+    Ok(())
+}
+
 /// Owned planes, made from GGUF block bytes (the import) or kept by a test.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OwnedWeights {
@@ -190,11 +163,7 @@ impl OwnedWeights {
         k: usize,
         bytes: &[u8],
     ) -> Result<OwnedWeights, LayoutError> {
-        if k == 0 || !k.is_multiple_of(BLOCK) {
-            return Err(LayoutError::Shape(format!(
-                "k = {k} is not a positive multiple of {BLOCK}"
-            )));
-        }
+        check_k(k)?;
         let blocks = n * (k / BLOCK);
         let bb = kind.gguf_block_bytes();
         if bytes.len() != blocks * bb {
@@ -284,11 +253,6 @@ impl QuantizedActs {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
-    }
-
-    /// Blocks per row.
-    pub fn blocks_per_row(&self) -> usize {
-        self.k / BLOCK
     }
 }
 

@@ -16,7 +16,7 @@ use tract_nnef::internal as nnef;
 
 use super::kernel::{Isa, Out, gemm_into};
 use super::packed::{GROUP, Packed, group_block_bytes, pack};
-use super::team::{Team, split_rows};
+use super::team::{Team, part_of};
 use super::{BLOCK, BlockKind, OwnedWeights, QuantizedActs};
 
 /// `y[..., n] = x[..., k] . w[n, k]` (inputs: x, and `w` packed: u8 `[groups, k / 32, bytes]`,
@@ -113,10 +113,12 @@ impl EvalOp for GgmlMatMul {
             let acts = &*acts;
             match &self.team {
                 Some(team) if team.threads() > 1 && w.n >= 64 => {
-                    let parts: Vec<_> = split_rows(w.groups(), team.threads(), 1).collect();
+                    let (groups, threads) = (w.groups(), team.threads());
                     // Safety: each part writes its own rows' columns of `y`, alive until run
                     // returns
-                    team.run(&|p| unsafe { gemm_into(isa, &w, parts[p].clone(), acts, out) });
+                    team.run(&|p| unsafe {
+                        gemm_into(isa, &w, part_of(groups, threads, 1, p), acts, out)
+                    });
                 }
                 // Safety: this thread writes all of `y`
                 _ => unsafe { gemm_into(isa, &w, 0..w.groups(), acts, out) },
@@ -170,13 +172,14 @@ impl EvalOp for GgmlGather {
         ensure!(inputs.len() == 2, "GgmlGather inputs");
         let w = weights(self.kind, self.n, &inputs[1])?;
         let ids = inputs[0].cast_to::<i64>()?;
-        let ids = ids.try_as_plain_ram()?.as_slice::<i64>()?.to_vec();
+        let ids = ids.try_as_plain_ram()?;
+        let ids = ids.as_slice::<i64>()?;
         let mut shape: TVec<usize> = inputs[0].shape().into();
         shape.push(w.k);
         let mut y = Tensor::zero::<f32>(&shape)?;
         let mut plain = y.try_as_plain_ram_mut()?;
         let out = plain.as_slice_mut::<f32>()?;
-        for (row, &id) in out.chunks_exact_mut(w.k).zip(&ids) {
+        for (row, &id) in out.chunks_exact_mut(w.k).zip(ids) {
             // ONNX Gather: negative ids count from the end
             let r = if id < 0 { id + w.n as i64 } else { id };
             ensure!(

@@ -51,10 +51,9 @@ pub struct Packed<'a> {
 impl<'a> Packed<'a> {
     /// Checks the length against the shape.
     pub fn new(kind: BlockKind, n: usize, k: usize, bytes: &'a [u8]) -> Result<Self, LayoutError> {
-        if k == 0 || !k.is_multiple_of(BLOCK) || n == 0 {
-            return Err(LayoutError::Shape(format!(
-                "[{n}, {k}]: k must be a positive multiple of {BLOCK}, n positive"
-            )));
+        super::check_k(k)?;
+        if n == 0 {
+            return Err(LayoutError::Shape(format!("[{n}, {k}]: no rows")));
         }
         let want = n.div_ceil(GROUP) * (k / BLOCK) * group_block_bytes(kind);
         if bytes.len() != want {

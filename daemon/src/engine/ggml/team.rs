@@ -172,14 +172,20 @@ impl Drop for Team {
     }
 }
 
-/// Splits `n` rows into `parts` contiguous ranges, each but the last a multiple of `align`.
+/// Part `p` of `n` rows split into `parts` contiguous ranges, each but the last a multiple of
+/// `align`.
+pub fn part_of(n: usize, parts: usize, align: usize, p: usize) -> std::ops::Range<usize> {
+    let per = n.div_ceil(parts.max(1)).div_ceil(align) * align;
+    (p * per).min(n)..((p + 1) * per).min(n)
+}
+
+/// Every part of [`part_of`], in order.
 pub fn split_rows(
     n: usize,
     parts: usize,
     align: usize,
 ) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let per = n.div_ceil(parts.max(1)).div_ceil(align) * align;
-    (0..parts.max(1)).map(move |p| (p * per).min(n)..((p + 1) * per).min(n))
+    (0..parts.max(1)).map(move |p| part_of(n, parts, align, p))
 }
 
 #[cfg(test)]

@@ -148,7 +148,7 @@ fn every_kernel_matches_the_reference_on_awkward_sizes() {
                 let want = reference(&w.view(), &q);
                 let bytes = packed::pack(&w);
                 let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
-                for &isa in &isas {
+                for &isa in isas {
                     let mut got = vec![f32::NAN; rows * n];
                     gemm(isa, &p, &q, &mut got);
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -194,8 +194,7 @@ fn planes_check_their_sizes() {
     assert!(OwnedWeights::from_gguf(BlockKind::Q4_1, 2, 48, &[0; 60]).is_err());
     assert!(OwnedWeights::from_gguf(BlockKind::Q4_1, 2, 32, &[0; 39]).is_err());
     let w = OwnedWeights::from_gguf(BlockKind::Q8_0, 2, 32, &[0; 68]).unwrap();
-    assert!(Weights::new(BlockKind::Q8_0, 2, 32, &w.qs, &w.d[..1], &[]).is_err());
-    assert!(Weights::new(BlockKind::Q4_1, 2, 32, &w.qs[..32], &w.d, &w.d).is_ok());
+    assert_eq!((w.qs.len(), w.d.len(), w.m.len()), (64, 2, 0));
 }
 
 #[test]
