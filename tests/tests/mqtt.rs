@@ -405,10 +405,9 @@ async fn fifty_requests_from_five_clients_against_a_queue_of_eight() {
     }
     assert_eq!(busy + done, 50, "none lost");
     assert!(busy > 0, "a queue of 8 took all 50");
-    assert!(
-        done >= 9,
-        "at least the queue and the running one complete: {done}"
-    );
+    // `queue = 8` bounds the requests waiting; whether the worker has taken the first
+    // off the queue before the ninth arrives is a race, so only the 8 are certain.
+    assert!(done >= 8, "at least the queue's eight complete: {done}");
     for c in clients.iter_mut() {
         assert!(
             c.try_next(Duration::from_millis(500)).await.is_none(),
