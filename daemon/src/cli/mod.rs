@@ -111,7 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 #[derive(Debug, clap::Args)]
 pub struct ModelArg {
     /// Model package or artifact directory [default: $FIELDLLM_MODEL, the installed model, or
-    /// models/build/smollm2-135m-instruct.f16].
+    /// models/build/smollm2-135m-instruct.gguf].
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 }

@@ -15,7 +15,8 @@ pub enum ModelCommand {
         src: PathBuf,
         /// Artifact directory to create (must not exist).
         out: PathBuf,
-        /// Run-time weight format: f32 or f16.
+        /// Run-time weight format: f32, f16, or gguf (the GGUF's own blocks; a package converted
+        /// with them, as models/setup.sh makes the deployed SmolLM2).
         #[arg(long, default_value = "f16")]
         weights: WeightFormat,
     },

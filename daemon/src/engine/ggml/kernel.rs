@@ -200,7 +200,7 @@ impl Out {
 }
 
 /// Walks row groups `groups` and all activation rows, 4 activation rows at a time while there
-/// are, calling `tile::<C>(g, c0)`. Shared by every SIMD kernel.
+/// are, then 2, then 1, calling `tile::<C>(g, c0)`. Shared by every SIMD kernel.
 macro_rules! drive_tiles {
     ($tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
         let (w, x, out) = ($w, $x, $out);
@@ -210,6 +210,10 @@ macro_rules! drive_tiles {
             while c + 4 <= x.rows {
                 $tile::<4>(w, g, x, c, out);
                 c += 4;
+            }
+            if c + 2 <= x.rows {
+                $tile::<2>(w, g, x, c, out);
+                c += 2;
             }
             while c < x.rows {
                 $tile::<1>(w, g, x, c, out);

@@ -27,13 +27,16 @@ pub struct GgmlMatMul {
     pub kind: BlockKind,
     /// Rows of `w` (the packed form pads them to a multiple of 8).
     pub n: usize,
+    /// Activations quantized with their remainder (see
+    /// [`QuantizedActs::quantize_with_remainder`]): twice the arithmetic, 15-bit activations.
+    pub precise: bool,
     /// Threads that split the rows; set after loading (none: this thread only).
     pub team: Option<Arc<Team>>,
 }
 
 impl PartialEq for GgmlMatMul {
     fn eq(&self, other: &Self) -> bool {
-        (self.kind, self.n) == (other.kind, other.n)
+        (self.kind, self.n, self.precise) == (other.kind, other.n, other.precise)
     }
 }
 
@@ -75,8 +78,9 @@ fn weights(kind: BlockKind, n: usize, input: &TValue) -> TractResult<Packed<'_>>
 }
 
 thread_local! {
-    // activations of the op this thread is evaluating: reused, so a decode step allocates none
-    static ACTS: std::cell::RefCell<QuantizedActs> = std::cell::RefCell::default();
+    // activations of the op this thread is evaluating, and the two halves of a precise
+    // product: reused, so a decode step allocates none
+    static ACTS: std::cell::RefCell<(QuantizedActs, Vec<f32>)> = std::cell::RefCell::default();
 }
 
 impl Op for GgmlMatMul {
@@ -105,10 +109,17 @@ impl EvalOp for GgmlMatMul {
             *last = w.n;
         }
         let mut y = Tensor::zero::<f32>(&shape)?;
-        ACTS.with_borrow_mut(|acts| {
-            acts.quantize(x, rows, w.k);
+        ACTS.with_borrow_mut(|(acts, halves)| {
             let mut plain = y.try_as_plain_ram_mut()?;
-            let out = Out::new(plain.as_slice_mut::<f32>()?, rows, w.n);
+            let y = plain.as_slice_mut::<f32>()?;
+            let out = if self.precise {
+                acts.quantize_with_remainder(x, rows, w.k);
+                halves.resize(2 * y.len(), 0.0);
+                Out::new(halves, 2 * rows, w.n)
+            } else {
+                acts.quantize(x, rows, w.k);
+                Out::new(y, rows, w.n)
+            };
             let isa = Isa::best();
             let acts = &*acts;
             match &self.team {
@@ -122,6 +133,12 @@ impl EvalOp for GgmlMatMul {
                 }
                 // Safety: this thread writes all of `y`
                 _ => unsafe { gemm_into(isa, &w, 0..w.groups(), acts, out) },
+            }
+            if self.precise {
+                let (value, rest) = halves.split_at(y.len());
+                for ((y, v), r) in y.iter_mut().zip(value).zip(rest) {
+                    *y = v + r;
+                }
             }
             TractResult::Ok(())
         })?;
@@ -214,6 +231,7 @@ pub fn registry() -> nnef::Registry {
         nnef::TypeName::Scalar.tensor().named("input"),
         nnef::TypeName::Scalar.tensor().named("w"),
         nnef::TypeName::Integer.named("rows"),
+        nnef::TypeName::Logical.named("precise").default(false),
     ];
     let out = [("output", nnef::TypeName::Scalar.tensor())];
     let prims: [(&str, nnef::ToTract); 4] = [
@@ -239,6 +257,7 @@ pub fn registry() -> nnef::Registry {
             node,
             format!("fieldllm_matmul_{}", op.kind.name().to_lowercase()),
             op.n,
+            op.precise,
         )
     });
     reg.register_dumper(|ast, node, op: &GgmlGather| {
@@ -247,6 +266,7 @@ pub fn registry() -> nnef::Registry {
             node,
             format!("fieldllm_gather_{}", op.kind.name().to_lowercase()),
             op.n,
+            false,
         )
     });
     reg
@@ -257,13 +277,14 @@ fn dump(
     node: &TypedNode,
     prim: String,
     rows: usize,
+    precise: bool,
 ) -> TractResult<Option<Arc<nnef::RValue>>> {
     let inputs: Vec<_> = node.inputs.iter().map(|i| ast.mapping[i].clone()).collect();
-    Ok(Some(nnef::invocation(
-        &prim,
-        &inputs,
-        &[("rows", nnef::numeric(rows))],
-    )))
+    let mut attrs = vec![("rows", nnef::numeric(rows))];
+    if precise {
+        attrs.push(("precise", nnef::logical(true)));
+    }
+    Ok(Some(nnef::invocation(&prim, &inputs, &attrs)))
 }
 
 fn deser(
@@ -280,10 +301,12 @@ fn deser(
     if gather {
         builder.wire(GgmlGather { kind, n }, &[input, w])
     } else {
+        let precise: bool = invocation.named_arg_as(builder, "precise")?;
         builder.wire(
             GgmlMatMul {
                 kind,
                 n,
+                precise,
                 team: None,
             },
             &[input, w],
@@ -317,6 +340,8 @@ pub struct BlockTensor {
     pub key: u64,
     /// The weight, `[n out, k in]`.
     pub weights: Arc<OwnedWeights>,
+    /// Products with it take their activations to 15 bits (see [`GgmlMatMul::precise`]).
+    pub precise: bool,
 }
 
 /// Replaces every product with (and lookup in) a named constant by the ops above, after
@@ -367,6 +392,7 @@ pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractR
                 Box::new(GgmlMatMul {
                     kind: w.kind,
                     n: w.n,
+                    precise: t.precise,
                     team: None,
                 })
             } else if let Some(g) = node.op_as::<Gather>() {
@@ -503,10 +529,12 @@ mod tests {
         OwnedWeights::from_gguf(kind, n, k, &bytes).unwrap()
     }
 
-    /// x @ W and W[ids] in f32 against the same graph after `install_blocks`.
+    /// x @ W and W[ids] in f32 against the same graph after `install_blocks`, with 8-bit and
+    /// with 15-bit (precise) activations.
     #[test]
     fn installed_ops_compute_what_the_f32_graph_did() {
-        for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+        let cases = [BlockKind::Q4_1, BlockKind::Q8_0].map(|k| [(k, false), (k, true)]);
+        for (kind, precise) in cases.into_iter().flatten() {
             let (n, k) = (200, 576);
             let w = Arc::new(random_weights(kind, n, k, 7));
             let mut dense = vec![0f32; n * k];
@@ -549,11 +577,13 @@ mod tests {
                     name: "table".into(),
                     key: 0,
                     weights: w.clone(),
+                    precise,
                 },
                 BlockTensor {
                     name: "wk".into(),
                     key: 0,
                     weights: w.clone(),
+                    precise,
                 },
             ];
             install_blocks(&mut model, &tensors).unwrap();
@@ -574,9 +604,13 @@ mod tests {
             );
             assert_eq!(g.len(), e.len());
             let max = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // 8-bit activations: about 1% of the magnitude; with their remainder, 1/254 of that
+            let tolerance = if precise { 1e-4 } else { 1e-2 } * max;
             for (i, (a, b)) in g.iter().zip(&e).enumerate() {
-                // the activations are quantized to 8 bits: about 1% of the magnitude
-                assert!((a - b).abs() <= 0.01 * max, "{kind:?} [{i}]: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= tolerance,
+                    "{kind:?} precise {precise} [{i}]: {a} vs {b}"
+                );
             }
         }
     }

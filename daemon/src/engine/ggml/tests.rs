@@ -126,6 +126,25 @@ fn quantized_activations_are_within_half_a_step() {
 }
 
 #[test]
+fn a_remainder_row_brings_the_activations_to_15_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (rows, k) = (3, 96);
+    let x = random_acts(&mut rng, rows, k);
+    let mut q = QuantizedActs::default();
+    q.quantize_with_remainder(&x, rows, k);
+    assert_eq!((q.rows, q.k), (2 * rows, k));
+    let half = rows * k / BLOCK;
+    for (i, v) in x.iter().enumerate() {
+        let (b, r) = (i / BLOCK, half + i / BLOCK);
+        let first = q.d[b] * q.qs[i] as f32;
+        let both = first + q.d[r] * q.qs[rows * k + i] as f32;
+        // the remainder is at most half a step, quantized in 127 steps of its own
+        assert!((both - v).abs() <= q.d[b] / 254.0 * 0.51 + 1e-7, "x[{i}]");
+        assert!((both - v).abs() <= (first - v).abs(), "x[{i}]");
+    }
+}
+
+#[test]
 fn every_kernel_matches_the_reference_on_awkward_sizes() {
     let isas = Isa::available();
     eprintln!("kernels on this CPU: {isas:?}");

@@ -1,7 +1,7 @@
 # nooelint: oelint.var.bbclassextend - architecture-independent data for the target image
 SUMMARY = "SmolLM2-135M-Instruct model package for fieldllmd"
-DESCRIPTION = "The deployable fieldllm artifact of SmolLM2-135M-Instruct (tract NNEF, f16 \
-               weights, tokenizer, chat template, manifest with the sha256 of every file), \
+DESCRIPTION = "The deployable fieldllm artifact of SmolLM2-135M-Instruct (tract NNEF with the \
+               GGUF's own Q4_1/Q8_0 weight blocks, tokenizer, chat template, manifest with the sha256 of every file), \
                installed where fieldllmd looks for its default model."
 # nooelint: oelint.vars.homepageping - CI runs offline
 HOMEPAGE = "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -17,7 +17,7 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7ca
 # needs PyPI packages a Yocto build does not have); put the tarball in files/ next to this
 # recipe or in a layer of your own (FILESEXTRAPATHS). Every file is checked against the
 # manifest's sha256 when fieldllmd loads it.
-SRC_URI = "file://smollm2-135m-instruct.f16.tar.gz;subdir=model"
+SRC_URI = "file://smollm2-135m-instruct.gguf.tar.gz;subdir=model"
 
 S = "${WORKDIR}/model"
 
@@ -28,7 +28,7 @@ do_compile[noexec] = "1"
 
 do_install() {
     install -d ${D}${datadir}/fieldllm/models/smollm2-135m-instruct
-    cp -R --no-preserve=ownership ${S}/smollm2-135m-instruct.f16/. \
+    cp -R --no-preserve=ownership ${S}/smollm2-135m-instruct.gguf/. \
         ${D}${datadir}/fieldllm/models/smollm2-135m-instruct/
 }
 
