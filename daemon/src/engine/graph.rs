@@ -55,6 +55,8 @@ pub struct Model {
     pub context_length: usize,
     /// Time spent in [`Model::load`].
     pub load_time: Duration,
+    /// Threads it was loaded to use.
+    pub threads: usize,
 }
 
 fn nnef() -> Nnef {
@@ -226,6 +228,7 @@ impl Model {
             vocab,
             context_length,
             load_time: start.elapsed(),
+            threads: options.threads,
         }))
     }
 

@@ -23,6 +23,22 @@ pub enum FeedError {
     Engine(#[from] EngineError),
 }
 
+/// Whether tract's flash attention spreads its heads over rayon's global pool (all cores,
+/// whatever `threads` says). Worth it for a prefill chunk; for one token the wake-ups cost more
+/// than 9 tiny heads gain, and rayon's idle workers spin on `sched_yield` over the cores our own
+/// split needs: single-threaded heads measured decode +30% at 1 thread, +5% at 2
+/// (docs/performance.md). The knob is process-wide: sessions switching it concurrently only
+/// change how the heads are scheduled, never a result (each head is computed the same way).
+fn heads_in_parallel(on: bool) {
+    use tract_transformers::ops::flash_sdpa::TRACT_FLASH_SDPA_ST;
+    static CURRENT: std::sync::Mutex<Option<bool>> = std::sync::Mutex::new(None);
+    let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if *current != Some(on) {
+        TRACT_FLASH_SDPA_ST.set(!on);
+        *current = Some(on);
+    }
+}
+
 /// One conversation. Owns its KV cache; sessions of one model are independent.
 #[derive(Debug)]
 pub struct Session {
@@ -87,6 +103,7 @@ impl Session {
     }
 
     fn run(&mut self, chunk: &[u32]) -> Result<Vec<f32>, EngineError> {
+        heads_in_parallel(self.model.threads > 1 && chunk.len() > 1);
         let ids: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
         let input = Tensor::from_shape(&[1, ids.len()], &ids).map_err(EngineError::graph)?;
         let out = self

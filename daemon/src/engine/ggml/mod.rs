@@ -271,10 +271,13 @@ fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
     let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    // Round to nearest, ties to even, by adding and removing 1.5 * 2^23 (exact for |v| < 2^22,
+    // and |v * id| <= 127): `f32::round` is a libm call on baseline x86-64, 3% of decode.
+    const MAGIC: f32 = 12_582_912.0;
     let mut sum = 0i32;
     for (qi, v) in q.iter_mut().zip(xb) {
         // NaN stays NaN-free here (as 0): a NaN activation already poisons d
-        let r = (v * id).round() as i32;
+        let r = ((v * id + MAGIC) - MAGIC) as i32;
         *qi = r as i8;
         sum += r;
     }
