@@ -126,6 +126,29 @@ fn quantized_activations_are_within_half_a_step() {
 }
 
 #[test]
+fn rounding_is_f32_round() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut ys: Vec<f32> = (0..10_000).map(|_| uniform(&mut rng) * 130.0).collect();
+    let below_half = f32::from_bits(0.5f32.to_bits() - 1);
+    ys.extend([
+        0.5,
+        -0.5,
+        1.5,
+        -2.5,
+        below_half,
+        -below_half,
+        126.5,
+        -127.0,
+        0.0,
+        -0.0,
+    ]);
+    for y in ys {
+        assert_eq!(super::round_half_away(y), y.round() as i32, "{y}");
+    }
+    assert_eq!(super::round_half_away(f32::NAN), 0);
+}
+
+#[test]
 fn a_remainder_row_brings_the_activations_to_15_bits() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (rows, k) = (3, 96);
