@@ -125,13 +125,13 @@ impl EvalOp for GgmlMatMul {
             match &self.team {
                 Some(team) if team.threads() > 1 && w.n >= 64 => {
                     let (groups, threads) = (w.groups(), team.threads());
-                    // Safety: each part writes its own rows' columns of `y`, alive until run
-                    // returns
+                    // Safety: each part writes its own rows' columns of `out` (`y` or `halves`),
+                    // alive until run returns
                     team.run(&|p| unsafe {
                         gemm_into(isa, &w, part_of(groups, threads, 1, p), acts, out)
                     });
                 }
-                // Safety: this thread writes all of `y`
+                // Safety: this thread writes all of `out`
                 _ => unsafe { gemm_into(isa, &w, 0..w.groups(), acts, out) },
             }
             if self.precise {
