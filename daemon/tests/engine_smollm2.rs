@@ -94,14 +94,14 @@ fn teacher_forced(model: &std::sync::Arc<Model>, ids: &[u32]) -> Forced {
 
 /// Weights as the GGUF's 4-bit blocks, activations quantized to 8 bits (15 for the attention
 /// projections) stay close to the f32 model: the bar is 95% top-1 agreement (this
-/// build: 97.7%, 250 of 256).
+/// build: see the test output; 512 tokens, as 256 moved by ±2% with the order of f32 additions).
 #[test]
-fn deployed_artifact_keeps_f32_quality_on_a_256_token_passage() {
+fn deployed_artifact_keeps_f32_quality_on_a_512_token_passage() {
     quality_on_the_passage(ARTIFACT, 0.95);
 }
 
 #[test]
-fn f16_artifact_keeps_f32_quality_on_a_256_token_passage() {
+fn f16_artifact_keeps_f32_quality_on_a_512_token_passage() {
     quality_on_the_passage(F16, 0.95);
 }
 
@@ -114,8 +114,8 @@ fn quality_on_the_passage(artifact_name: &str, min_agreement: f64) {
     let f32 = load(F32);
     let mut ids = vec![f32.manifest().tokens.bos];
     ids.extend(f32.tokenizer.encode(&passage).unwrap());
-    assert!(ids.len() >= 257, "passage has only {} tokens", ids.len());
-    ids.truncate(257);
+    assert!(ids.len() >= 513, "passage has only {} tokens", ids.len());
+    ids.truncate(513);
     let reference = teacher_forced(&f32, &ids);
     drop(f32);
     let artifact = load(artifact_name);
@@ -130,7 +130,7 @@ fn quality_on_the_passage(artifact_name: &str, min_agreement: f64) {
     let ppl = |f: &Forced| (f.nll.iter().sum::<f64>() / f.nll.len() as f64).exp();
     let (p32, pdep) = (ppl(&reference), ppl(&deployed));
     eprintln!(
-        "256 tokens: top-1 agreement {:.1}%, perplexity f32 {p32:.3}, {} {pdep:.3} ({:+.2}%)",
+        "512 tokens: top-1 agreement {:.1}%, perplexity f32 {p32:.3}, {} {pdep:.3} ({:+.2}%)",
         agreement * 100.0,
         artifact.manifest().graph.weights,
         (pdep / p32 - 1.0) * 100.0
