@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use fieldllmd::engine::sampler::argmax;
+use fieldllmd::engine::session::OpProfile;
 use fieldllmd::engine::{LoadOptions, Model, Session};
 use serde::Serialize;
 
@@ -30,6 +31,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time every op of the decode graph and print where a token's time goes, by op.
+    #[arg(long, conflicts_with = "json")]
+    profile: bool,
     /// Measure the MQTT service instead: the same requests in-process and through this broker
     /// to a running `fieldllmd serve` (same model), side by side.
     #[arg(long, value_name = "mqtt://HOST:PORT")]
@@ -134,6 +138,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let dir = a.model.dir();
     let never = AtomicBool::new(false);
     let mut rows = Vec::new();
+    let mut profiles = Vec::new();
     let mut name = String::new();
     let mut weights = String::new();
     for &t in &threads {
@@ -170,6 +175,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
             tg.push(a.generate as f64 / start.elapsed().as_secs_f64());
         }
+        if a.profile {
+            profiles.push((t, profile_decode(&model, ids[0], a.generate)?));
+        }
         rows.push(Row {
             threads: t,
             load_ms: model.load_time.as_secs_f64() * 1e3,
@@ -204,5 +212,42 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             r.threads, r.load_ms, r.prefill_tok_s, r.decode_tok_s
         );
     }
+    for (t, table) in profiles {
+        println!("\ndecode profile, {t} thread(s), per token:\n{table}");
+    }
     Ok(())
+}
+
+/// Decodes `n` tokens after `first` with every node timed; a table of the ops by time per
+/// token, with what the graph's run spent outside the ops (the executor, state handling).
+fn profile_decode(model: &std::sync::Arc<Model>, first: u32, n: usize) -> anyhow::Result<String> {
+    let never = AtomicBool::new(false);
+    let mut s = Session::new(model)?;
+    let mut logits = s.feed(&[first], &never)?;
+    let mut profile = OpProfile::default();
+    let start = Instant::now();
+    for _ in 0..n {
+        let next = argmax(&logits);
+        logits = s.feed_profiled(&[next], &mut profile)?;
+    }
+    let total = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let mut ops: Vec<_> = profile.ops.into_iter().collect();
+    ops.sort_by_key(|(_, (_, time))| std::cmp::Reverse(*time));
+    let mut out = String::from("| op | nodes | µs | share |\n|---|--:|--:|--:|\n");
+    let mut in_ops = 0.0;
+    for (op, (count, time)) in ops {
+        let us = time.as_secs_f64() * 1e6 / n as f64;
+        in_ops += us;
+        out += &format!(
+            "| {op} | {} | {us:.1} | {:.1}% |\n",
+            count / n as u64,
+            100.0 * us / total
+        );
+    }
+    out += &format!(
+        "| (outside the ops) | - | {:.1} | {:.1}% |\n| total | - | {total:.1} | 100% |",
+        total - in_ops,
+        100.0 * (total - in_ops) / total
+    );
+    Ok(out)
 }

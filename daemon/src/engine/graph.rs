@@ -16,6 +16,7 @@ use tract_onnx::prelude::InferenceModelExt;
 use tract_transformers::WithTractTransformers;
 
 use super::EngineError;
+use super::attention;
 use super::chat::{ChatTemplate, Message};
 use super::ggml;
 use super::package::{GraphFormat, Manifest, Package, WeightFormat};
@@ -189,8 +190,17 @@ impl Model {
 
         let typed = typed_for_run(&package)?;
         let mut optimized = typed.into_optimized().map_err(EngineError::graph)?;
-        ggml::op::install_team(&mut optimized, options.threads);
+        let team = (options.threads > 1).then(|| Arc::new(ggml::team::Team::new(options.threads)));
+        ggml::op::install_team(&mut optimized, team.as_ref());
+        attention::install(&mut optimized, team.as_ref());
         check_io(&optimized, m)?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let mut ops = std::collections::BTreeMap::<String, usize>::new();
+            for node in optimized.nodes() {
+                *ops.entry(node.op.name().to_string()).or_default() += 1;
+            }
+            tracing::debug!(?ops, "optimized graph");
+        }
         let executor = if options.threads > 1 {
             Some(Executor::multithread(options.threads))
         } else {

@@ -4,6 +4,7 @@
 //! [`generate::Event`]s through a callback. A [`Model`] is loaded once and shared; each
 //! conversation owns a [`Session`] holding its KV cache.
 
+pub mod attention;
 pub mod chat;
 pub mod generate;
 pub mod ggml;

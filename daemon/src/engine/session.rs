@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tract_core::internal::*;
 use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
 
+use super::attention::KvAttentionState;
 use super::{EngineError, Model};
 
 /// Prefill is run in chunks of this many tokens so a cancel is seen between chunks and the
@@ -37,6 +38,13 @@ fn heads_in_parallel(on: bool) {
         TRACT_FLASH_SDPA_ST.set(!on);
         *current = Some(on);
     }
+}
+
+/// Wall time spent in each kind of op over profiled runs ([`Session::feed_profiled`]).
+#[derive(Debug, Default)]
+pub struct OpProfile {
+    /// Op name -> (nodes evaluated, total time).
+    pub ops: std::collections::BTreeMap<String, (u64, std::time::Duration)>,
 }
 
 /// One conversation. Owns its KV cache; sessions of one model are independent.
@@ -97,19 +105,50 @@ impl Session {
             if cancel.load(Ordering::Relaxed) {
                 return Err(FeedError::Cancelled);
             }
-            logits = Some(self.run(chunk)?);
+            logits = Some(self.run(chunk, None)?);
         }
         logits.ok_or(FeedError::Engine(EngineError::EmptyPrompt))
     }
 
-    fn run(&mut self, chunk: &[u32]) -> Result<Vec<f32>, EngineError> {
+    /// As [`Session::feed`] for one chunk (at most [`PREFILL_CHUNK`] tokens, no cancel),
+    /// timing every node of the graph into `profile`: where a token's time goes, by op.
+    pub fn feed_profiled(
+        &mut self,
+        tokens: &[u32],
+        profile: &mut OpProfile,
+    ) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() || tokens.len() > PREFILL_CHUNK.min(self.remaining()) {
+            return Err(EngineError::InvalidParam(format!(
+                "a profiled run takes 1 to {} tokens",
+                PREFILL_CHUNK.min(self.remaining())
+            )));
+        }
+        self.run(tokens, Some(profile))
+    }
+
+    fn run(
+        &mut self,
+        chunk: &[u32],
+        profile: Option<&mut OpProfile>,
+    ) -> Result<Vec<f32>, EngineError> {
         heads_in_parallel(self.model.threads > 1 && chunk.len() > 1);
         let ids: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
         let input = Tensor::from_shape(&[1, ids.len()], &ids).map_err(EngineError::graph)?;
-        let out = self
-            .state
-            .run(tvec![input.into_tvalue()])
-            .map_err(EngineError::graph)?;
+        let input = tvec![input.into_tvalue()];
+        let out = match profile {
+            None => self.state.run(input),
+            Some(p) => self
+                .state
+                .run_plan_with_eval(input, |ctx, state, node, inputs| {
+                    let start = std::time::Instant::now();
+                    let out = tract_core::plan::eval(ctx, state, node, inputs);
+                    let entry = p.ops.entry(node.op.name().to_string()).or_default();
+                    entry.0 += 1;
+                    entry.1 += start.elapsed();
+                    out
+                }),
+        }
+        .map_err(EngineError::graph)?;
         self.tokens.extend_from_slice(chunk);
         let logits = out[0].cast_to::<f32>().map_err(EngineError::graph)?;
         let view = logits.try_as_plain_ram().map_err(EngineError::graph)?;
@@ -138,6 +177,9 @@ impl Session {
         for op in self.state.op_states.iter_mut().flatten() {
             if let Some(kv) = op.downcast_mut::<DynKeyValueCacheState>() {
                 kv.truncate(len).map_err(EngineError::graph)?;
+                found += 1;
+            } else if let Some(kv) = op.downcast_mut::<KvAttentionState>() {
+                kv.truncate(len);
                 found += 1;
             }
         }

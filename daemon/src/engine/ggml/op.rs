@@ -314,12 +314,11 @@ fn deser(
     }
 }
 
-/// Gives every [`GgmlMatMul`] of a loaded model the same team of `threads`.
-pub fn install_team(model: &mut TypedModel, threads: usize) {
-    let team = (threads > 1).then(|| Arc::new(Team::new(threads)));
+/// Gives every [`GgmlMatMul`] of a loaded model the same team.
+pub fn install_team(model: &mut TypedModel, team: Option<&Arc<Team>>) {
     for node in &mut model.nodes {
         if let Some(op) = node.op_as_mut::<GgmlMatMul>() {
-            op.team = team.clone();
+            op.team = team.cloned();
         }
     }
 }

@@ -1,0 +1,341 @@
+//! [`KvAttention`] against attention written out in f64 over the whole history, for decode
+//! steps, prompt chunks, masks, grouped heads, teams and truncation.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+use super::kernel::{self, Rows};
+use super::*;
+
+fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_u32() as f64 / u32::MAX as f64 * 4.0 - 2.0) as f32)
+        .collect()
+}
+
+fn op(team: Option<Arc<Team>>) -> KvAttention {
+    KvAttention {
+        name: "kv".into(),
+        past_sequence_fact: f32::fact([1usize, 2, 0, 8].as_ref()),
+        causal: true,
+        scale: None,
+        team,
+    }
+}
+
+fn new_state(op: &KvAttention) -> Box<dyn OpState> {
+    op.state(&EvalContext::out_of_plan())
+        .unwrap()
+        .expect("the op keeps a state")
+}
+
+/// The history a test feeds, kept whole for the reference: `[position][kv head][d]`.
+#[derive(Default)]
+struct History {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+}
+
+/// Attention of `q [heads, s, d]` (its queries at positions `past..past + s`) over `h`, causal,
+/// with an additive mask `[1 | heads, s, len]` if given, in f64.
+fn reference(
+    h: &History,
+    q: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    s: usize,
+    d: usize,
+    mask: Option<(&[f32], bool)>,
+) -> Vec<f32> {
+    let past = h.len - s;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; heads * s * d];
+    for hd in 0..heads {
+        let g = hd / (heads / kv_heads);
+        for i in 0..s {
+            let qi = &q[(hd * s + i) * d..(hd * s + i + 1) * d];
+            let visible = if mask.is_some() { h.len } else { past + i + 1 };
+            let scores: Vec<f64> = (0..visible)
+                .map(|j| {
+                    let kj = &h.k[(j * kv_heads + g) * d..(j * kv_heads + g + 1) * d];
+                    let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let m = mask.map_or(0.0, |(m, per_head)| {
+                        let mh = if per_head { hd } else { 0 };
+                        m[(mh * s + i) * h.len + j] as f64
+                    });
+                    dot * scale + m
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for e in 0..d {
+                let acc: f64 = (0..visible)
+                    .map(|j| w[j] / sum * h.v[(j * kv_heads + g) * d + e] as f64)
+                    .sum();
+                out[(hd * s + i) * d + e] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Feeds `s` new positions; returns (got, want).
+#[allow(clippy::too_many_arguments)]
+fn step(
+    rng: &mut ChaCha8Rng,
+    op: &KvAttention,
+    state: &mut Box<dyn OpState>,
+    h: &mut History,
+    heads: usize,
+    kv_heads: usize,
+    s: usize,
+    d: usize,
+    mask: Option<bool>,
+) -> (Vec<f32>, Vec<f32>) {
+    let q = random(rng, heads * s * d);
+    let (k, v) = (random(rng, kv_heads * s * d), random(rng, kv_heads * s * d));
+    for pos in 0..s {
+        for g in 0..kv_heads {
+            h.k.extend_from_slice(&k[(g * s + pos) * d..(g * s + pos + 1) * d]);
+            h.v.extend_from_slice(&v[(g * s + pos) * d..(g * s + pos + 1) * d]);
+        }
+    }
+    h.len += s;
+    let mut inputs = tvec![
+        Tensor::from_shape(&[1, heads, s, d], &q)
+            .unwrap()
+            .into_tvalue(),
+        Tensor::from_shape(&[1, kv_heads, s, d], &k)
+            .unwrap()
+            .into_tvalue(),
+        Tensor::from_shape(&[1, kv_heads, s, d], &v)
+            .unwrap()
+            .into_tvalue(),
+    ];
+    let mask_values = mask.map(|per_head| {
+        let mh = if per_head { heads } else { 1 };
+        // hides about a third of the keys, never all of a row
+        let m: Vec<f32> = (0..mh * s * h.len)
+            .map(|i| {
+                if i % h.len != 0 && rng.next_u32().is_multiple_of(3) {
+                    -1e4
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        inputs.push(
+            Tensor::from_shape(&[1, mh, s, h.len], &m)
+                .unwrap()
+                .into_tvalue(),
+        );
+        (m, per_head)
+    });
+    let got = state
+        .eval(&EvalContext::out_of_plan(), op, inputs)
+        .unwrap()
+        .remove(0);
+    assert_eq!(got.shape(), &[1, heads, s, d]);
+    let got = floats(&got).unwrap().to_vec();
+    let want = reference(
+        h,
+        &q,
+        heads,
+        kv_heads,
+        s,
+        d,
+        mask_values.as_ref().map(|(m, p)| (&m[..], *p)),
+    );
+    (got, want)
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-4, "{what}: max error {err}");
+}
+
+#[test]
+fn decode_steps_match_the_reference_with_grouped_heads_and_teams() {
+    for (threads, heads, kv_heads, d) in [(1, 9, 3, 64), (2, 9, 3, 64), (3, 4, 1, 13), (2, 2, 2, 8)]
+    {
+        let mut rng = ChaCha8Rng::seed_from_u64(threads as u64 * 100 + heads as u64);
+        let team = (threads > 1).then(|| Arc::new(Team::new(threads)));
+        let op = op(team);
+        let mut state = new_state(&op);
+        let mut h = History::default();
+        for t in 0..40 {
+            let (got, want) = step(
+                &mut rng, &op, &mut state, &mut h, heads, kv_heads, 1, d, None,
+            );
+            assert_close(&got, &want, &format!("{threads} threads, step {t}"));
+        }
+    }
+}
+
+#[test]
+fn prompt_chunks_then_decode_match_the_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let op = op(Some(Arc::new(Team::new(2))));
+    let mut state = new_state(&op);
+    let mut h = History::default();
+    for (i, s) in [37, 1, 5, 33, 1, 1].into_iter().enumerate() {
+        let (got, want) = step(&mut rng, &op, &mut state, &mut h, 6, 2, s, 16, None);
+        assert_close(&got, &want, &format!("chunk {i} of {s}"));
+    }
+}
+
+#[test]
+fn masks_shared_or_per_head_are_added_to_the_scores() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for per_head in [false, true] {
+        let op = op(Some(Arc::new(Team::new(2))));
+        let mut state = new_state(&op);
+        let mut h = History::default();
+        for s in [4, 1, 1, 3, 1] {
+            let (got, want) = step(
+                &mut rng,
+                &op,
+                &mut state,
+                &mut h,
+                4,
+                2,
+                s,
+                8,
+                Some(per_head),
+            );
+            assert_close(&got, &want, &format!("mask per head {per_head}, chunk {s}"));
+        }
+    }
+}
+
+#[test]
+fn truncating_forgets_the_tail_exactly() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let op = op(None);
+    let mut state = new_state(&op);
+    let mut h = History::default();
+    step(&mut rng, &op, &mut state, &mut h, 4, 2, 10, 8, None);
+    step(&mut rng, &op, &mut state, &mut h, 4, 2, 1, 8, None);
+    let kv = state.downcast_mut::<KvAttentionState>().unwrap();
+    assert_eq!(kv.len(), 11);
+    kv.truncate(6);
+    kv.truncate(20); // longer than the cache: nothing to forget
+    assert_eq!(kv.len(), 6);
+    h.len = 6;
+    h.k.truncate(6 * 2 * 8);
+    h.v.truncate(6 * 2 * 8);
+    for t in 0..3 {
+        let (got, want) = step(&mut rng, &op, &mut state, &mut h, 4, 2, 1, 8, None);
+        assert_close(&got, &want, &format!("after truncate, step {t}"));
+    }
+}
+
+#[test]
+fn shapes_that_do_not_fit_are_errors() {
+    let op = op(None);
+    let mut state = new_state(&op);
+    let t = |shape: &[usize]| Tensor::zero::<f32>(shape).unwrap().into_tvalue();
+    let ctx = EvalContext::out_of_plan();
+    // K heads do not divide Q heads
+    assert!(
+        state
+            .eval(
+                &ctx,
+                &op,
+                tvec![t(&[1, 4, 1, 8]), t(&[1, 3, 1, 8]), t(&[1, 3, 1, 8])]
+            )
+            .is_err()
+    );
+    // head dims differ
+    assert!(
+        state
+            .eval(
+                &ctx,
+                &op,
+                tvec![t(&[1, 4, 1, 8]), t(&[1, 2, 1, 4]), t(&[1, 2, 1, 4])]
+            )
+            .is_err()
+    );
+    // a mask of the wrong length
+    assert!(
+        state
+            .eval(
+                &ctx,
+                &op,
+                tvec![
+                    t(&[1, 4, 1, 8]),
+                    t(&[1, 2, 1, 8]),
+                    t(&[1, 2, 1, 8]),
+                    t(&[1, 1, 1, 5])
+                ]
+            )
+            .is_err()
+    );
+    // two inputs
+    assert!(
+        state
+            .eval(&ctx, &op, tvec![t(&[1, 4, 1, 8]), t(&[1, 2, 1, 8])])
+            .is_err()
+    );
+}
+
+#[test]
+fn every_instruction_set_matches_plain_rust_on_awkward_sizes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    for &isa in Isa::available() {
+        for (d, kv_heads, len) in [
+            (8, 1, 1),
+            (64, 3, 7),
+            (16, 2, 4),
+            (13, 2, 5),
+            (64, 3, 0),
+            (32, 1, 9),
+        ] {
+            let m = random(&mut rng, len * kv_heads * d + 3);
+            let q = random(&mut rng, d);
+            let w = random(&mut rng, len);
+            for g in 0..kv_heads {
+                let rows = Rows {
+                    m: &m,
+                    stride: kv_heads * d,
+                    off: g * d,
+                    d,
+                };
+                let mut got = vec![f32::NAN; len];
+                kernel::dots(isa, &q, rows, &mut got);
+                let mut want = vec![f32::NAN; len];
+                kernel::dots(Isa::Scalar, &q, rows, &mut want);
+                assert_close(&got, &want, &format!("{isa:?} dots d {d} len {len}"));
+                let mut got = vec![f32::NAN; d];
+                kernel::weighted_sum(isa, &w, rows, &mut got);
+                let mut want = vec![f32::NAN; d];
+                kernel::weighted_sum(Isa::Scalar, &w, rows, &mut want);
+                assert_close(
+                    &got,
+                    &want,
+                    &format!("{isa:?} weighted sum d {d} len {len}"),
+                );
+                // and plain Rust is the formula
+                let mut scalar = vec![f32::NAN; len];
+                kernel::dots(Isa::Scalar, &q, rows, &mut scalar);
+                assert_close(
+                    &scalar,
+                    &want_dots(&q, &m, kv_heads * d, g * d, len),
+                    "scalar",
+                );
+            }
+        }
+    }
+}
+
+fn want_dots(q: &[f32], m: &[f32], stride: usize, off: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|j| (0..q.len()).map(|i| q[i] * m[j * stride + off + i]).sum())
+        .collect()
+}
