@@ -223,7 +223,12 @@ impl KvAttention {
         );
         let (heads, s, d, kv_heads) = (qs[1], qs[2], qs[3], ks[1]);
         ensure!(
-            ks[0] == 1 && ks[2] == s && ks[3] == d && kv_heads > 0 && heads % kv_heads == 0,
+            ks[0] == 1
+                && ks[2] == s
+                && ks[3] == d
+                && d > 0
+                && kv_heads > 0
+                && heads % kv_heads == 0,
             "K {ks:?} does not fit Q {qs:?}"
         );
         ensure!(
@@ -272,7 +277,12 @@ impl KvAttention {
                 .flash_attention_gqa(q4, st.view(&st.k)?, st.view(&st.v)?, m4)
                 .into_tensor()
         };
-        Ok(tvec!(out.cast_to_dt(dt)?.into_owned().into_tvalue()))
+        let out = if dt == f32::datum_type() {
+            out
+        } else {
+            out.cast_to_dt(dt)?.into_owned()
+        };
+        Ok(tvec!(out.into_tvalue()))
     }
 
     /// One query, every head: the heads split over the team.

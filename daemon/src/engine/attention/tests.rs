@@ -277,12 +277,24 @@ fn shapes_that_do_not_fit_are_errors() {
             )
             .is_err()
     );
+    // a head dimension of 0
+    assert!(
+        state
+            .eval(
+                &ctx,
+                &op,
+                tvec![t(&[1, 4, 1, 0]), t(&[1, 2, 1, 0]), t(&[1, 2, 1, 0])]
+            )
+            .is_err()
+    );
     // two inputs
     assert!(
         state
             .eval(&ctx, &op, tvec![t(&[1, 4, 1, 8]), t(&[1, 2, 1, 8])])
             .is_err()
     );
+    // and none of them grew the cache
+    assert_eq!(state.downcast_ref::<KvAttentionState>().unwrap().len(), 0);
 }
 
 #[test]
