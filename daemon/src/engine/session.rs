@@ -84,22 +84,7 @@ impl Session {
     /// Runs `tokens` through the model (in chunks), appending them to the cache; returns the
     /// logits after the last one. Checks `cancel` between chunks.
     pub fn feed(&mut self, tokens: &[u32], cancel: &AtomicBool) -> Result<Vec<f32>, FeedError> {
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt.into());
-        }
-        if tokens.len() > self.remaining() {
-            return Err(EngineError::PromptTooLong {
-                tokens: self.tokens.len() + tokens.len(),
-                context: self.model.context_length,
-            }
-            .into());
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.model.vocab) {
-            return Err(EngineError::InvalidParam(format!(
-                "token id {bad} is outside the vocabulary"
-            ))
-            .into());
-        }
+        self.check(tokens)?;
         let mut logits = None;
         for chunk in tokens.chunks(PREFILL_CHUNK) {
             if cancel.load(Ordering::Relaxed) {
@@ -110,6 +95,26 @@ impl Session {
         logits.ok_or(FeedError::Engine(EngineError::EmptyPrompt))
     }
 
+    /// What [`Session::feed`] refuses: nothing to feed, more than the context holds, ids
+    /// outside the vocabulary.
+    fn check(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if tokens.len() > self.remaining() {
+            return Err(EngineError::PromptTooLong {
+                tokens: self.tokens.len() + tokens.len(),
+                context: self.model.context_length,
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.model.vocab) {
+            return Err(EngineError::InvalidParam(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        Ok(())
+    }
+
     /// As [`Session::feed`] for one chunk (at most [`PREFILL_CHUNK`] tokens, no cancel),
     /// timing every node of the graph into `profile`: where a token's time goes, by op.
     pub fn feed_profiled(
@@ -117,10 +122,10 @@ impl Session {
         tokens: &[u32],
         profile: &mut OpProfile,
     ) -> Result<Vec<f32>, EngineError> {
-        if tokens.is_empty() || tokens.len() > PREFILL_CHUNK.min(self.remaining()) {
+        self.check(tokens)?;
+        if tokens.len() > PREFILL_CHUNK {
             return Err(EngineError::InvalidParam(format!(
-                "a profiled run takes 1 to {} tokens",
-                PREFILL_CHUNK.min(self.remaining())
+                "a profiled run takes at most {PREFILL_CHUNK} tokens"
             )));
         }
         self.run(tokens, Some(profile))

@@ -398,9 +398,8 @@ fn floats(t: &Tensor) -> TractResult<&[f32]> {
 }
 
 /// Puts a [`KvAttention`] in place of every tract `InPlaceKvSdpa` of an optimized model (same
-/// inputs, same output), sharing `team`. Returns how many were replaced.
-pub fn install(model: &mut TypedModel, team: Option<&Arc<Team>>) -> usize {
-    let mut replaced = 0;
+/// inputs, same output), sharing `team`.
+pub fn install(model: &mut TypedModel, team: Option<&Arc<Team>>) {
     for node in &mut model.nodes {
         let Some(op) = node.op_as::<InPlaceKvSdpa>() else {
             continue;
@@ -416,9 +415,7 @@ pub fn install(model: &mut TypedModel, team: Option<&Arc<Team>>) -> usize {
             team: team.cloned(),
         };
         node.op = Box::new(ours);
-        replaced += 1;
     }
-    replaced
 }
 
 #[cfg(test)]

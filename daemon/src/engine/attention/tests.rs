@@ -242,57 +242,29 @@ fn shapes_that_do_not_fit_are_errors() {
     let mut state = new_state(&op);
     let t = |shape: &[usize]| Tensor::zero::<f32>(shape).unwrap().into_tvalue();
     let ctx = EvalContext::out_of_plan();
-    // K heads do not divide Q heads
-    assert!(
-        state
-            .eval(
-                &ctx,
-                &op,
-                tvec![t(&[1, 4, 1, 8]), t(&[1, 3, 1, 8]), t(&[1, 3, 1, 8])]
-            )
-            .is_err()
-    );
-    // head dims differ
-    assert!(
-        state
-            .eval(
-                &ctx,
-                &op,
-                tvec![t(&[1, 4, 1, 8]), t(&[1, 2, 1, 4]), t(&[1, 2, 1, 4])]
-            )
-            .is_err()
-    );
-    // a mask of the wrong length
-    assert!(
-        state
-            .eval(
-                &ctx,
-                &op,
-                tvec![
-                    t(&[1, 4, 1, 8]),
-                    t(&[1, 2, 1, 8]),
-                    t(&[1, 2, 1, 8]),
-                    t(&[1, 1, 1, 5])
-                ]
-            )
-            .is_err()
-    );
-    // a head dimension of 0
-    assert!(
-        state
-            .eval(
-                &ctx,
-                &op,
-                tvec![t(&[1, 4, 1, 0]), t(&[1, 2, 1, 0]), t(&[1, 2, 1, 0])]
-            )
-            .is_err()
-    );
-    // two inputs
-    assert!(
-        state
-            .eval(&ctx, &op, tvec![t(&[1, 4, 1, 8]), t(&[1, 2, 1, 8])])
-            .is_err()
-    );
+    let cases: [(&str, &[&[usize]]); 5] = [
+        (
+            "K heads do not divide Q heads",
+            &[&[1, 4, 1, 8], &[1, 3, 1, 8], &[1, 3, 1, 8]],
+        ),
+        (
+            "head dims differ",
+            &[&[1, 4, 1, 8], &[1, 2, 1, 4], &[1, 2, 1, 4]],
+        ),
+        (
+            "a mask of the wrong length",
+            &[&[1, 4, 1, 8], &[1, 2, 1, 8], &[1, 2, 1, 8], &[1, 1, 1, 5]],
+        ),
+        (
+            "a head dimension of 0",
+            &[&[1, 4, 1, 0], &[1, 2, 1, 0], &[1, 2, 1, 0]],
+        ),
+        ("two inputs", &[&[1, 4, 1, 8], &[1, 2, 1, 8]]),
+    ];
+    for (what, shapes) in cases {
+        let inputs = shapes.iter().map(|s| t(s)).collect();
+        assert!(state.eval(&ctx, &op, inputs).is_err(), "{what}");
+    }
     // and none of them grew the cache
     assert_eq!(state.downcast_ref::<KvAttentionState>().unwrap().len(), 0);
 }
