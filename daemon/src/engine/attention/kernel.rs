@@ -5,7 +5,7 @@
 //! (slower than one key at a time, measured).
 //!
 //! Which set runs is the matrix kernels' choice ([`Isa::best`]): AVX2 + FMA under both x86
-//! kinds, NEON under both aarch64 kinds, plain Rust otherwise (and for head dimensions the
+//! kinds, NEON under every aarch64 kind, plain Rust otherwise (and for head dimensions the
 //! vectors do not divide).
 
 // SIMD intrinsics reading rows whose bounds the safe callers checked: each use says so.
@@ -48,7 +48,7 @@ pub fn dots(isa: Isa, q: &[f32], k: Rows<'_>, scores: &mut [f32]) {
             unsafe { x86::dots(q, k, scores) }
         }
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot if k.d.is_multiple_of(4) => {
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm if k.d.is_multiple_of(4) => {
             // Safety: the CPU has NEON (Isa); rows are in bounds (checked above)
             unsafe { arm::dots(q, k, scores) }
         }
@@ -73,7 +73,7 @@ pub fn weighted_sum(isa: Isa, w: &[f32], v: Rows<'_>, o: &mut [f32]) {
             unsafe { x86::weighted_sum(w, v, o) }
         }
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot if v.d.is_multiple_of(4) => {
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm if v.d.is_multiple_of(4) => {
             // Safety: as in `dots`
             unsafe { arm::weighted_sum(w, v, o) }
         }

@@ -3,7 +3,7 @@
 //!
 //! Every kernel computes each block's integer dot product exactly and scales it in f32, as
 //! ggml does; they differ from the scalar reference only in the order of f32 additions.
-//! A tile is one group of 8 weight rows (see [`super::packed`]) by 1 or 4 activation rows:
+//! A tile is one group of 8 weight rows (see [`super::packed`]) by 1, 2 or 4 activation rows:
 //! each activation load serves 8 rows, and with several tokens (prefill) each weight load
 //! serves 4 tokens.
 
@@ -15,6 +15,8 @@ use super::{BLOCK, QuantizedActs};
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+#[cfg(target_arch = "aarch64")]
+mod i8mm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -31,6 +33,10 @@ pub enum Isa {
     Neon,
     /// aarch64 NEON with the dot-product extension: `sdot`.
     NeonDot,
+    /// aarch64 NEON with the 8-bit matrix-multiply extension (Armv8.6 i8mm): `smmla` for 2 or
+    /// more activation rows (prefill, and the remainder rows of precise products), `sdot` for
+    /// one.
+    NeonI8mm,
 }
 
 impl Isa {
@@ -57,6 +63,10 @@ impl Isa {
                 v.push(Isa::Neon);
                 if std::arch::is_aarch64_feature_detected!("dotprod") {
                     v.push(Isa::NeonDot);
+                    // the i8mm kernel hands single rows to the sdot one: it needs both
+                    if std::arch::is_aarch64_feature_detected!("i8mm") {
+                        v.push(Isa::NeonI8mm);
+                    }
                 }
             }
         }
@@ -86,6 +96,7 @@ impl Isa {
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
             Isa::NeonDot => "neon-dotprod",
+            Isa::NeonI8mm => "neon-i8mm",
         }
     }
 }
@@ -147,6 +158,8 @@ pub unsafe fn gemm_into(
         Isa::Neon => unsafe { arm::gemm_neon(w, groups, x, out) },
         #[cfg(target_arch = "aarch64")]
         Isa::NeonDot => unsafe { arm::gemm_dot(w, groups, x, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonI8mm => unsafe { i8mm::gemm_i8mm(w, groups, x, out) },
         #[allow(unreachable_patterns)]
         _ => scalar(w, groups, x, out),
     }

@@ -3,7 +3,8 @@
 //! every lane: with the dot-product extension one `sdot`, without it `smull` + pairwise adds.
 //!
 //! Q4_1's nibbles (0..=15) fit an i8, so both weight types take the signed x signed form.
-//! `sdot` is written as inline assembly: its intrinsic (`vdotq_s32`) is not stable Rust.
+//! `sdot` is written as inline assembly: its intrinsic (`vdotq_s32`) is not stable Rust. With
+//! i8mm, pairs of activation rows go to [`super::i8mm`] instead.
 
 use std::arch::aarch64::*;
 use std::ops::Range;
@@ -180,3 +181,26 @@ macro_rules! kernels {
 
 kernels!(gemm_neon, q41_neon, q80_neon, "neon", dp_neon);
 kernels!(gemm_dot, q41_dot, q80_dot, "neon,dotprod", dp_sdot);
+
+/// One group of 8 rows x the single activation row `c`, with `sdot`: the i8mm kernel's odd
+/// row out.
+///
+/// # Safety
+/// The CPU has NEON and dotprod; `g` is a group of `w`, `c` a row of `x`, and the caller owns
+/// the group's columns of `out`.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn single_row_dot(
+    w: &Packed<'_>,
+    g: usize,
+    x: &QuantizedActs,
+    c: usize,
+    out: Out,
+) {
+    // Safety: forwarded from the caller
+    unsafe {
+        match w.kind {
+            BlockKind::Q4_1 => q41_dot::<1>(w, g, x, c, out),
+            BlockKind::Q8_0 => q80_dot::<1>(w, g, x, c, out),
+        }
+    }
+}
