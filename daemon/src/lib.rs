@@ -4,7 +4,6 @@
 //! binary runs, so integration tests and benchmarks drive the same code.
 
 pub mod config;
-pub mod engine;
 pub mod paths;
 pub mod proto;
 pub mod request;

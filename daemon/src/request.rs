@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::engine::chat::Message;
-use crate::engine::generate::MAX_LOGPROBS;
-use crate::engine::{GenerateParams, SamplingParams};
 use crate::proto::{ErrorCode, Request, v1};
+use fieldllm_engine::chat::Message;
+use fieldllm_engine::generate::MAX_LOGPROBS;
+use fieldllm_engine::{GenerateParams, SamplingParams};
 
 /// Longest request id, in bytes.
 pub const MAX_ID_BYTES: usize = 64;

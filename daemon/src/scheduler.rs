@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use firmware_bridge::{Limits as ThermalLimits, Policy, ThermalState};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::generate::{Candidate, Event};
-use crate::engine::{EngineError, FinishReason, Model, Session, generate};
 use crate::proto::v1::{self, response::Kind};
 use crate::proto::{self as wire, ErrorCode, Response};
 use crate::request::JobSpec;
+use fieldllm_engine::generate::{Candidate, Event};
+use fieldllm_engine::{EngineError, FinishReason, Model, Session, generate};
 
 /// Where a job's responses go. Sending never blocks the worker thread.
 pub type ReplySink = UnboundedSender<Response>;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::model_dir;
-use fieldllmd::engine::{LoadOptions, Model};
+use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::proto::v1::{self, response::Kind};
 use fieldllmd::proto::{ErrorCode, Request, Response};
 use fieldllmd::request::{Limits, validate};
@@ -387,7 +387,7 @@ fn a_conversation_feeds_only_its_new_tokens_and_answers_the_same() {
     let full = model
         .chat_prompt(
             &q2.iter()
-                .map(|(r, c)| fieldllmd::engine::chat::Message {
+                .map(|(r, c)| fieldllm_engine::chat::Message {
                     role: (*r).into(),
                     content: (*c).into(),
                 })

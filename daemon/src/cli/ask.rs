@@ -4,9 +4,9 @@ use std::io::Write;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
-use fieldllmd::engine::chat::Message;
-use fieldllmd::engine::generate::{Candidate, Event};
-use fieldllmd::engine::{GenerateParams, LoadOptions, Model, SamplingParams, Session, generate};
+use fieldllm_engine::chat::Message;
+use fieldllm_engine::generate::{Candidate, Event};
+use fieldllm_engine::{GenerateParams, LoadOptions, Model, SamplingParams, Session, generate};
 use serde_json::json;
 
 use super::ModelArg;

@@ -4,9 +4,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context;
-use fieldllmd::engine::sampler::argmax;
-use fieldllmd::engine::session::OpProfile;
-use fieldllmd::engine::{LoadOptions, Model, Session};
+use fieldllm_engine::sampler::argmax;
+use fieldllm_engine::session::OpProfile;
+use fieldllm_engine::{LoadOptions, Model, Session};
 use serde::Serialize;
 
 use super::ModelArg;

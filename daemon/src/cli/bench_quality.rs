@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
-use fieldllmd::engine::sampler::argmax;
-use fieldllmd::engine::{LoadOptions, Model, Session};
+use fieldllm_engine::sampler::argmax;
+use fieldllm_engine::{LoadOptions, Model, Session};
 use serde::Serialize;
 
 /// What `--perplexity` measures.

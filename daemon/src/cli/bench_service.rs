@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::config::parse_broker;
-use fieldllmd::engine::{LoadOptions, Model};
 use fieldllmd::proto::{Request, Response};
 use fieldllmd::request::{Limits, validate};
 use fieldllmd::scheduler::{Scheduler, SchedulerConfig};

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fieldllmd::engine::graph::import;
-use fieldllmd::engine::{Package, WeightFormat};
+use fieldllm_engine::graph::import;
+use fieldllm_engine::{Package, WeightFormat};
 
 /// Model package subcommands.
 #[derive(Debug, clap::Subcommand)]

@@ -7,8 +7,8 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use anyhow::Context;
+use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::config::{Broker, BrokerSetting, Config, Protocol, check_topic_level};
-use fieldllmd::engine::{LoadOptions, Model};
 use fieldllmd::request::Limits;
 use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
 use fieldllmd::systemd;

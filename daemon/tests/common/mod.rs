@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fieldllmd::engine::{LoadOptions, Model};
+use fieldllm_engine::{LoadOptions, Model};
 
 /// `models/build/NAME` of this checkout; fails with the fix when `models/setup.sh` has not run.
 pub fn model_dir(name: &str) -> PathBuf {

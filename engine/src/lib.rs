@@ -1,8 +1,10 @@
-//! The engine: model packages, the tract graph, tokenizer, chat template, sampler, generation.
+//! fieldllm's engine: model packages, the tract graph, the GGUF block kernels and attention,
+//! tokenizer, chat template, sessions, sampler, generation.
 //!
-//! It knows nothing of MQTT or serial: callers hand it token ids or messages and receive
-//! [`generate::Event`]s through a callback. A [`Model`] is loaded once and shared; each
-//! conversation owns a [`Session`] holding its KV cache.
+//! It knows nothing of MQTT, serial, async runtimes or the command line (it depends on none of
+//! them, so the compiler holds that line): callers hand it token ids or messages and receive
+//! [`generate::Event`]s through a callback, on their own thread. A [`Model`] is loaded once and
+//! shared; each conversation owns a [`Session`] holding its KV cache.
 
 pub mod attention;
 pub mod chat;

@@ -8,11 +8,11 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use fieldllmd::engine::chat::Message;
-use fieldllmd::engine::generate::Event;
-use fieldllmd::engine::session::FeedError;
-use fieldllmd::engine::tokenizer::Utf8Stream;
-use fieldllmd::engine::{
+use fieldllm_engine::chat::Message;
+use fieldllm_engine::generate::Event;
+use fieldllm_engine::session::FeedError;
+use fieldllm_engine::tokenizer::Utf8Stream;
+use fieldllm_engine::{
     EngineError, FinishReason, GenerateParams, LoadOptions, Model, Package, SamplingParams,
     Session, WeightFormat, generate,
 };
@@ -369,7 +369,7 @@ fn a_tokenizer_that_does_not_fit_is_refused() {
         vocab.insert(format!("extraĠtok{i}"), serde_json::json!(n));
     }
     std::fs::write(&tok_path, tok.to_string()).unwrap();
-    let sha = fieldllmd::engine::package::sha256_file(&tok_path).unwrap();
+    let sha = fieldllm_engine::package::sha256_file(&tok_path).unwrap();
     let mpath = dir.path().join("manifest.toml");
     let m = std::fs::read_to_string(&mpath).unwrap();
     let line = m
@@ -395,7 +395,7 @@ fn imported_artifact_gives_the_packages_logits() {
     let steps = reference("tiny-llama");
     for (weights, tol) in [(WeightFormat::F32, 1e-4), (WeightFormat::F16, 2e-2)] {
         let dir = out.path().join(weights.to_string());
-        fieldllmd::engine::graph::import(&package, weights, &dir).unwrap();
+        fieldllm_engine::graph::import(&package, weights, &dir).unwrap();
         let artifact = Package::open(&dir).unwrap();
         assert_eq!(artifact.manifest.graph.weights, weights);
         artifact.verify().unwrap();
@@ -414,7 +414,7 @@ fn imported_artifact_gives_the_packages_logits() {
             assert!(d < tol, "{weights} step {i}: relative difference {d:e}");
         }
         // importing over an existing directory is refused rather than mixing two artifacts
-        assert!(fieldllmd::engine::graph::import(&package, weights, &dir).is_err());
+        assert!(fieldllm_engine::graph::import(&package, weights, &dir).is_err());
     }
 }
 

@@ -8,9 +8,9 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::*;
-use fieldllmd::engine::chat::Message;
-use fieldllmd::engine::sampler::{argmax, logprob_of};
-use fieldllmd::engine::{Event, FinishReason, GenerateParams, Model, Session, generate};
+use fieldllm_engine::chat::Message;
+use fieldllm_engine::sampler::{argmax, logprob_of};
+use fieldllm_engine::{Event, FinishReason, GenerateParams, Model, Session, generate};
 
 const F32: &str = "smollm2-135m-instruct";
 /// The deployed artifact: the GGUF's own blocks (weight format gguf).
