@@ -190,7 +190,7 @@ impl Model {
 
         let typed = typed_for_run(&package)?;
         let mut optimized = typed.into_optimized().map_err(EngineError::graph)?;
-        let team = (options.threads > 1).then(|| Arc::new(ggml::team::Team::new(options.threads)));
+        let team = (options.threads > 1).then(|| Arc::new(crate::cpu::Team::new(options.threads)));
         ggml::op::install_team(&mut optimized, team.as_ref());
         attention::install(&mut optimized, team.as_ref());
         check_io(&optimized, m)?;

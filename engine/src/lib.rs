@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod chat;
+pub mod cpu;
 pub mod generate;
 pub mod ggml;
 pub mod graph;

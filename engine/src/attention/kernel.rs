@@ -11,7 +11,7 @@
 // SIMD intrinsics reading rows whose bounds the safe callers checked: each use says so.
 #![allow(unsafe_code)]
 
-use crate::ggml::kernel::Isa;
+use crate::cpu::Isa;
 
 /// The vectors of one kv head in a position-major cache: position `j`'s is
 /// `m[j * stride + off..][..d]`.

@@ -20,8 +20,7 @@ use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
 use tract_transformers::ops::flash_sdpa::FlashSdpaOp;
 use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 
-use super::ggml::kernel::Isa;
-use super::ggml::team::{Team, part_of};
+use crate::cpu::{Isa, Team, part_of};
 use kernel::Rows;
 
 mod kernel;

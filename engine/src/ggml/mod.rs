@@ -19,7 +19,6 @@
 pub mod kernel;
 pub mod op;
 pub mod packed;
-pub mod team;
 
 /// Values per quantization block (every GGUF type used here).
 pub const BLOCK: usize = 32;

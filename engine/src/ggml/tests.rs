@@ -245,10 +245,10 @@ fn a_split_product_equals_the_whole() {
     let p = packed::Packed::new(BlockKind::Q4_1, n, k, &bytes).unwrap();
     let mut whole = vec![0f32; rows * n];
     gemm(isa, &p, &q, &mut whole);
-    let team = team::Team::new(3);
+    let team = crate::cpu::Team::new(3);
     let mut split = vec![f32::NAN; rows * n];
     let out = kernel::Out::new(&mut split, rows, n);
-    let parts: Vec<_> = team::split_rows(p.groups(), 3, 1).collect();
+    let parts: Vec<_> = crate::cpu::split_rows(p.groups(), 3, 1).collect();
     team.run(&|i| unsafe { kernel::gemm_into(isa, &p, parts[i].clone(), &q, out) });
     assert_eq!(whole, split);
 }

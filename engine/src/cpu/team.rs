@@ -1,4 +1,5 @@
-//! A fixed team of helper threads that split one matrix product with the calling thread.
+//! A fixed team of helper threads that split one op (a matrix product's rows, attention's
+//! heads) with the calling thread.
 //!
 //! Why not rayon (tract's pool): a decode step makes ~150 small products of 0.1-0.9 M
 //! multiply-adds, 10-40 µs each; waking a pool through its injector queue costs a good part of
@@ -8,6 +9,9 @@
 //!
 //! One caller at a time: a second model run that finds the team busy does all of its work on
 //! its own thread (two answers at once already keep two cores busy).
+
+// the job pointer handed to helper threads (it was under ggml's allowance before it moved here)
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
