@@ -44,12 +44,12 @@ pub fn dots(isa: Isa, q: &[f32], k: Rows<'_>, scores: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if k.d.is_multiple_of(8) => {
-            // Safety: the CPU has AVX2 + FMA (Isa); rows are in bounds (checked above)
+            // SAFETY: the CPU has AVX2 + FMA (Isa); rows are in bounds (checked above)
             unsafe { x86::dots(q, k, scores) }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot | Isa::NeonI8mm if k.d.is_multiple_of(4) => {
-            // Safety: the CPU has NEON (Isa); rows are in bounds (checked above)
+            // SAFETY: the CPU has NEON (Isa); rows are in bounds (checked above)
             unsafe { arm::dots(q, k, scores) }
         }
         _ => {
@@ -69,12 +69,12 @@ pub fn weighted_sum(isa: Isa, w: &[f32], v: Rows<'_>, o: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if v.d.is_multiple_of(8) => {
-            // Safety: as in `dots`
+            // SAFETY: as in `dots`
             unsafe { x86::weighted_sum(w, v, o) }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot | Isa::NeonI8mm if v.d.is_multiple_of(4) => {
-            // Safety: as in `dots`
+            // SAFETY: as in `dots`
             unsafe { arm::weighted_sum(w, v, o) }
         }
         _ => {
@@ -102,7 +102,7 @@ mod x86 {
     }
 
     /// Four keys at a time (four independent sums).
-    /// Safety: rows `0..scores.len()` of `k` are in bounds, `k.d % 8 == 0`, `q.len() == k.d`.
+    /// SAFETY: rows `0..scores.len()` of `k` are in bounds, `k.d % 8 == 0`, `q.len() == k.d`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dots(q: &[f32], k: Rows<'_>, scores: &mut [f32]) {
         let (d, len) = (k.d, scores.len());
@@ -112,7 +112,7 @@ mod x86 {
             let r = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)].map(|r| r.as_ptr());
             let mut a = [_mm256_setzero_ps(); 4];
             for i in (0..d).step_by(8) {
-                // Safety: i + 8 <= d, the length of q and of every row
+                // SAFETY: i + 8 <= d, the length of q and of every row
                 unsafe {
                     let x = _mm256_loadu_ps(qp.add(i));
                     for (a, r) in a.iter_mut().zip(r) {
@@ -129,7 +129,7 @@ mod x86 {
             let r = k.row(j).as_ptr();
             let mut a = _mm256_setzero_ps();
             for i in (0..d).step_by(8) {
-                // Safety: as above
+                // SAFETY: as above
                 unsafe {
                     a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(r.add(i)), a)
                 };
@@ -139,7 +139,7 @@ mod x86 {
     }
 
     /// Four values at a time into `o` (one load and store of `o` per four).
-    /// Safety: rows `0..w.len()` of `v` are in bounds, `v.d % 8 == 0`, `o.len() == v.d`.
+    /// SAFETY: rows `0..w.len()` of `v` are in bounds, `v.d % 8 == 0`, `o.len() == v.d`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weighted_sum(w: &[f32], v: Rows<'_>, o: &mut [f32]) {
         o.fill(0.0);
@@ -153,7 +153,7 @@ mod x86 {
             let r = [0, 1, 2, 3].map(|t| v.row(pick(t)).as_ptr());
             let c = [0, 1, 2, 3].map(|t| _mm256_set1_ps(weight(t)));
             for i in (0..d).step_by(8) {
-                // Safety: i + 8 <= d, the length of o and of every row
+                // SAFETY: i + 8 <= d, the length of o and of every row
                 unsafe {
                     let mut acc = _mm256_loadu_ps(op.add(i));
                     for (c, r) in c.iter().zip(r) {
@@ -174,7 +174,7 @@ mod arm {
     use super::Rows;
 
     /// Four keys at a time (four independent sums).
-    /// Safety: rows `0..scores.len()` of `k` are in bounds, `k.d % 4 == 0`, `q.len() == k.d`.
+    /// SAFETY: rows `0..scores.len()` of `k` are in bounds, `k.d % 4 == 0`, `q.len() == k.d`.
     #[target_feature(enable = "neon")]
     pub unsafe fn dots(q: &[f32], k: Rows<'_>, scores: &mut [f32]) {
         let (d, len) = (k.d, scores.len());
@@ -184,7 +184,7 @@ mod arm {
             let r = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)].map(|r| r.as_ptr());
             let mut a = [vdupq_n_f32(0.0); 4];
             for i in (0..d).step_by(4) {
-                // Safety: i + 4 <= d, the length of q and of every row
+                // SAFETY: i + 4 <= d, the length of q and of every row
                 unsafe {
                     let x = vld1q_f32(qp.add(i));
                     for (a, r) in a.iter_mut().zip(r) {
@@ -201,7 +201,7 @@ mod arm {
             let r = k.row(j).as_ptr();
             let mut a = vdupq_n_f32(0.0);
             for i in (0..d).step_by(4) {
-                // Safety: as above
+                // SAFETY: as above
                 unsafe { a = vfmaq_f32(a, vld1q_f32(qp.add(i)), vld1q_f32(r.add(i))) };
             }
             *s = vaddvq_f32(a);
@@ -209,7 +209,7 @@ mod arm {
     }
 
     /// Four values at a time into `o`.
-    /// Safety: rows `0..w.len()` of `v` are in bounds, `v.d % 4 == 0`, `o.len() == v.d`.
+    /// SAFETY: rows `0..w.len()` of `v` are in bounds, `v.d % 4 == 0`, `o.len() == v.d`.
     #[target_feature(enable = "neon")]
     pub unsafe fn weighted_sum(w: &[f32], v: Rows<'_>, o: &mut [f32]) {
         o.fill(0.0);
@@ -223,7 +223,7 @@ mod arm {
             let r = [0, 1, 2, 3].map(|t| v.row(pick(t)).as_ptr());
             let c = [0, 1, 2, 3].map(weight);
             for i in (0..d).step_by(4) {
-                // Safety: i + 4 <= d, the length of o and of every row
+                // SAFETY: i + 4 <= d, the length of o and of every row
                 unsafe {
                     let mut acc = vld1q_f32(op.add(i));
                     for (&c, r) in c.iter().zip(r) {

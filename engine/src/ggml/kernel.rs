@@ -7,11 +7,18 @@
 //! each activation load serves 8 rows, and with several tokens (prefill) each weight load
 //! serves 4 tokens.
 
+// SIMD intrinsics, and a raw output shared by threads that each write their own columns (made
+// safe by `OutParts`): every `unsafe` says why it holds in a `SAFETY:` comment.
+#![allow(unsafe_code)]
+
+use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use super::packed::{GROUP, Packed};
 use super::{BLOCK, QuantizedActs};
 pub use crate::cpu::Isa;
+use crate::cpu::{Team, part_of};
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
@@ -21,63 +28,128 @@ mod i8mm;
 mod x86;
 
 /// Where a kernel writes: `rows` of `ldo` f32, one per activation row; a kernel given weight
-/// rows `r0..r1` writes only columns `r0..r1` of each, so threads can share one output.
+/// rows `r0..r1` writes only columns `r0..r1` of each. A raw view, private to the kernels: the
+/// public way in is [`gemm`] / [`gemm_on`], which hand each thread an [`OutPart`] of its own.
 #[derive(Debug, Clone, Copy)]
-pub struct Out {
+struct Out {
     ptr: *mut f32,
     ldo: usize,
     rows: usize,
 }
 
-// Safety: threads given the same `Out` write disjoint columns (see `gemm_into`'s contract).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+/// The columns of one range of row groups in a product's output, borrowed from the whole
+/// output for `'a`: the compiler keeps the buffer alive and unaliased while any part exists,
+/// and [`OutParts::new`], the only way to make parts, gives each group to exactly one part.
+#[derive(Debug)]
+pub struct OutPart<'a> {
+    out: Out,
+    groups: Range<usize>,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
 
-impl Out {
-    /// Wraps `out` (`rows * ldo` values).
-    pub fn new(out: &mut [f32], rows: usize, ldo: usize) -> Out {
+// SAFETY: a part is the only writer of its groups' columns (`OutParts::new` splits one
+// exclusive borrow into disjoint ranges), and it writes only through `&mut self`; moving it to
+// another thread moves that exclusive right with it, for no longer than the borrow `'a`.
+unsafe impl Send for OutPart<'_> {}
+
+/// A product's output split into one part per thread, each behind its own lock, so a team's
+/// threads can each take theirs through a shared reference. The locks are never contended.
+#[derive(Debug)]
+pub struct OutParts<'a>(Vec<Mutex<OutPart<'a>>>);
+
+impl<'a> OutParts<'a> {
+    /// Splits `out` (`rows * ldo` values) by row groups `0..groups` into `parts` contiguous
+    /// ranges ([`part_of`]).
+    pub fn new(out: &'a mut [f32], rows: usize, ldo: usize, groups: usize, parts: usize) -> Self {
         assert_eq!(out.len(), rows * ldo, "output size");
-        Out {
+        let raw = Out {
             ptr: out.as_mut_ptr(),
             ldo,
             rows,
+        };
+        OutParts(
+            (0..parts.max(1))
+                .map(|p| {
+                    Mutex::new(OutPart {
+                        out: raw,
+                        groups: part_of(groups, parts.max(1), 1, p),
+                        _borrow: PhantomData,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Part `p` for the duration of the closure (nothing if there is no such part).
+    pub fn with(&self, p: usize, f: impl FnOnce(&mut OutPart<'a>)) {
+        if let Some(part) = self.0.get(p) {
+            // a panic inside a kernel leaves the part usable (its columns are the caller's to
+            // discard), so a poisoned lock is taken as is
+            f(&mut part.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 }
 
-/// `out[c * n + r] = sum_k w[r, k] * x[c, k]` for every weight row and activation row.
-pub fn gemm(isa: Isa, w: &Packed<'_>, x: &QuantizedActs, out: &mut [f32]) {
-    let o = Out::new(out, x.rows, w.n);
-    // Safety: one caller writes all of `out`, which it borrows mutably.
-    unsafe { gemm_into(isa, w, 0..w.groups(), x, o) }
+impl OutPart<'_> {
+    /// Row groups this part writes.
+    pub fn groups(&self) -> Range<usize> {
+        self.groups.clone()
+    }
+
+    /// `out[c * n + r] = sum_k w[r, k] * x[c, k]` for the weight rows of this part's groups.
+    pub fn gemm(&mut self, isa: Isa, w: &Packed<'_>, x: &QuantizedActs) {
+        let (out, groups) = (self.out, self.groups.clone());
+        assert!(groups.end <= w.groups() && x.k == w.k && out.rows == x.rows && out.ldo >= w.n);
+        assert!(isa == Isa::Scalar || Isa::available().contains(&isa));
+        // SAFETY: the buffer is borrowed for this part's lifetime, `&mut self` makes this the
+        // one thread writing through the part, and no other part covers these groups; the
+        // asserts above keep every write inside `rows * ldo`; `isa` is available on this CPU.
+        unsafe { run_groups(isa, w, groups, x, out) }
+    }
 }
 
-/// [`gemm`] for the rows of row groups `groups` only (rows `8 * start .. 8 * end`, clipped to
-/// `n`).
+/// `out[c * n + r] = sum_k w[r, k] * x[c, k]` for every weight row and activation row, on this
+/// thread.
+pub fn gemm(isa: Isa, w: &Packed<'_>, x: &QuantizedActs, out: &mut [f32]) {
+    gemm_on(None, isa, w, x, out)
+}
+
+/// [`gemm`] with the weight rows split over `team`'s threads (none, or a product too small to
+/// share: this thread alone). A panic in any part reaches the caller once every part is done.
+pub fn gemm_on(team: Option<&Team>, isa: Isa, w: &Packed<'_>, x: &QuantizedActs, out: &mut [f32]) {
+    let threads = match team {
+        Some(t) if w.n >= 64 => t.threads(),
+        _ => 1,
+    };
+    let parts = OutParts::new(out, x.rows, w.n, w.groups(), threads);
+    match team {
+        Some(team) if threads > 1 => team.run(&|p| parts.with(p, |part| part.gemm(isa, w, x))),
+        _ => parts.with(0, |part| part.gemm(isa, w, x)),
+    }
+}
+
+/// The kernel of `isa` over row groups `groups`.
 ///
 /// # Safety
-/// `out` must stay valid for the call, and no other thread may write those rows' columns of it
-/// meanwhile.
-pub unsafe fn gemm_into(
-    isa: Isa,
-    w: &Packed<'_>,
-    groups: Range<usize>,
-    x: &QuantizedActs,
-    out: Out,
-) {
-    assert!(groups.end <= w.groups() && x.k == w.k && out.rows == x.rows && out.ldo >= w.n);
-    assert!(isa == Isa::Scalar || Isa::available().contains(&isa));
+/// `out` must be valid for writes of `rows * ldo` values for the call, no other thread may
+/// access those groups' columns of it meanwhile, and `isa` must be available on this CPU.
+unsafe fn run_groups(isa: Isa, w: &Packed<'_>, groups: Range<usize>, x: &QuantizedActs, out: Out) {
     match isa {
         Isa::Scalar => scalar(w, groups, x, out),
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract, which is the kernels' own
         Isa::Avx2 => unsafe { x86::gemm_avx2(w, groups, x, out) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract
         Isa::Avx512Vnni => unsafe { x86::gemm_vnni(w, groups, x, out) },
         #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above
         Isa::Neon => unsafe { arm::gemm_neon(w, groups, x, out) },
         #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above
         Isa::NeonDot => unsafe { arm::gemm_dot(w, groups, x, out) },
         #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above
         Isa::NeonI8mm => unsafe { i8mm::gemm_i8mm(w, groups, x, out) },
         #[allow(unreachable_patterns)]
         _ => scalar(w, groups, x, out),
@@ -99,7 +171,7 @@ fn scalar(w: &Packed<'_>, groups: Range<usize>, x: &QuantizedActs, out: Out) {
                 let sumi: i32 = q.iter().zip(xq).map(|(&a, &b)| a * b as i32).sum();
                 acc += d * x.d[xi] * sumi as f32 + m * x.s[xi];
             }
-            // Safety: in bounds (asserted by the caller), column r is this caller's
+            // SAFETY: in bounds (asserted by the caller), column r is this caller's
             unsafe { out.write(c, r, acc) };
         }
     }
@@ -113,6 +185,7 @@ impl Out {
     #[inline(always)]
     unsafe fn write(&self, c: usize, r: usize, v: f32) {
         debug_assert!(c < self.rows && r < self.ldo);
+        // SAFETY: the caller's contract
         unsafe { *self.ptr.add(c * self.ldo + r) = v };
     }
 
@@ -125,6 +198,7 @@ impl Out {
         let r0 = g * GROUP;
         let valid = n.saturating_sub(r0).min(GROUP);
         debug_assert!(c < self.rows && r0 + valid <= self.ldo);
+        // SAFETY: the caller's contract, for the `valid` rows of the group
         unsafe {
             std::ptr::copy_nonoverlapping(lanes.as_ptr(), self.ptr.add(c * self.ldo + r0), valid)
         };

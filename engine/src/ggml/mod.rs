@@ -4,17 +4,13 @@
 //! tract has no kernel for this (its only 4-bit path dequantizes every weight to f32 for every
 //! activation value, and it cannot keep Q4_1's minimum at all; see PERFORMANCE.md), so the
 //! project carries its own: [`kernel`] (scalar reference, AVX2, AVX-512 VNNI, NEON, NEON
-//! dot-product), [`team`] (a two-thread split), and [`op`] (the tract ops and the import
-//! transform that installs them).
+//! dot-product, i8mm; the only module here with `unsafe`), split over [`crate::cpu::Team`], and
+//! [`op`] (the tract ops, their NNEF form and the import transform that installs them).
 //!
 //! Weights come from the package as the GGUF stored them and are split into planes
 //! ([`OwnedWeights`]: values, f16 scales and minimums widened to f32; the reference form the
 //! tests and the import checks use), then packed for the kernels ([`packed`]: rows interleaved
 //! in groups of 8). Neither step changes a quantized value.
-
-// SIMD intrinsics, raw output pointers shared by threads that write disjoint columns, and a
-// job pointer handed to helper threads: each use carries its reason in a `Safety:` comment.
-#![allow(unsafe_code)]
 
 pub mod kernel;
 pub mod op;

@@ -247,9 +247,42 @@ fn a_split_product_equals_the_whole() {
     gemm(isa, &p, &q, &mut whole);
     let team = crate::cpu::Team::new(3);
     let mut split = vec![f32::NAN; rows * n];
-    let out = kernel::Out::new(&mut split, rows, n);
-    let parts: Vec<_> = crate::cpu::split_rows(p.groups(), 3, 1).collect();
-    team.run(&|i| unsafe { kernel::gemm_into(isa, &p, parts[i].clone(), &q, out) });
+    kernel::gemm_on(Some(&team), isa, &p, &q, &mut split);
+    assert_eq!(whole, split);
+}
+
+/// A product that panics in its parts (activations of another width: the kernel entry's check)
+/// reaches the caller as a panic only once every part is done, writes nothing, and leaves the
+/// team whole: the next product on it is right.
+#[test]
+fn a_product_that_panics_leaves_the_team_whole() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let (n, k, rows) = (133, 128, 3);
+    let w = OwnedWeights::from_gguf(
+        BlockKind::Q8_0,
+        n,
+        k,
+        &random_gguf(&mut rng, BlockKind::Q8_0, n, k),
+    )
+    .unwrap();
+    let bytes = packed::pack(&w);
+    let p = packed::Packed::new(BlockKind::Q8_0, n, k, &bytes).unwrap();
+    let isa = Isa::best();
+    let team = crate::cpu::Team::new(2);
+    let mut narrow = QuantizedActs::default();
+    narrow.quantize(&random_acts(&mut rng, rows, 64), rows, 64);
+    let mut out = vec![f32::NAN; rows * n];
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        kernel::gemm_on(Some(&team), isa, &p, &narrow, &mut out)
+    }));
+    assert!(failed.is_err(), "a mismatched product must not run");
+    assert!(out.iter().all(|v| v.is_nan()), "nothing was written");
+    let mut q = QuantizedActs::default();
+    q.quantize(&random_acts(&mut rng, rows, k), rows, k);
+    let mut whole = vec![0f32; rows * n];
+    gemm(isa, &p, &q, &mut whole);
+    let mut split = vec![f32::NAN; rows * n];
+    kernel::gemm_on(Some(&team), isa, &p, &q, &mut split);
     assert_eq!(whole, split);
 }
 

@@ -26,7 +26,7 @@ fn dp_neon(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 #[target_feature(enable = "neon,dotprod")]
 fn dp_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     let mut acc = acc;
-    // Safety: one register-only instruction of an extension the caller's features include
+    // SAFETY: one register-only instruction of an extension the caller's features include
     unsafe {
         std::arch::asm!(
             "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
@@ -42,7 +42,7 @@ fn dp_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 /// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "neon")]
 unsafe fn bcast4(p: *const i8) -> int8x16_t {
-    // Safety: the caller's p has 4 readable bytes
+    // SAFETY: the caller's p has 4 readable bytes
     vreinterpretq_s8_s32(vdupq_n_s32(unsafe {
         std::ptr::read_unaligned(p as *const i32)
     }))
@@ -68,21 +68,22 @@ macro_rules! kernels {
                 let mut sum = [[vdupq_n_s32(0); 2]; C];
                 for v in 0..4 {
                     for h in 0..2 {
-                        // Safety: a group block holds 4 vectors of 32 bytes after the scales
+                        // SAFETY: a group block holds 4 vectors of 32 bytes after the scales
                         let raw = unsafe { vld1q_u8(blk.add(vo + v * 32 + h * 16)) };
                         let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
                         let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
                         for c in 0..C {
-                            // Safety: row c0 + c of x has nb blocks of 32 bytes
                             let xp =
+                                // SAFETY: row c0 + c of x has nb blocks of 32 bytes
                                 unsafe { x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8) };
+                            // SAFETY: xp..xp + 8 lie in that block
                             let (x0, x1) = unsafe { (bcast4(xp), bcast4(xp.add(4))) };
                             sum[c][h] = $dp($dp(sum[c][h], lo, x0), hi, x1);
                         }
                     }
                 }
                 for h in 0..2 {
-                    // Safety: scales then minimums, 8 f32 each, open the block
+                    // SAFETY: scales then minimums, 8 f32 each, open the block
                     let (d, m) = unsafe {
                         (
                             vld1q_f32(blk.add(h * 16) as *const f32),
@@ -99,12 +100,12 @@ macro_rules! kernels {
             }
             for c in 0..C {
                 let mut lanes = [0f32; GROUP];
-                // Safety: lanes holds 8 f32
+                // SAFETY: lanes holds 8 f32
                 unsafe {
                     vst1q_f32(lanes.as_mut_ptr(), acc[c][0]);
                     vst1q_f32(lanes.as_mut_ptr().add(4), acc[c][1]);
                 }
-                // Safety: the caller owns this group's columns
+                // SAFETY: the caller owns this group's columns
                 unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
             }
         }
@@ -126,10 +127,10 @@ macro_rules! kernels {
                 let mut sum = [[vdupq_n_s32(0); 2]; C];
                 for ch in 0..8 {
                     for h in 0..2 {
-                        // Safety: a group block holds 8 vectors of 32 bytes after the scales
+                        // SAFETY: a group block holds 8 vectors of 32 bytes after the scales
                         let wv = unsafe { vld1q_s8(blk.add(vo + ch * 32 + h * 16) as *const i8) };
                         for c in 0..C {
-                            // Safety: as above
+                            // SAFETY: as above
                             let xb = unsafe {
                                 bcast4(x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + ch * 4))
                             };
@@ -138,7 +139,7 @@ macro_rules! kernels {
                     }
                 }
                 for h in 0..2 {
-                    // Safety: the scales open the block
+                    // SAFETY: the scales open the block
                     let d = unsafe { vld1q_f32(blk.add(h * 16) as *const f32) };
                     for c in 0..C {
                         let xi = (c0 + c) * nb + b;
@@ -149,7 +150,7 @@ macro_rules! kernels {
             }
             for c in 0..C {
                 let mut lanes = [0f32; GROUP];
-                // Safety: as above
+                // SAFETY: as above
                 unsafe {
                     vst1q_f32(lanes.as_mut_ptr(), acc[c][0]);
                     vst1q_f32(lanes.as_mut_ptr().add(4), acc[c][1]);
@@ -161,14 +162,14 @@ macro_rules! kernels {
         /// Every tile of row groups `groups`.
         ///
         /// # Safety
-        /// The CPU has `$features`; see `gemm_into`.
+        /// The CPU has `$features`; see `run_groups`.
         pub(super) unsafe fn $gemm(
             w: &Packed<'_>,
             groups: Range<usize>,
             x: &QuantizedActs,
             out: Out,
         ) {
-            // Safety: forwarded from the caller
+            // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
                     BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
@@ -196,7 +197,7 @@ pub(super) unsafe fn single_row_dot(
     c: usize,
     out: Out,
 ) {
-    // Safety: forwarded from the caller
+    // SAFETY: forwarded from the caller
     unsafe {
         match w.kind {
             BlockKind::Q4_1 => q41_dot::<1>(w, g, x, c, out),

@@ -25,7 +25,7 @@ use super::arm;
 #[target_feature(enable = "neon,i8mm")]
 fn mmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     let mut acc = acc;
-    // Safety: one register-only instruction of an extension the caller's features include
+    // SAFETY: one register-only instruction of an extension the caller's features include
     unsafe {
         std::arch::asm!(
             "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
@@ -49,6 +49,7 @@ unsafe fn values<const Q41: bool>(blk: *const u8, v: usize, h: usize) -> (int8x1
     if Q41 {
         // vector v holds values 8v + t (low nibbles) and 8v + 4 + t (high nibbles)
         let vo = values_offset(BlockKind::Q4_1);
+        // SAFETY: the caller's whole group block holds 4 vectors of 32 bytes after the scales
         let raw = unsafe { vld1q_u8(blk.add(vo + v * 32 + h * 16)) };
         let lo = vandq_u8(raw, vdupq_n_u8(0x0f));
         (
@@ -58,6 +59,7 @@ unsafe fn values<const Q41: bool>(blk: *const u8, v: usize, h: usize) -> (int8x1
     } else {
         // vector c holds values 4c + t: vectors 2v and 2v + 1
         let vo = values_offset(BlockKind::Q8_0);
+        // SAFETY: the caller's whole group block holds 8 vectors of 32 bytes after the scales
         unsafe {
             (
                 vld1q_s8(blk.add(vo + 2 * v * 32 + h * 16) as *const i8),
@@ -101,12 +103,13 @@ unsafe fn tile<const Q41: bool, const P: usize>(
         for v in 0..4 {
             let mut xb = [vdupq_n_s8(0); P];
             for (q, xb) in xb.iter_mut().enumerate() {
-                // Safety: rows c0 + 2q and c0 + 2q + 1 of x have nb blocks of 32 bytes
+                // SAFETY: rows c0 + 2q and c0 + 2q + 1 of x have nb blocks of 32 bytes
                 let at = |c: usize| unsafe { x.qs.as_ptr().add(c * w.k + b * BLOCK + v * 8) };
+                // SAFETY: 8 bytes at each of those rows' offset lie in their block
                 *xb = unsafe { vcombine_s8(vld1_s8(at(c0 + 2 * q)), vld1_s8(at(c0 + 2 * q + 1))) };
             }
             for h in 0..2 {
-                // Safety: the caller's group block, v < 4, h < 2
+                // SAFETY: the caller's group block, v < 4, h < 2
                 let (lo, hi) = unsafe { values::<Q41>(blk, v, h) };
                 let (lo, hi) = (vreinterpretq_s32_s8(lo), vreinterpretq_s32_s8(hi));
                 // rows 4h, 4h + 1 and rows 4h + 2, 4h + 3, 8 consecutive values each
@@ -125,7 +128,7 @@ unsafe fn tile<const Q41: bool, const P: usize>(
         };
         let xd = xd.map(across);
         let xs = if Q41 { xs.map(across) } else { xd };
-        // Safety: the block opens with 8 f32 scales, then (Q4_1) 8 f32 minimums
+        // SAFETY: the block opens with 8 f32 scales, then (Q4_1) 8 f32 minimums
         let ld = |o: usize| unsafe { vld1q_f32(blk.add(o) as *const f32) };
         let d = [ld(0), ld(16)];
         let m = if Q41 {
@@ -158,7 +161,7 @@ unsafe fn tile<const Q41: bool, const P: usize>(
         ];
         for (i, (r0, r4)) in rows.into_iter().enumerate() {
             let mut lanes = [0f32; GROUP];
-            // Safety: lanes holds 8 f32; the caller owns this group's columns
+            // SAFETY: lanes holds 8 f32; the caller owns this group's columns
             unsafe {
                 vst1q_f32(lanes.as_mut_ptr(), r0);
                 vst1q_f32(lanes.as_mut_ptr().add(4), r4);
@@ -179,16 +182,18 @@ unsafe fn drive<const Q41: bool>(
 ) {
     for g in groups {
         let mut c = 0;
-        // Safety (all three): forwarded from `gemm_i8mm`'s caller; c.. are rows of x
         while c + 4 <= x.rows {
+            // SAFETY: forwarded from `gemm_i8mm`'s caller; c..c + 4 are rows of x
             unsafe { tile::<Q41, 2>(w, g, x, c, out) };
             c += 4;
         }
         if c + 2 <= x.rows {
+            // SAFETY: as above, rows c..c + 2
             unsafe { tile::<Q41, 1>(w, g, x, c, out) };
             c += 2;
         }
         if c < x.rows {
+            // SAFETY: as above, row c
             unsafe { arm::single_row_dot(w, g, x, c, out) };
         }
     }
@@ -197,9 +202,9 @@ unsafe fn drive<const Q41: bool>(
 /// Every tile of row groups `groups`.
 ///
 /// # Safety
-/// The CPU has NEON, dotprod and i8mm; see `gemm_into`.
+/// The CPU has NEON, dotprod and i8mm; see `run_groups`.
 pub(super) unsafe fn gemm_i8mm(w: &Packed<'_>, groups: Range<usize>, x: &QuantizedActs, out: Out) {
-    // Safety: forwarded from the caller
+    // SAFETY: forwarded from the caller
     unsafe {
         match w.kind {
             BlockKind::Q4_1 => drive::<true>(w, groups, x, out),

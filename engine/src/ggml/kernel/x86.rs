@@ -32,7 +32,7 @@ fn dp_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
 /// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "avx2")]
 unsafe fn bcast4(p: *const i8) -> __m256i {
-    // Safety: the caller's p has 4 readable bytes
+    // SAFETY: the caller's p has 4 readable bytes
     _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(p as *const i32) })
 }
 
@@ -57,13 +57,14 @@ macro_rules! kernels {
                 let mut lo_sum = [_mm256_setzero_si256(); C];
                 let mut hi_sum = [_mm256_setzero_si256(); C];
                 for v in 0..4 {
-                    // Safety: a group block holds 4 vectors of 32 bytes after the scales
+                    // SAFETY: a group block holds 4 vectors of 32 bytes after the scales
                     let raw = unsafe { _mm256_loadu_si256(blk.add(vo + v * 32) as *const __m256i) };
                     let lo = _mm256_and_si256(raw, mask);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
                     for c in 0..C {
-                        // Safety: row c0 + c of x has nb blocks of 32 bytes
+                        // SAFETY: row c0 + c of x has nb blocks of 32 bytes
                         let xp = unsafe { x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8) };
+                        // SAFETY: xp..xp + 8 lie in that block
                         let (x0, x1) = unsafe { (bcast4(xp), bcast4(xp.add(4))) };
                         if C == 1 {
                             lo_sum[c] = $dp(lo_sum[c], lo, x0);
@@ -73,7 +74,7 @@ macro_rules! kernels {
                         }
                     }
                 }
-                // Safety: the scales and minimums are the block's first 64 bytes
+                // SAFETY: the scales and minimums are the block's first 64 bytes
                 let (d, m) = unsafe {
                     (
                         _mm256_loadu_ps(blk as *const f32),
@@ -94,9 +95,9 @@ macro_rules! kernels {
             }
             for c in 0..C {
                 let mut lanes = [0f32; GROUP];
-                // Safety: lanes holds 8 f32
+                // SAFETY: lanes holds 8 f32
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
-                // Safety: the caller owns this group's columns
+                // SAFETY: the caller owns this group's columns
                 unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
             }
         }
@@ -118,11 +119,11 @@ macro_rules! kernels {
                 let mut even = [_mm256_setzero_si256(); C];
                 let mut odd = [_mm256_setzero_si256(); C];
                 for ch in 0..8 {
-                    // Safety: a group block holds 8 vectors of 32 bytes after the scales
+                    // SAFETY: a group block holds 8 vectors of 32 bytes after the scales
                     let wv = unsafe { _mm256_loadu_si256(blk.add(vo + ch * 32) as *const __m256i) };
                     let wabs = _mm256_sign_epi8(wv, wv);
                     for c in 0..C {
-                        // Safety: as above
+                        // SAFETY: as above
                         let xb = unsafe {
                             bcast4(x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + ch * 4))
                         };
@@ -134,7 +135,7 @@ macro_rules! kernels {
                         }
                     }
                 }
-                // Safety: the scales are the block's first 32 bytes
+                // SAFETY: the scales are the block's first 32 bytes
                 let d = unsafe { _mm256_loadu_ps(blk as *const f32) };
                 for c in 0..C {
                     let xi = (c0 + c) * nb + b;
@@ -145,8 +146,9 @@ macro_rules! kernels {
             }
             for c in 0..C {
                 let mut lanes = [0f32; GROUP];
-                // Safety: as above
+                // SAFETY: lanes holds 8 f32
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
+                // SAFETY: the caller owns this group's columns
                 unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
             }
         }
@@ -154,14 +156,14 @@ macro_rules! kernels {
         /// Every tile of row groups `groups`.
         ///
         /// # Safety
-        /// The CPU has `$features`; see `gemm_into`.
+        /// The CPU has `$features`; see `run_groups`.
         pub(super) unsafe fn $gemm(
             w: &Packed<'_>,
             groups: Range<usize>,
             x: &QuantizedActs,
             out: Out,
         ) {
-            // Safety: forwarded from the caller
+            // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
                     BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),

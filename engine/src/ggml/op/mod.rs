@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use super::kernel::{Isa, Out, gemm_into};
+use super::kernel::{Isa, gemm_on};
 use super::packed::{GROUP, Packed, group_block_bytes};
 use super::{BLOCK, BlockKind, QuantizedActs};
-use crate::cpu::{Team, part_of};
+use crate::cpu::Team;
 
 pub mod import;
 pub mod nnef;
@@ -118,25 +118,12 @@ impl EvalOp for GgmlMatMul {
             let out = if self.precise {
                 acts.quantize_with_remainder(x, rows, w.k);
                 halves.resize(2 * y.len(), 0.0);
-                Out::new(halves, 2 * rows, w.n)
+                &mut halves[..]
             } else {
                 acts.quantize(x, rows, w.k);
-                Out::new(y, rows, w.n)
+                &mut *y
             };
-            let isa = Isa::best();
-            let acts = &*acts;
-            match &self.team {
-                Some(team) if team.threads() > 1 && w.n >= 64 => {
-                    let (groups, threads) = (w.groups(), team.threads());
-                    // Safety: each part writes its own rows' columns of `out` (`y` or `halves`),
-                    // alive until run returns
-                    team.run(&|p| unsafe {
-                        gemm_into(isa, &w, part_of(groups, threads, 1, p), acts, out)
-                    });
-                }
-                // Safety: this thread writes all of `out`
-                _ => unsafe { gemm_into(isa, &w, 0..w.groups(), acts, out) },
-            }
+            gemm_on(self.team.as_deref(), Isa::best(), &w, acts, out);
             if self.precise {
                 let (value, rest) = halves.split_at(y.len());
                 for ((y, v), r) in y.iter_mut().zip(value).zip(rest) {
