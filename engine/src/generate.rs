@@ -27,11 +27,14 @@ pub struct GenerateParams {
     pub logprobs: usize,
 }
 
+/// Most tokens an answer has unless asked otherwise (also the daemon's `[limits] max_tokens`).
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
 impl Default for GenerateParams {
     fn default() -> Self {
         GenerateParams {
             sampling: SamplingParams::default(),
-            max_tokens: 512,
+            max_tokens: DEFAULT_MAX_TOKENS,
             stop: Vec::new(),
             logprobs: 0,
         }

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod ggml;
 pub mod graph;
 pub mod package;
+pub mod quality;
 pub mod sampler;
 pub mod session;
 pub mod stop;

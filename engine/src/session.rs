@@ -202,6 +202,27 @@ impl Session {
         Ok(())
     }
 
+    /// Prepares this session to answer `prompt`, the whole conversation so far: keeps the
+    /// longest cached prefix the prompt shares (at most all but its last token, so there are
+    /// logits to sample from), rolls the cache back to it, and returns the part of `prompt`
+    /// still to feed. A cache that cannot be rolled back is emptied (everything is fed again).
+    pub fn continue_with<'p>(&mut self, prompt: &'p [u32]) -> Result<&'p [u32], EngineError> {
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len().saturating_sub(1));
+        if common < self.tokens.len()
+            && let Err(e) = self.truncate(common)
+        {
+            tracing::warn!(error = %e, "could not roll the conversation's cache back: starting afresh");
+            self.reset()?;
+        }
+        Ok(&prompt[self.tokens.len()..])
+    }
+
     /// Empties the cache.
     pub fn reset(&mut self) -> Result<(), EngineError> {
         self.state = SimpleState::new(&self.model.plan).map_err(EngineError::graph)?;

@@ -71,6 +71,32 @@ fn continuing_a_session_equals_feeding_everything_at_once() {
     assert!(max_rel_diff(&again, &want) < 1e-5);
 }
 
+/// A conversation's next prompt: the session keeps what it shares with it and feeds the rest,
+/// always at least the last token (there must be logits to sample from).
+#[test]
+fn continue_with_keeps_the_shared_prefix() {
+    let model = load("tiny-llama");
+    let mut s = Session::new(&model).unwrap();
+    let held = [1u32, 40, 50, 60, 70];
+    s.feed(&held, &never()).unwrap();
+    // the conversation went on: only its new tokens are left to feed
+    let next = [1u32, 40, 50, 60, 70, 80, 90];
+    assert_eq!(s.continue_with(&next).unwrap(), &[80, 90]);
+    assert_eq!(s.tokens(), &held);
+    // it diverged after three tokens: the cache rolls back to them
+    let other = [1u32, 40, 50, 99, 98];
+    assert_eq!(s.continue_with(&other).unwrap(), &[99, 98]);
+    assert_eq!(s.tokens(), &[1, 40, 50]);
+    // the very same prompt: its last token is fed again, for fresh logits
+    assert_eq!(s.continue_with(&[1, 40, 50]).unwrap(), &[50]);
+    assert_eq!(s.tokens(), &[1, 40]);
+    // and what it returns feeds to the same logits as the whole prompt at once
+    let got = s.feed(&[50, 60], &never()).unwrap();
+    let mut whole = Session::new(&model).unwrap();
+    let want = whole.feed(&[1, 40, 50, 60], &never()).unwrap();
+    assert!(max_rel_diff(&got, &want) < 1e-5);
+}
+
 #[test]
 fn sessions_of_one_model_are_independent() {
     let model = load("tiny-llama");

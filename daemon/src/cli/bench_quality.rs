@@ -3,22 +3,14 @@
 //! can be compared on anyone's own text.
 //!
 //! The text is tokenized whole (no BOS: SmolLM2's GGUF says `add_bos_token = false`, and
-//! llama-perplexity follows that), cut into chunks of `ctx` tokens, and in each chunk only the
-//! second half is scored: the negative log-likelihood of each next token given everything
-//! before it in the chunk. Our graph returns the last position's logits, so a chunk's first
-//! half is fed at once and the scored half one token at a time.
-//!
-//! With `--kl-divergence`, a second model (the f32 package of the same GGUF) reads the same
-//! tokens and each scored position compares the two distributions: mean KL(f32 || this) and
-//! how often both pick the same top token.
+//! llama-perplexity follows that) and scored by `fieldllm_engine::quality`; with
+//! `--kl-divergence`, against a second model (the f32 package of the same GGUF).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
-use fieldllm_engine::sampler::argmax;
-use fieldllm_engine::{LoadOptions, Model, Session};
+use fieldllm_engine::{LoadOptions, Model, quality};
 use serde::Serialize;
 
 /// What `--perplexity` measures.
@@ -71,33 +63,6 @@ fn load(dir: &Path, threads: usize) -> anyhow::Result<Arc<Model>> {
     .with_context(|| format!("loading {}", dir.display()))
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    let lse = max + sum.ln();
-    logits.iter().map(|&v| v as f64 - lse).collect()
-}
-
-/// Feeds one chunk and calls `score(position, logits)` for each scored position, whose next
-/// token is `chunk[position + 1]`.
-fn run_chunk(
-    model: &Arc<Model>,
-    chunk: &[u32],
-    mut score: impl FnMut(usize, &[f32]),
-) -> anyhow::Result<()> {
-    let never = AtomicBool::new(false);
-    let first = chunk.len() / 2;
-    let mut s = Session::new(model)?;
-    let mut logits = s.feed(&chunk[..=first], &never)?;
-    for pos in first..chunk.len() - 1 {
-        score(pos, &logits);
-        if pos + 1 < chunk.len() - 1 {
-            logits = s.feed(&chunk[pos + 1..pos + 2], &never)?;
-        }
-    }
-    Ok(())
-}
-
 /// Runs the measurement and prints a table or JSON.
 pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(b.ctx >= 4, "--ctx must be at least 4 tokens");
@@ -111,73 +76,39 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
         model.context_length
     );
     let tokens = model.tokenizer.encode(&text)?;
-    let mut n_chunks = tokens.len() / b.ctx;
-    if b.chunks > 0 {
-        n_chunks = n_chunks.min(b.chunks);
-    }
-    anyhow::ensure!(
-        n_chunks > 0,
-        "{}: {} tokens, fewer than one chunk of --ctx {}",
-        b.text.display(),
-        tokens.len(),
-        b.ctx
-    );
     let reference = b
         .reference
         .as_deref()
         .map(|d| load(d, b.threads))
         .transpose()?;
-    let (mut nll, mut nll_ref, mut kld, mut same, mut count) = (0f64, 0f64, 0f64, 0usize, 0usize);
-    for c in 0..n_chunks {
-        let chunk = &tokens[c * b.ctx..(c + 1) * b.ctx];
-        let mut ours = Vec::new();
-        run_chunk(&model, chunk, |pos, logits| {
-            let lp = log_softmax(logits);
-            nll -= lp[chunk[pos + 1] as usize];
-            count += 1;
-            if reference.is_some() {
-                ours.push((lp, argmax(logits)));
+    let q = quality::measure(
+        &model,
+        &tokens,
+        b.ctx,
+        b.chunks,
+        reference.as_ref(),
+        |done, of, so_far| {
+            if !json {
+                eprintln!("[{done}/{of}] perplexity so far {so_far:.4}");
             }
-        })?;
-        if let Some(r) = &reference {
-            let mut i = 0;
-            run_chunk(r, chunk, |pos, logits| {
-                let lr = log_softmax(logits);
-                nll_ref -= lr[chunk[pos + 1] as usize];
-                let (lp, top) = &ours[i];
-                kld += lr
-                    .iter()
-                    .zip(lp)
-                    .map(|(a, b)| a.exp() * (a - b))
-                    .sum::<f64>();
-                same += usize::from(argmax(logits) == *top);
-                i += 1;
-            })?;
-        }
-        if !json {
-            eprintln!(
-                "[{}/{}] perplexity so far {:.4}",
-                c + 1,
-                n_chunks,
-                (nll / count as f64).exp()
-            );
-        }
-    }
+        },
+    )
+    .with_context(|| format!("{}", b.text.display()))?;
     let m = model.manifest();
     let report = Report {
         model: m.model.name.clone(),
         weights: m.graph.weights.to_string(),
         text: b.text.display().to_string(),
         ctx: b.ctx,
-        chunks: n_chunks,
-        scored_tokens: count,
-        perplexity: (nll / count as f64).exp(),
-        reference: reference.map(|r| RefReport {
+        chunks: q.chunks,
+        scored_tokens: q.scored_tokens,
+        perplexity: q.perplexity,
+        reference: reference.zip(q.reference).map(|(r, q)| RefReport {
             model: r.manifest().model.name.clone(),
             weights: r.manifest().graph.weights.to_string(),
-            perplexity: (nll_ref / count as f64).exp(),
-            mean_kld: kld / count as f64,
-            same_top1_pct: 100.0 * same as f64 / count as f64,
+            perplexity: q.perplexity,
+            mean_kld: q.mean_kld,
+            same_top1_pct: q.same_top1_pct,
         }),
     };
     if json {
@@ -185,7 +116,12 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     } else {
         println!(
             "{} ({} weights) on {}: {} chunks of {} tokens, {} scored",
-            report.model, report.weights, report.text, report.chunks, report.ctx, count
+            report.model,
+            report.weights,
+            report.text,
+            report.chunks,
+            report.ctx,
+            report.scored_tokens
         );
         println!("perplexity {:.4}", report.perplexity);
         if let Some(r) = &report.reference {
