@@ -215,8 +215,8 @@ pub enum PriorityName {
 
 impl SerialSection {
     /// The priority of this port's requests.
-    pub fn priority(&self) -> crate::request::Priority {
-        use crate::request::Priority;
+    pub fn priority(&self) -> crate::scheduler::Priority {
+        use crate::scheduler::Priority;
         match (self.priority, self.mode) {
             (Some(PriorityName::Low), _) => Priority::Low,
             (Some(PriorityName::Normal), _) => Priority::Normal,
@@ -256,7 +256,7 @@ impl Default for LimitsSection {
         LimitsSection {
             queue: 16,
             max_prompt_bytes: 8192,
-            max_tokens: 512,
+            max_tokens: fieldllm_engine::generate::DEFAULT_MAX_TOKENS as u32,
             max_payload_bytes: 65536,
             grace_s: 10,
             stall_s: 120,
@@ -513,8 +513,8 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let c = Config::parse("[[serial]]\npath = \"/dev/ttyAMA0\"\nmode = \"console\"\n[[serial]]\npath = \"/dev/ttyUSB0\"\nmode = \"framed\"\nbaud = 9600\n").unwrap();
         assert_eq!((c.serial[0].baud, c.serial[1].baud), (115_200, 9600));
-        assert_eq!(c.serial[0].priority(), crate::request::Priority::High);
-        assert_eq!(c.serial[1].priority(), crate::request::Priority::Normal);
+        assert_eq!(c.serial[0].priority(), crate::scheduler::Priority::High);
+        assert_eq!(c.serial[1].priority(), crate::scheduler::Priority::Normal);
         let e = err("[serial_ports]\n");
         assert!(e.contains("serial_ports"), "{e}");
     }

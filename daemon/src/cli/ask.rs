@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use fieldllm_engine::chat::Message;
-use fieldllm_engine::generate::{Candidate, Event};
+use fieldllm_engine::generate::{Candidate, DEFAULT_MAX_TOKENS, Event};
 use fieldllm_engine::{GenerateParams, LoadOptions, Model, SamplingParams, Session, generate};
 use serde_json::json;
 
@@ -25,28 +25,28 @@ pub struct AskArgs {
     #[arg(long)]
     max_tokens: Option<usize>,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = SamplingParams::default().temperature, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = SamplingParams::default().top_p, allow_negative_numbers = true)]
     top_p: f32,
     /// Keep the K most likely tokens (0 = off).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
     top_k: usize,
     /// Drop tokens below this fraction of the best one's probability.
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = SamplingParams::default().min_p, allow_negative_numbers = true)]
     min_p: f32,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = SamplingParams::default().repeat_penalty, allow_negative_numbers = true)]
     repeat_penalty: f32,
     /// Random seed (same seed, same answer).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SamplingParams::default().seed)]
     seed: u64,
     /// Stop when this text appears (repeatable).
     #[arg(long)]
     stop: Vec<String>,
     /// Threads for the model.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = fieldllmd::config::ModelSection::default().threads)]
     threads: usize,
     /// Print JSON lines with the top-K candidates and log-probabilities of each token.
     #[arg(long, value_name = "K")]
@@ -81,7 +81,7 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
             seed: a.seed,
             ..SamplingParams::default()
         },
-        max_tokens: a.max_tokens.unwrap_or(512),
+        max_tokens: a.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         stop: a.stop.clone(),
         logprobs: a.logprobs.unwrap_or(0),
     };

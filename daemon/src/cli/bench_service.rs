@@ -14,8 +14,8 @@ use anyhow::{Context, bail};
 use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::config::parse_broker;
 use fieldllmd::proto::{Request, Response};
-use fieldllmd::request::{Limits, validate};
-use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
+use fieldllmd::request::{Intake, Limits, Origin};
+use fieldllmd::scheduler::{ModelEngine, Reply, Scheduler, SchedulerConfig, Transport};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 
@@ -77,20 +77,30 @@ fn row(path: &'static str, concurrency: usize, wall: Duration, mut lat: Vec<f64>
 }
 
 /// Closed loop: `concurrency` requests in flight until `n` are done.
-fn bare(s: &Scheduler, n: usize, concurrency: usize, max_tokens: u32, tag: &str) -> Row {
-    let limits = Limits::default();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Response>();
+fn bare(
+    s: &Scheduler,
+    intake: &Intake,
+    n: usize,
+    concurrency: usize,
+    max_tokens: u32,
+    tag: &str,
+) -> Row {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
     let mut started: HashMap<String, Instant> = HashMap::new();
     let mut lat = Vec::with_capacity(n);
     let mut sent = 0;
     let submit = |i: usize, started: &mut HashMap<String, Instant>| {
         let id = format!("{tag}-{i}");
         let now = Instant::now();
-        let spec = validate(request(id.clone(), max_tokens), &limits, now);
+        let job = intake.job(
+            request(id.clone(), max_tokens),
+            Origin::new(Transport::Local),
+            now,
+        );
         started.insert(id, now);
-        match spec {
-            Ok(spec) => {
-                s.submit(spec, tx.clone());
+        match job {
+            Ok(job) => {
+                s.submit(job, tx.clone());
             }
             Err(r) => panic!("bench request refused: {}", r.message),
         }
@@ -204,17 +214,26 @@ pub fn run(b: ServiceBench, model_dir: &std::path::Path, json: bool) -> anyhow::
         b.concurrency.clone()
     };
     let mut rows = Vec::new();
+    let engine = Arc::new(ModelEngine(model));
+    let intake = Intake::new(Limits::default(), engine.clone());
     let s = Scheduler::start(
-        model,
+        engine,
         SchedulerConfig {
             queue: 64,
             slots: 1,
         },
     )?;
     // warm-up: first requests pay for allocations
-    bare(&s, 5, 1, b.max_tokens, "warm");
+    bare(&s, &intake, 5, 1, b.max_tokens, "warm");
     for &c in &levels {
-        rows.push(bare(&s, b.requests, c, b.max_tokens, &format!("e{c}")));
+        rows.push(bare(
+            &s,
+            &intake,
+            b.requests,
+            c,
+            b.max_tokens,
+            &format!("e{c}"),
+        ));
     }
     s.shutdown(Duration::from_secs(1));
     let rt = tokio::runtime::Builder::new_current_thread()

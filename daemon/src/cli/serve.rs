@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::config::{Broker, BrokerSetting, Config, Protocol, check_topic_level};
-use fieldllmd::request::Limits;
-use fieldllmd::scheduler::{Scheduler, SchedulerConfig};
+use fieldllmd::request::{Intake, Limits};
+use fieldllmd::scheduler::{ModelEngine, Scheduler, SchedulerConfig};
 use fieldllmd::systemd;
 use fieldllmd::thermal::{self, ThermalView};
 use fieldllmd::transport::mqtt::{MqttService, embedded};
-use fieldllmd::transport::serial::{self, ModelInfo, SerialContext};
+use fieldllmd::transport::serial::{self, ModelInfo, PortInfo, SerialContext};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -71,12 +71,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))?;
-    let limits = Limits {
-        max_prompt_bytes: config.limits.max_prompt_bytes,
-        max_tokens: config.limits.max_tokens,
-    };
+    let engine = Arc::new(ModelEngine(model.clone()));
+    let intake = Intake::new(Limits::from(&config.limits), engine.clone());
     let scheduler = Scheduler::start(
-        model.clone(),
+        engine,
         SchedulerConfig {
             queue: config.limits.queue,
             slots: config.model.slots,
@@ -111,7 +109,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         broker,
         protocol,
         node: node.clone(),
-        limits: limits.clone(),
+        intake: intake.clone(),
         max_payload: config.limits.max_payload_bytes,
         model_name: model.manifest().model.name.clone(),
         open_streams: Arc::new(AtomicUsize::new(0)),
@@ -119,16 +117,18 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let serial_ctx = SerialContext {
         scheduler: scheduler.clone(),
-        limits: limits.clone(),
-        node: node.clone(),
-        model: ModelInfo {
-            name: model.manifest().model.name.clone(),
-            weights: model.manifest().graph.weights.to_string(),
-            context: model.context_length,
-            parameters: model.manifest().model.parameters,
+        info: PortInfo {
+            intake,
+            node: node.clone(),
+            model: ModelInfo {
+                name: model.manifest().model.name.clone(),
+                weights: model.manifest().graph.weights.to_string(),
+                context: model.context_length,
+                parameters: model.manifest().model.parameters,
+            },
+            thermal: thermal.clone(),
+            started: std::time::Instant::now(),
         },
-        thermal: thermal.clone(),
-        started: std::time::Instant::now(),
     };
     let ports = config.serial.clone();
     let local_console = a.local_console();

@@ -3,3 +3,4 @@
 
 pub mod mqtt;
 pub mod serial;
+pub mod wire;

@@ -2,72 +2,30 @@
 //!
 //! Shape, after rumqttc's own split: one task owns the event loop and only forwards incoming
 //! publishes (it never awaits a publish, which deadlocks rumqttc when its request channel is
-//! full); a handler task decodes and submits requests; one task per request publishes its
-//! responses. Reconnecting is ours: exponential backoff with jitter and a cap.
+//! full); the service's loop hands each to the [`Inbox`] (plain code in [`session`]: decode,
+//! dedup, check, address) and carries out the [`Action`] it returns; one task per request
+//! publishes its replies, encoded here at the edge. Reconnecting is ours: [`Backoff`],
+//! exponential with jitter and a cap.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Broker, MqttSection, Protocol};
-use crate::proto::{self as wire, ErrorCode, Request, Response, Status};
-use crate::request::{Limits, check_id, validate};
-use crate::scheduler::Scheduler;
+use crate::proto::{Response, Status};
+use crate::request::Intake;
+use crate::scheduler::{Reply, Scheduler};
 use crate::thermal::ThermalView;
+use crate::transport::wire;
 
 pub mod embedded;
 pub mod link;
+pub mod session;
 
 use link::{Client, Identity, LinkEvent, Message, OutProps, Qos};
-
-/// Content type of protobuf payloads (MQTT v5 property); anything else is proto3 JSON.
-pub const PROTOBUF: &str = "application/x-protobuf";
-/// How many recent request ids are remembered to drop QoS 1 redeliveries.
-const RECENT_IDS: usize = 4096;
-
-/// The topics of one node.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    /// `{prefix}/{node}/req`
-    pub req: String,
-    /// `$share/{group}/{prefix}/fleet/req`
-    pub fleet: String,
-    /// `{prefix}/{node}/cancel`
-    pub cancel: String,
-    /// `{prefix}/{node}/status` (retained; LWT)
-    pub status: String,
-    /// `{prefix}/{node}/telemetry`
-    pub telemetry: String,
-    /// `{prefix}/{node}/resp` (+ `/{id}`)
-    pub resp: String,
-    /// `{prefix}/{node}/errors`: answers to requests whose id could not be read.
-    pub errors: String,
-}
-
-impl Topics {
-    /// Topics for `node` under `prefix`, fleet shared by `group`.
-    pub fn new(prefix: &str, node: &str, group: &str) -> Topics {
-        let base = format!("{prefix}/{node}");
-        Topics {
-            req: format!("{base}/req"),
-            fleet: format!("$share/{group}/{prefix}/fleet/req"),
-            cancel: format!("{base}/cancel"),
-            status: format!("{base}/status"),
-            telemetry: format!("{base}/telemetry"),
-            resp: format!("{base}/resp"),
-            errors: format!("{base}/errors"),
-        }
-    }
-
-    fn is_request(&self, topic: &str) -> bool {
-        topic == self.req || topic.ends_with("/fleet/req")
-    }
-}
+pub use session::{Action, Backoff, Encoding, Inbox, PROTOBUF, ReplyTo, Topics, encode};
 
 /// Everything the service needs besides the scheduler.
 #[derive(Debug, Clone)]
@@ -80,8 +38,8 @@ pub struct MqttService {
     pub protocol: Protocol,
     /// Node id (config or hostname).
     pub node: String,
-    /// Request limits.
-    pub limits: Limits,
+    /// Turns requests into jobs.
+    pub intake: Intake,
     /// Largest request payload.
     pub max_payload: usize,
     /// Model name for status messages.
@@ -90,67 +48,6 @@ pub struct MqttService {
     pub open_streams: Arc<AtomicUsize>,
     /// The firmware bridge's state and readings.
     pub thermal: ThermalView,
-}
-
-/// Payload encoding of one exchange.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Json,
-    Protobuf,
-}
-
-impl Encoding {
-    /// The v5 content type decides; without one (3.1.1, or a v5 client that sets none) a
-    /// payload whose first non-blank byte is `{` is JSON and anything else protobuf.
-    fn of(m: &Message) -> Encoding {
-        match m.content_type.as_deref() {
-            Some(PROTOBUF) => Encoding::Protobuf,
-            Some(_) => Encoding::Json,
-            None if m.payload.trim_ascii_start().first() == Some(&b'{') => Encoding::Json,
-            None if m.payload.is_empty() => Encoding::Json,
-            None => Encoding::Protobuf,
-        }
-    }
-}
-
-/// Where and how one request's responses go.
-#[derive(Debug, Clone)]
-struct ReplyTo {
-    topic: String,
-    correlation: Option<Bytes>,
-    encoding: Encoding,
-}
-
-fn encode<T: serde::Serialize + prost::Message>(r: &T, enc: Encoding) -> Vec<u8> {
-    match enc {
-        // serializing generated types cannot fail; an empty object is the safe fallback
-        Encoding::Json => serde_json::to_vec(r).unwrap_or_else(|_| b"{}".to_vec()),
-        Encoding::Protobuf => r.encode_to_vec(),
-    }
-}
-
-/// Bounded memory of request ids already taken, for QoS 1 redelivery.
-#[derive(Debug, Default)]
-struct RecentIds {
-    set: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl RecentIds {
-    /// True the first time an id is seen (within the window).
-    fn first_time(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
-            return false;
-        }
-        if self.order.len() == RECENT_IDS
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        self.set.insert(id.to_string());
-        self.order.push_back(id.to_string());
-        true
-    }
 }
 
 impl MqttService {
@@ -189,7 +86,7 @@ impl MqttService {
 
     /// Runs until `stop` turns true: connects (and reconnects), serves requests, publishes
     /// status and telemetry. `ready` is told once the first connection is subscribed (the
-    /// daemon's READY waits on it). On stop it publishes the `stopping` status and returns;
+    /// daemon's READY waits on it). On stop it publishes the `offline` status and returns;
     /// answers still running are the scheduler's to end.
     pub async fn run(
         self,
@@ -197,105 +94,116 @@ impl MqttService {
         mut stop: watch::Receiver<bool>,
         ready: tokio::sync::oneshot::Sender<()>,
     ) -> anyhow::Result<()> {
-        let ready = Arc::new(std::sync::Mutex::new(Some(ready)));
         let topics = Topics::new(&self.config.prefix, &self.node, &self.config.group);
-        let (client, mut link) = link::connect(&self.config, self.identity(&topics), 256)?;
+        let (client, link) = link::connect(&self.config, self.identity(&topics), 256)?;
         let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Message>();
         let started = Instant::now();
-
-        // the event loop task: poll, forward, reconnect with backoff; never awaits a publish
-        let loop_client = client.clone();
-        let loop_topics = topics.clone();
-        let loop_svc = self.clone();
         let closing = Arc::new(AtomicBool::new(false));
-        let loop_closing = closing.clone();
-        // runs until the broker has closed the connection after our DISCONNECT, so the last
-        // answers and the offline status are delivered (see `closing`)
-        let event_task = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(250);
-            let mut failures = 0u32;
-            loop {
-                tokio::select! {
-                    ev = link.poll() => match ev {
-                        // the DISCONNECT is only queued when this event comes: poll on until
-                        // the broker closes the connection, so it (and the offline status) is sent
-                        Ok(LinkEvent::DisconnectSent) => {}
-                        Ok(LinkEvent::Connected) => {
-                            tracing::info!(broker = %loop_svc.broker, protocol = ?loop_svc.protocol, "connected to the broker");
-                            backoff = Duration::from_millis(250);
-                            failures = 0;
-                            let (c, t) = (loop_client.clone(), loop_topics.clone());
-                            let status = loop_svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
-                            let ready = ready.clone();
-                            tokio::spawn(async move {
-                                for topic in [&t.req, &t.fleet, &t.cancel] {
-                                    if let Err(e) = c.subscribe(topic.clone()).await {
-                                        tracing::warn!(%topic, error = %e, "subscribe failed");
-                                    }
-                                }
-                                let _ = c.publish(t.status.clone(), Qos::AtLeastOnce, true, encode(&status, Encoding::Json), OutProps::default()).await;
-                                let first = ready.lock().ok().and_then(|mut r| r.take());
-                                if let Some(tx) = first {
-                                    let _ = tx.send(());
-                                }
-                            });
-                        }
-                        Ok(LinkEvent::Message(m)) => {
-                            let _ = in_tx.send(m);
-                        }
-                        Ok(LinkEvent::Refused(why)) => tracing::warn!(broker = %loop_svc.broker, "{why}"),
-                        Ok(LinkEvent::Other) => {}
-                        Err(_) if loop_closing.load(Ordering::Acquire) => break,
-                        Err(e) => {
-                            failures += 1;
-                            // one line per failure streak step, not per retry storm
-                            if failures <= 3 || failures.is_power_of_two() {
-                                tracing::warn!(broker = %loop_svc.broker, error = %e, retry_in_ms = backoff.as_millis() as u64, failures, held = link.held(), dropped = link.dropped(), "broker connection failed");
-                            }
-                            let jitter = Duration::from_millis(u64::from(failures * 37 % 100));
-                            tokio::time::sleep(backoff + jitter).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                        }
-                    }
-                }
-            }
-        });
-
-        let mut recent = RecentIds::default();
+        let event_task = tokio::spawn(event_loop(
+            link,
+            client.clone(),
+            topics.clone(),
+            self.clone(),
+            ready,
+            in_tx,
+            closing.clone(),
+            started,
+        ));
+        let mut inbox = Inbox::new(topics.clone(), self.intake.clone(), self.max_payload);
         let mut telemetry = tokio::time::interval(Duration::from_secs(self.config.telemetry_s));
         let mut thermal = self.thermal.subscribe();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = telemetry.tick() => {
-                    let s = scheduler.stats();
-                    let st = self.status("ready", s.queued, s.running, s.answered, s.last_decode_tok_s, started.elapsed().as_secs());
+                    let st = encode(&self.current(&scheduler, started), Encoding::Json);
                     let c = client.clone();
                     let topic = topics.telemetry.clone();
                     tokio::spawn(async move {
-                        let _ = c.publish(topic, Qos::AtMostOnce, false, encode(&st, Encoding::Json), OutProps::default()).await;
+                        let _ = c.publish(topic, Qos::AtMostOnce, false, st, OutProps::default()).await;
                     });
                 }
                 // a thermal state change is news: the retained status and a telemetry message now
                 Ok(()) = thermal.changed() => {
-                    let s = scheduler.stats();
-                    let st = encode(&self.status("ready", s.queued, s.running, s.answered, s.last_decode_tok_s, started.elapsed().as_secs()), Encoding::Json);
+                    let st = encode(&self.current(&scheduler, started), Encoding::Json);
                     let (c, t) = (client.clone(), topics.clone());
                     tokio::spawn(async move {
                         let _ = c.publish(t.status, Qos::AtLeastOnce, true, st.clone(), OutProps::default()).await;
                         let _ = c.publish(t.telemetry, Qos::AtMostOnce, false, st, OutProps::default()).await;
                     });
                 }
-                Some(p) = in_rx.recv() => self.handle(p, &topics, &client, &scheduler, &mut recent),
+                Some(m) = in_rx.recv() => {
+                    let action = inbox.on_message(&m, Instant::now());
+                    self.act(action, &client, &scheduler);
+                }
             }
         }
-        // let the answers the scheduler ended reach the broker before the connection goes
+        self.close(&client, &topics, &scheduler, started, &closing)
+            .await;
+        if tokio::time::timeout(Duration::from_secs(3), event_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the broker did not take the disconnect in time");
+        }
+        Ok(())
+    }
+
+    /// The `ready` status with the scheduler's counters.
+    fn current(&self, scheduler: &Scheduler, started: Instant) -> Status {
+        let s = scheduler.stats();
+        self.status(
+            "ready",
+            s.queued,
+            s.running,
+            s.answered,
+            s.last_decode_tok_s,
+            started.elapsed().as_secs(),
+        )
+    }
+
+    /// Carries out what the inbox decided.
+    fn act(&self, action: Action, client: &Client, scheduler: &Scheduler) {
+        match action {
+            Action::Submit { job, to } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                // accepted or refused (busy, duplicate, shutting down), the channel carries
+                // the answer
+                scheduler.submit(job, tx);
+                stream_replies(client.clone(), to, rx, self.open_streams.clone());
+            }
+            Action::Cancel(id) => {
+                let found = scheduler.cancel(&id);
+                tracing::info!(request_id = %id, transport = "mqtt", found, "cancel");
+            }
+            Action::Refuse { to, error } => {
+                let response = wire::error_response(error);
+                let client = client.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = publish_one(&client, &to, &response).await {
+                        tracing::warn!(request_id = %response.id(), transport = "mqtt", error = %e, "could not queue a response");
+                    }
+                });
+            }
+            Action::Ignore => {}
+        }
+    }
+
+    /// A clean stop: lets the answers the scheduler ended reach the broker, then our own
+    /// retained "offline" (the will covers the unclean stops), then DISCONNECT, which tells
+    /// the broker not to publish the will.
+    async fn close(
+        &self,
+        client: &Client,
+        topics: &Topics,
+        scheduler: &Scheduler,
+        started: Instant,
+        closing: &AtomicBool,
+    ) {
         let wait_until = Instant::now() + Duration::from_secs(5);
         while self.open_streams.load(Ordering::Acquire) > 0 && Instant::now() < wait_until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // a clean stop: our own retained "offline" (the will covers the unclean ones), then
-        // DISCONNECT, which tells the broker not to publish the will
         let offline = self.status(
             "offline",
             0,
@@ -318,109 +226,73 @@ impl MqttService {
             let _ = client.disconnect().await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
-        if tokio::time::timeout(Duration::from_secs(3), event_task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the broker did not take the disconnect in time");
-        }
-        Ok(())
     }
+}
 
-    fn handle(
-        &self,
-        p: Message,
-        topics: &Topics,
-        client: &Client,
-        scheduler: &Scheduler,
-        recent: &mut RecentIds,
-    ) {
-        let received = Instant::now();
-        let topic = p.topic.clone();
-        let encoding = Encoding::of(&p);
-        if topic == topics.cancel {
-            let id = match encoding {
-                Encoding::Json => serde_json::from_slice::<wire::Cancel>(&p.payload)
-                    .map(|c| c.id)
-                    .ok(),
-                Encoding::Protobuf => wire::Cancel::decode(p.payload.as_ref()).map(|c| c.id).ok(),
-            };
-            match id {
-                Some(id) => {
-                    let found = scheduler.cancel(&id);
-                    tracing::info!(request_id = %id, transport = "mqtt", found, "cancel");
-                }
-                None => tracing::warn!(%topic, "undecodable cancel message"),
+/// The event loop task: polls the link, forwards incoming messages, reconnects with backoff;
+/// never awaits a publish (that deadlocks rumqttc when its request channel is full). Runs until
+/// the broker has closed the connection after our DISCONNECT (`closing`), so the last answers
+/// and the offline status are delivered.
+#[allow(clippy::too_many_arguments)]
+async fn event_loop(
+    mut link: link::Link,
+    client: Client,
+    topics: Topics,
+    svc: MqttService,
+    ready: tokio::sync::oneshot::Sender<()>,
+    incoming: mpsc::UnboundedSender<Message>,
+    closing: Arc<AtomicBool>,
+    started: Instant,
+) {
+    let ready = Arc::new(std::sync::Mutex::new(Some(ready)));
+    let mut backoff = Backoff::default();
+    loop {
+        match link.poll().await {
+            // the DISCONNECT is only queued when this event comes: poll on until the broker
+            // closes the connection, so it (and the offline status) is sent
+            Ok(LinkEvent::DisconnectSent) => {}
+            Ok(LinkEvent::Connected) => {
+                tracing::info!(broker = %svc.broker, protocol = ?svc.protocol, "connected to the broker");
+                backoff.connected();
+                let (c, t) = (client.clone(), topics.clone());
+                let status = svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
+                let ready = ready.clone();
+                tokio::spawn(async move {
+                    for topic in [&t.req, &t.fleet, &t.cancel] {
+                        if let Err(e) = c.subscribe(topic.clone()).await {
+                            tracing::warn!(%topic, error = %e, "subscribe failed");
+                        }
+                    }
+                    let status = encode(&status, Encoding::Json);
+                    let _ = c
+                        .publish(
+                            t.status,
+                            Qos::AtLeastOnce,
+                            true,
+                            status,
+                            OutProps::default(),
+                        )
+                        .await;
+                    let first = ready.lock().ok().and_then(|mut r| r.take());
+                    if let Some(tx) = first {
+                        let _ = tx.send(());
+                    }
+                });
             }
-            return;
-        }
-        if !topics.is_request(&topic) {
-            return;
-        }
-        let reply = |id: &str| ReplyTo {
-            topic: p.response_topic.clone().unwrap_or_else(|| {
-                if check_id(id).is_ok() {
-                    format!("{}/{id}", topics.resp)
-                } else {
-                    topics.errors.clone()
-                }
-            }),
-            correlation: p.correlation.clone(),
-            encoding,
-        };
-        let refuse = |id: &str, code: ErrorCode, msg: String| {
-            tracing::info!(request_id = %id, transport = "mqtt", code = ?code, reason = %msg, "request refused");
-            publish_all(client.clone(), reply(id), vec![wire::error(id, code, msg)]);
-        };
-        if p.payload.len() > self.max_payload {
-            return refuse(
-                "",
-                ErrorCode::TooLarge,
-                format!(
-                    "payload is {} bytes, at most {}",
-                    p.payload.len(),
-                    self.max_payload
-                ),
-            );
-        }
-        let req = match encoding {
-            Encoding::Json => serde_json::from_slice::<Request>(&p.payload)
-                .map_err(|e| format!("invalid JSON request: {e}")),
-            Encoding::Protobuf if p.content_type.is_none() => Request::decode(p.payload.as_ref())
-                .map_err(|e| format!("invalid request: not a JSON object, and as protobuf: {e}")),
-            Encoding::Protobuf => Request::decode(p.payload.as_ref())
-                .map_err(|e| format!("invalid protobuf request: {e}")),
-        };
-        let req = match req {
-            Ok(r) => r,
-            Err(msg) => {
-                // answer on the request's own topic when at least its id can be read
-                let id = match encoding {
-                    Encoding::Json => serde_json::from_slice::<serde_json::Value>(&p.payload)
-                        .ok()
-                        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
-                        .filter(|id| check_id(id).is_ok())
-                        .unwrap_or_default(),
-                    Encoding::Protobuf => String::new(),
-                };
-                return refuse(&id, ErrorCode::BadRequest, msg);
+            Ok(LinkEvent::Message(m)) => {
+                let _ = incoming.send(m);
             }
-        };
-        let id = req.id.clone();
-        if check_id(&id).is_ok() && !recent.first_time(&id) {
-            tracing::info!(request_id = %id, transport = "mqtt", dup = p.dup, "request id seen before: not answered again");
-            return;
+            Ok(LinkEvent::Refused(why)) => tracing::warn!(broker = %svc.broker, "{why}"),
+            Ok(LinkEvent::Other) => {}
+            Err(_) if closing.load(Ordering::Acquire) => break,
+            Err(e) => {
+                let (wait, failures, log) = backoff.failed();
+                if log {
+                    tracing::warn!(broker = %svc.broker, error = %e, retry_in_ms = wait.as_millis() as u64, failures, held = link.held(), dropped = link.dropped(), "broker connection failed");
+                }
+                tokio::time::sleep(wait).await;
+            }
         }
-        let mut spec = match validate(req, &self.limits, received) {
-            Ok(s) => s,
-            Err(r) => return refuse(&id, r.code, r.message),
-        };
-        spec.transport = "mqtt";
-        let (tx, rx) = mpsc::unbounded_channel();
-        tracing::debug!(request_id = %id, transport = "mqtt", %topic, "request");
-        // accepted or refused (busy, duplicate, shutting down), the channel carries the answer
-        scheduler.submit(spec, tx);
-        stream_replies(client.clone(), reply(&id), rx, self.open_streams.clone());
     }
 }
 
@@ -432,10 +304,7 @@ fn publish_one(
     let payload = encode(r, to.encoding);
     let props = OutProps {
         correlation: to.correlation.clone(),
-        content_type: Some(match to.encoding {
-            Encoding::Json => "application/json".to_string(),
-            Encoding::Protobuf => PROTOBUF.to_string(),
-        }),
+        content_type: Some(to.encoding.content_type().to_string()),
     };
     let (c, topic) = (client.clone(), to.topic.clone());
     async move {
@@ -444,29 +313,20 @@ fn publish_one(
     }
 }
 
-fn publish_all(client: Client, to: ReplyTo, responses: Vec<Response>) {
-    tokio::spawn(async move {
-        for r in &responses {
-            if let Err(e) = publish_one(&client, &to, r).await {
-                tracing::warn!(request_id = %r.id(), transport = "mqtt", error = %e, "could not queue a response");
-            }
-        }
-    });
-}
-
-/// Publishes a request's responses in order until its final one.
+/// Publishes a request's replies in order until its final one.
 fn stream_replies(
     client: Client,
     to: ReplyTo,
-    mut rx: mpsc::UnboundedReceiver<Response>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
     open: Arc<AtomicUsize>,
 ) {
     open.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
             let last = r.is_final();
-            if let Err(e) = publish_one(&client, &to, &r).await {
-                tracing::warn!(request_id = %r.id(), transport = "mqtt", error = %e, "could not queue a response");
+            let response = wire::response(r);
+            if let Err(e) = publish_one(&client, &to, &response).await {
+                tracing::warn!(request_id = %response.id(), transport = "mqtt", error = %e, "could not queue a response");
             }
             if last {
                 break;
@@ -474,30 +334,4 @@ fn stream_replies(
         }
         open.fetch_sub(1, Ordering::AcqRel);
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_follow_the_design() {
-        let t = Topics::new("fieldllm/v1", "hangar-3", "fieldllm");
-        assert_eq!(t.req, "fieldllm/v1/hangar-3/req");
-        assert_eq!(t.fleet, "$share/fieldllm/fieldllm/v1/fleet/req");
-        assert!(t.is_request("fieldllm/v1/fleet/req"));
-        assert_eq!(t.status, "fieldllm/v1/hangar-3/status");
-    }
-
-    #[test]
-    fn recent_ids_are_bounded() {
-        let mut r = RecentIds::default();
-        assert!(r.first_time("a"));
-        assert!(!r.first_time("a"));
-        for i in 0..RECENT_IDS {
-            r.first_time(&i.to_string());
-        }
-        assert!(r.first_time("a"), "forgotten after the window");
-        assert_eq!(r.order.len(), RECENT_IDS);
-    }
 }

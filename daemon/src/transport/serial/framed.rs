@@ -9,24 +9,22 @@ use tokio::sync::{mpsc, watch};
 
 use super::SerialContext;
 use super::frame::{self, Feed, Frame, FrameError, Reader};
-use crate::proto::v1::response::Kind;
-use crate::proto::{self as wire, ErrorCode, Response, Status};
-use crate::request::{Priority, check_id, validate};
+use crate::proto::Status;
+use crate::request::{Origin, Rejection, check_id};
+use crate::scheduler::{Code, Priority, Reply, Transport};
+use crate::transport::wire;
 
 /// The frame that answers a bad one.
-fn error_frame(id: &str, code: ErrorCode, message: String) -> Frame {
-    match wire::error(id, code, message).kind {
-        Some(Kind::Error(e)) => Frame::Error(e),
-        _ => unreachable!("wire::error builds an Error"),
-    }
+fn error_frame(id: &str, code: Code, message: String) -> Frame {
+    Frame::Error(wire::refusal(id, Rejection { code, message }))
 }
 
-fn to_frame(r: Response) -> Option<Frame> {
-    Some(match r.kind? {
-        Kind::Chunk(c) => Frame::Chunk(c),
-        Kind::Done(d) => Frame::Done(d),
-        Kind::Error(e) => Frame::Error(e),
-    })
+fn to_frame(r: Reply) -> Frame {
+    match r {
+        Reply::Chunk(c) => Frame::Chunk(wire::chunk(c)),
+        Reply::Done(d) => Frame::Done(wire::done(d)),
+        Reply::Failed(f) => Frame::Error(wire::failure(f)),
+    }
 }
 
 async fn write<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
@@ -49,7 +47,7 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let (mut rd, mut wr) = tokio::io::split(port);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let mut reader = Reader::new();
     // this port's answers in progress: cancelled if the port goes away
     let mut mine: HashSet<String> = HashSet::new();
@@ -78,9 +76,7 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
                 if r.is_final() {
                     mine.remove(r.id());
                 }
-                if let Some(f) = to_frame(r)
-                    && let Err(e) = write(&mut wr, &f).await
-                {
+                if let Err(e) = write(&mut wr, &to_frame(r)).await {
                     break Err(e);
                 }
             }
@@ -106,7 +102,7 @@ fn handle(
     name: &str,
     ctx: &SerialContext,
     priority: Priority,
-    tx: &mpsc::UnboundedSender<Response>,
+    tx: &mpsc::UnboundedSender<Reply>,
     mine: &mut HashSet<String>,
 ) -> Option<Frame> {
     let received = Instant::now();
@@ -115,8 +111,8 @@ fn handle(
         Feed::Error(e) => {
             tracing::info!(port = %name, error = %e, "bad frame dropped");
             let code = match e {
-                FrameError::Oversized => ErrorCode::TooLarge,
-                _ => ErrorCode::BadRequest,
+                FrameError::Oversized => Code::TooLarge,
+                _ => Code::BadRequest,
             };
             return Some(error_frame("", code, format!("bad frame: {e}")));
         }
@@ -124,22 +120,23 @@ fn handle(
     match f {
         Frame::Request(req) => {
             let id = req.id.clone();
-            let mut spec = match validate(req, &ctx.limits, received) {
-                Ok(s) => s,
+            // the port's priority, whatever the request says
+            let origin = Origin::new(Transport::Framed).at(priority);
+            let job = match ctx.info.intake.job(req, origin, received) {
+                Ok(job) => job,
                 Err(r) => {
                     let id = if check_id(&id).is_ok() {
                         id
                     } else {
                         String::new()
                     };
-                    return Some(error_frame(&id, r.code, r.message));
+                    tracing::info!(transport = "framed", request_id = %id, port = %name, code = ?r.code, reason = %r.message, "framed request refused");
+                    return Some(Frame::Error(wire::refusal(&id, r)));
                 }
             };
-            spec.priority = priority;
-            spec.transport = "framed";
             tracing::info!(transport = "framed", request_id = %id, port = %name, "framed request");
             mine.insert(id);
-            ctx.scheduler.submit(spec, tx.clone());
+            ctx.scheduler.submit(job, tx.clone());
             None
         }
         Frame::Cancel(c) => {
@@ -150,15 +147,15 @@ fn handle(
         Frame::StatusQuery => {
             let s = ctx.scheduler.stats();
             let mut status = Status {
-                node: ctx.node.clone(),
-                model: ctx.model.name.clone(),
+                node: ctx.info.node.clone(),
+                model: ctx.info.model.name.clone(),
                 state: "ready".into(),
-                thermal: ctx.thermal.state().as_str().into(),
-                accelerator: ctx.thermal.accelerator(),
+                thermal: ctx.info.thermal.state().as_str().into(),
+                accelerator: ctx.info.thermal.accelerator(),
                 queue_depth: s.queued as u32,
                 running: s.running as u32,
                 decode_tok_s: s.last_decode_tok_s,
-                uptime_s: ctx.started.elapsed().as_secs(),
+                uptime_s: ctx.info.started.elapsed().as_secs(),
                 answered: s.answered,
             };
             // a board with many sensors could overflow a frame: keep the summary, drop the lists
@@ -175,7 +172,7 @@ fn handle(
         }
         other => Some(error_frame(
             "",
-            ErrorCode::BadRequest,
+            Code::BadRequest,
             format!("frames of this kind go from the appliance to the host, not back: {other:?}")
                 .chars()
                 .take(200)

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_serial::SerialPortBuilderExt;
 
 use crate::config::{SerialMode, SerialSection};
-use crate::request::Limits;
+use crate::request::Intake;
 use crate::scheduler::Scheduler;
 use crate::thermal::ThermalView;
 
@@ -33,13 +33,12 @@ pub struct ModelInfo {
     pub parameters: u64,
 }
 
-/// Everything a port's task needs.
+/// What a port's protocol reads to decide (no scheduler: it returns what to submit or cancel,
+/// and the port's loop does it).
 #[derive(Clone)]
-pub struct SerialContext {
-    /// The scheduler.
-    pub scheduler: Scheduler,
-    /// Request limits.
-    pub limits: Limits,
+pub struct PortInfo {
+    /// Turns requests into jobs.
+    pub intake: Intake,
     /// Node id.
     pub node: String,
     /// The served model.
@@ -48,6 +47,15 @@ pub struct SerialContext {
     pub thermal: ThermalView,
     /// When the daemon started.
     pub started: Instant,
+}
+
+/// Everything a port's task needs.
+#[derive(Clone)]
+pub struct SerialContext {
+    /// The scheduler.
+    pub scheduler: Scheduler,
+    /// What the protocol reads.
+    pub info: PortInfo,
 }
 
 /// How long between tries to reopen a missing port.

@@ -1,20 +1,21 @@
 //! The technician console: a person at picocom, minicom or screen on a serial port.
 //!
-//! `Console` is the state of one terminal (line editor, conversation, settings, the running
-//! answer) and turns input bytes and scheduler responses into bytes to write; `serve` drives
-//! it over a port. It submits to the scheduler like any transport and never touches the model.
+//! [`Console`] is the state of one terminal (line editor, conversation, settings, the running
+//! answer) and decides in plain code: input bytes and scheduler replies go in, and a [`Step`]
+//! comes out — bytes to write and what to ask of the scheduler (submit a job, cancel one).
+//! [`serve`] is the thin loop that does both over a port. It never touches the model.
 
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use super::SerialContext;
 use super::line::{LineEditor, LineEvent, MAX_LINE};
-use crate::proto::v1::{self, response::Kind};
-use crate::proto::{ErrorCode, Request, Response};
-use crate::request::{Priority, validate};
-use crate::scheduler::Conversation;
+use super::{PortInfo, SerialContext};
+use crate::proto::{Request, v1};
+use crate::request::Origin;
+use crate::scheduler::{Code, Conversation, Finish, Job, Priority, Reply, Stats, Transport};
+use crate::transport::wire;
 
 /// The prompt.
 pub const PROMPT: &[u8] = b"fieldllm> ";
@@ -32,9 +33,29 @@ Follow-up questions continue the conversation.
   /reset             start a new conversation
 ";
 
+/// What the console asks of the scheduler.
+#[derive(Debug)]
+pub enum Action {
+    /// Submit this job; its replies come back through [`Console::response`].
+    Submit(Job),
+    /// Cancel the job with this id.
+    Cancel(String),
+}
+
+/// What one input or reply leads to.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Bytes to write to the terminal.
+    pub out: Vec<u8>,
+    /// What to ask of the scheduler, in order.
+    pub actions: Vec<Action>,
+    /// The daemon's own terminal asked to stop the daemon (Ctrl-D on an empty line).
+    pub quit: bool,
+}
+
 /// One terminal's state.
 pub struct Console {
-    ctx: SerialContext,
+    info: PortInfo,
     port: String,
     priority: Priority,
     editor: LineEditor,
@@ -46,7 +67,6 @@ pub struct Console {
     asked: u64,
     /// The daemon's own terminal: Ctrl-D on an empty line stops the daemon.
     local: bool,
-    quit: bool,
 }
 
 struct Running {
@@ -70,9 +90,9 @@ fn crlf(text: &str, out: &mut Vec<u8>) {
 
 impl Console {
     /// A console on `port` submitting at `priority`.
-    pub fn new(ctx: SerialContext, port: &str, priority: Priority) -> Console {
+    pub fn new(info: PortInfo, port: &str, priority: Priority) -> Console {
         Console {
-            ctx,
+            info,
             port: port.to_string(),
             priority,
             editor: LineEditor::new(),
@@ -83,23 +103,29 @@ impl Console {
             running: None,
             asked: 0,
             local: false,
-            quit: false,
         }
+    }
+
+    /// The daemon's own terminal (Ctrl-D on an empty line stops the daemon).
+    pub fn local(info: PortInfo) -> Console {
+        let mut c = Console::new(info, "terminal", Priority::High);
+        c.local = true;
+        c
     }
 
     /// Banner and first prompt.
     pub fn banner(&self) -> Vec<u8> {
-        let m = &self.ctx.model;
+        let m = &self.info.model;
         let mut out = Vec::new();
         crlf(
             &format!(
                 "\nfieldllm {} on {}\nmodel {} ({} weights, {} tokens of context), thermal {}\nType a question, or /help.\n",
                 env!("CARGO_PKG_VERSION"),
-                self.ctx.node,
+                self.info.node,
                 m.name,
                 m.weights,
                 m.context,
-                self.ctx.thermal.summary()
+                self.info.thermal.summary()
             ),
             &mut out,
         );
@@ -118,71 +144,69 @@ impl Console {
         self.running.is_some()
     }
 
-    /// Handles bytes from the terminal; returns what to write back.
-    pub fn input(&mut self, bytes: &[u8], sink: &mpsc::UnboundedSender<Response>) -> Vec<u8> {
-        let mut out = Vec::new();
+    /// Handles bytes from the terminal; `stats` is the scheduler's, for `/status`.
+    pub fn input(&mut self, bytes: &[u8], stats: Stats) -> Step {
+        let mut step = Step::default();
         for &b in bytes {
             if let Some(r) = &self.running {
                 // while an answer streams only Ctrl-C counts; typing waits for the prompt
                 if b == 0x03 {
-                    let found = self.ctx.scheduler.cancel(&r.id);
-                    tracing::info!(transport = "console", request_id = %r.id, port = %self.port, found, "console cancel");
+                    tracing::info!(transport = "console", request_id = %r.id, port = %self.port, "console cancel");
+                    step.actions.push(Action::Cancel(r.id.clone()));
                 }
                 continue;
             }
             let mut echo = Vec::new();
             let event = self.editor.push(b, &mut echo);
-            out.extend_from_slice(&echo);
+            step.out.extend_from_slice(&echo);
             match event {
                 None => {}
-                Some(LineEvent::Line(line)) => self.line(line.trim(), sink, &mut out),
+                Some(LineEvent::Line(line)) => self.line(line.trim(), stats, &mut step),
                 Some(LineEvent::EndOfInput) if self.local => {
-                    crlf("\n[stopping fieldllmd]\n", &mut out);
-                    self.quit = true;
-                    return out;
+                    crlf("\n[stopping fieldllmd]\n", &mut step.out);
+                    step.quit = true;
+                    return step;
                 }
                 Some(LineEvent::Interrupt) | Some(LineEvent::EndOfInput) => {
-                    out.extend_from_slice(PROMPT)
+                    step.out.extend_from_slice(PROMPT)
                 }
                 Some(LineEvent::TooLong) => {
                     crlf(
                         &format!("That line is longer than {MAX_LINE} bytes; it was dropped.\n"),
-                        &mut out,
+                        &mut step.out,
                     );
-                    out.extend_from_slice(PROMPT);
+                    step.out.extend_from_slice(PROMPT);
                 }
                 Some(LineEvent::NotText) => {
-                    crlf("That line was not UTF-8 text; it was dropped.\n", &mut out);
-                    out.extend_from_slice(PROMPT);
+                    crlf(
+                        "That line was not UTF-8 text; it was dropped.\n",
+                        &mut step.out,
+                    );
+                    step.out.extend_from_slice(PROMPT);
                 }
             }
         }
-        out
+        step
     }
 
-    fn line(&mut self, line: &str, sink: &mpsc::UnboundedSender<Response>, out: &mut Vec<u8>) {
+    fn line(&mut self, line: &str, stats: Stats, step: &mut Step) {
         if line.is_empty() {
-            out.extend_from_slice(PROMPT);
+            step.out.extend_from_slice(PROMPT);
             return;
         }
         if let Some(cmd) = line.strip_prefix('/') {
-            crlf(&self.command(cmd), out);
-            out.extend_from_slice(PROMPT);
+            crlf(&self.command(cmd, stats), &mut step.out);
+            step.out.extend_from_slice(PROMPT);
             return;
         }
-        if !self.ask(line, false, sink, out) {
-            out.extend_from_slice(PROMPT);
+        if !self.ask(line, false, step) {
+            step.out.extend_from_slice(PROMPT);
         }
     }
 
-    /// Submits a question; false if it was refused before reaching the scheduler.
-    fn ask(
-        &mut self,
-        question: &str,
-        fresh: bool,
-        sink: &mpsc::UnboundedSender<Response>,
-        out: &mut Vec<u8>,
-    ) -> bool {
+    /// Asks a question (with the conversation so far, unless `fresh`); false if it was refused
+    /// before reaching the scheduler. A conversation too long for the model starts afresh.
+    fn ask(&mut self, question: &str, fresh: bool, step: &mut Step) -> bool {
         self.asked += 1;
         let id = format!("console-{}-{}", self.port_tag(), self.asked);
         let mut messages = Vec::new();
@@ -203,16 +227,26 @@ impl Console {
             stream: Some(true),
             ..self.settings.clone()
         };
-        let mut spec = match validate(req, &self.ctx.limits, Instant::now()) {
-            Ok(s) => s,
+        let origin = Origin::new(Transport::Console)
+            .at(self.priority)
+            .in_conversation(self.conversation.clone());
+        let job = match self.info.intake.job(req, origin, Instant::now()) {
+            Ok(job) => job,
+            Err(r) if r.code == Code::TooLarge && !self.history.is_empty() && !fresh => {
+                // the conversation outgrew the prompt limit or the model's context: say so and
+                // ask again, afresh
+                crlf(
+                    "[the conversation filled the model's context: starting a new one]\n",
+                    &mut step.out,
+                );
+                self.reset();
+                return self.ask(question, true, step);
+            }
             Err(r) => {
-                crlf(&format!("Not asked: {}\n", r.message), out);
+                crlf(&format!("Not asked: {}\n", r.message), &mut step.out);
                 return false;
             }
         };
-        spec.priority = self.priority;
-        spec.conversation = Some(self.conversation.clone());
-        spec.transport = "console";
         tracing::info!(transport = "console", request_id = %id, port = %self.port, "console question");
         self.running = Some(Running {
             id,
@@ -220,8 +254,8 @@ impl Console {
             answer: String::new(),
             fresh,
         });
-        // accepted or refused (busy), the answer or the refusal comes on the sink
-        self.ctx.scheduler.submit(spec, sink.clone());
+        // accepted or refused (busy), the answer or the refusal comes back as replies
+        step.actions.push(Action::Submit(job));
         true
     }
 
@@ -235,35 +269,37 @@ impl Console {
             .collect()
     }
 
-    /// Handles one response of the running answer; returns what to write.
-    pub fn response(&mut self, r: Response, sink: &mpsc::UnboundedSender<Response>) -> Vec<u8> {
-        let mut out = Vec::new();
+    /// Handles one reply of the running answer.
+    pub fn response(&mut self, r: Reply) -> Step {
+        let mut step = Step::default();
         let Some(run) = &mut self.running else {
-            return out;
+            return step;
         };
         if r.id() != run.id {
-            return out;
+            return step;
         }
-        match r.kind {
-            Some(Kind::Chunk(c)) => {
+        let run = match r {
+            Reply::Chunk(c) => {
                 run.answer.push_str(&c.text);
-                crlf(&c.text, &mut out);
-                return out;
+                crlf(&c.text, &mut step.out);
+                return step;
             }
-            Some(Kind::Done(d)) => {
-                let run = self.running.take().unwrap_or_else(|| unreachable!());
-                let finish =
-                    v1::FinishReason::try_from(d.finish_reason).unwrap_or(v1::FinishReason::Error);
-                out.extend_from_slice(b"\r\n");
-                match finish {
-                    v1::FinishReason::Stop => {}
-                    v1::FinishReason::Length => crlf("[cut: max_tokens reached]\n", &mut out),
-                    v1::FinishReason::Cancelled => crlf("[cancelled]\n", &mut out),
-                    v1::FinishReason::Thermal => crlf(
-                        "[stopped: the accelerator is critically hot; see /thermal]\n",
-                        &mut out,
-                    ),
-                    other => crlf(&format!("[ended: {}]\n", other.as_str_name()), &mut out),
+            Reply::Done(d) => {
+                let Some(run) = self.running.take() else {
+                    return step;
+                };
+                step.out.extend_from_slice(b"\r\n");
+                let note = match d.finish {
+                    Finish::Stop => None,
+                    Finish::Length => Some("[cut: max_tokens reached]\n"),
+                    Finish::Cancelled => Some("[cancelled]\n"),
+                    Finish::Thermal => {
+                        Some("[stopped: the accelerator is critically hot; see /thermal]\n")
+                    }
+                    Finish::Deadline => Some("[ended: deadline]\n"),
+                };
+                if let Some(note) = note {
+                    crlf(note, &mut step.out);
                 }
                 self.history.push(v1::Message {
                     role: "user".into(),
@@ -273,31 +309,28 @@ impl Console {
                     role: "assistant".into(),
                     content: run.answer,
                 });
+                None
             }
-            Some(Kind::Error(e)) => {
-                let run = self.running.take().unwrap_or_else(|| unreachable!());
-                let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
-                if code == ErrorCode::TooLarge && !self.history.is_empty() && !run.fresh {
-                    // the conversation filled the context: say so and ask again, afresh
-                    crlf(
-                        "[the conversation filled the model's context: starting a new one]\n",
-                        &mut out,
-                    );
-                    self.reset();
-                    if self.ask(&run.question, true, sink, &mut out) {
-                        return out;
-                    }
-                } else {
-                    crlf(
-                        &format!("\n[error {}: {}]\n", code.as_str_name(), e.message),
-                        &mut out,
-                    );
+            Reply::Failed(f) => self.running.take().map(|run| (run, f)),
+        };
+        if let Some((run, f)) = run {
+            if f.code == Code::TooLarge && !self.history.is_empty() && !run.fresh {
+                // the conversation filled the context: say so and ask again, afresh
+                crlf(
+                    "[the conversation filled the model's context: starting a new one]\n",
+                    &mut step.out,
+                );
+                self.reset();
+                if self.ask(&run.question, true, &mut step) {
+                    return step;
                 }
+            } else {
+                let code = wire::code(f.code).as_str_name();
+                crlf(&format!("\n[error {code}: {}]\n", f.message), &mut step.out);
             }
-            None => return out,
         }
-        out.extend_from_slice(PROMPT);
-        out
+        step.out.extend_from_slice(PROMPT);
+        step
     }
 
     fn reset(&mut self) {
@@ -305,38 +338,35 @@ impl Console {
         self.conversation.reset();
     }
 
-    /// Stops the running answer, if any (the port went away).
-    pub fn abandon(&mut self) {
-        if let Some(r) = self.running.take() {
-            let found = self.ctx.scheduler.cancel(&r.id);
-            tracing::info!(transport = "console", request_id = %r.id, port = %self.port, found, "console gone: answer cancelled");
-        }
+    /// The running answer, if any, to cancel because the port went away.
+    pub fn abandon(&mut self) -> Option<String> {
+        let r = self.running.take()?;
+        tracing::info!(transport = "console", request_id = %r.id, port = %self.port, "console gone: answer cancelled");
+        Some(r.id)
     }
 
-    fn command(&mut self, cmd: &str) -> String {
+    fn command(&mut self, cmd: &str, s: Stats) -> String {
         let mut words = cmd.split_whitespace();
         let name = words.next().unwrap_or("");
         let rest: Vec<&str> = words.collect();
+        let info = &self.info;
         match name {
             "help" | "?" => HELP.to_string(),
-            "status" => {
-                let s = self.ctx.scheduler.stats();
-                format!(
-                    "node {} · model {} · thermal {}\nqueue {} · running {} · answered {} · last decode {:.1} tok/s · up {} s\nthis console: {} turns in the conversation\n",
-                    self.ctx.node,
-                    self.ctx.model.name,
-                    self.ctx.thermal.summary(),
-                    s.queued,
-                    s.running,
-                    s.answered,
-                    s.last_decode_tok_s,
-                    self.ctx.started.elapsed().as_secs(),
-                    self.history.len() / 2
-                )
-            }
-            "thermal" => self.ctx.thermal.report(),
+            "status" => format!(
+                "node {} · model {} · thermal {}\nqueue {} · running {} · answered {} · last decode {:.1} tok/s · up {} s\nthis console: {} turns in the conversation\n",
+                info.node,
+                info.model.name,
+                info.thermal.summary(),
+                s.queued,
+                s.running,
+                s.answered,
+                s.last_decode_tok_s,
+                info.started.elapsed().as_secs(),
+                self.history.len() / 2
+            ),
+            "thermal" => info.thermal.report(),
             "model" => {
-                let m = &self.ctx.model;
+                let m = &info.model;
                 format!(
                     "{} · {} parameters · {} weights · {} tokens of context\n",
                     m.name, m.parameters, m.weights, m.context
@@ -387,14 +417,9 @@ impl Console {
         if !parsed {
             return format!("{key}: {value:?} is not a number.\n");
         }
-        // check with the same rules as any request
-        let probe = Request {
-            id: "probe".into(),
-            prompt: "probe".into(),
-            ..next.clone()
-        };
-        match validate(probe, &self.ctx.limits, Instant::now()) {
-            Ok(_) => {
+        // checked with the same rules as any request
+        match self.info.intake.check_parameters(&next) {
+            Ok(()) => {
                 self.settings = next;
                 format!("{key} = {value}\n")
             }
@@ -411,7 +436,8 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
     priority: Priority,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    run(port, Console::new(ctx, name, priority), stop).await
+    let console = Console::new(ctx.info.clone(), name, priority);
+    run(port, console, &ctx, stop).await
 }
 
 /// Serves the daemon's own terminal until Ctrl-D on an empty line (`Ok`: stop the daemon),
@@ -421,47 +447,66 @@ pub async fn serve_local<P: AsyncRead + AsyncWrite>(
     ctx: SerialContext,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut console = Console::new(ctx, "terminal", Priority::High);
-    console.local = true;
-    run(port, console, stop).await
+    let console = Console::local(ctx.info.clone());
+    run(port, console, &ctx, stop).await
+}
+
+/// Does what a step asks of the scheduler.
+fn act(step: &mut Step, ctx: &SerialContext, sink: &mpsc::UnboundedSender<Reply>) {
+    for action in step.actions.drain(..) {
+        match action {
+            Action::Submit(job) => {
+                ctx.scheduler.submit(job, sink.clone());
+            }
+            Action::Cancel(id) => {
+                ctx.scheduler.cancel(&id);
+            }
+        }
+    }
 }
 
 async fn run<P: AsyncRead + AsyncWrite>(
     port: P,
     mut console: Console,
+    ctx: &SerialContext,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let (mut rd, mut wr) = tokio::io::split(port);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let result = async {
         wr.write_all(&console.banner()).await?;
         let mut buf = [0u8; 1024];
         loop {
-            tokio::select! {
+            let mut step = tokio::select! {
                 n = rd.read(&mut buf) => {
                     let n = n?;
                     if n == 0 {
                         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the port closed"));
                     }
-                    let out = console.input(&buf[..n], &tx);
-                    wr.write_all(&out).await?;
-                    if console.quit {
-                        return Ok(());
-                    }
+                    console.input(&buf[..n], ctx.scheduler.stats())
                 }
-                Some(r) = rx.recv() => {
-                    let out = console.response(r, &tx);
-                    wr.write_all(&out).await?;
-                }
+                Some(r) = rx.recv() => console.response(r),
                 _ = stop.changed() => {
-                    console.abandon();
+                    if let Some(id) = console.abandon() {
+                        ctx.scheduler.cancel(&id);
+                    }
                     let _ = wr.write_all(b"\r\n[fieldllmd is stopping]\r\n").await;
                     return Ok(());
                 }
+            };
+            act(&mut step, ctx, &tx);
+            wr.write_all(&step.out).await?;
+            if step.quit {
+                return Ok(());
             }
         }
     }
     .await;
-    console.abandon();
+    if let Some(id) = console.abandon() {
+        ctx.scheduler.cancel(&id);
+    }
     result
 }
+
+#[cfg(test)]
+mod tests;

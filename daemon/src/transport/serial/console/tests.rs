@@ -1,0 +1,161 @@
+//! The console's decisions, without a port: what it writes and what it asks of the scheduler.
+
+#![allow(clippy::unwrap_used)]
+use std::sync::Arc;
+
+use super::*;
+use crate::request::{Intake, Limits};
+use crate::scheduler::scripted::{Gate, ScriptedEngine};
+use crate::scheduler::{Done, Failure, Timings, Usage};
+use crate::thermal::ThermalView;
+use crate::transport::serial::ModelInfo;
+
+fn console(max_prompt_bytes: usize) -> Console {
+    let limits = Limits {
+        max_prompt_bytes,
+        ..Limits::default()
+    };
+    let info = PortInfo {
+        intake: Intake::new(limits, Arc::new(ScriptedEngine::new(Gate::open()))),
+        node: "n1".into(),
+        model: ModelInfo {
+            name: "scripted".into(),
+            weights: "none".into(),
+            context: 2048,
+            parameters: 0,
+        },
+        thermal: ThermalView::none(),
+        started: Instant::now(),
+    };
+    Console::new(info, "/dev/ttyUSB1", Priority::High)
+}
+
+fn text(step: &Step) -> String {
+    String::from_utf8_lossy(&step.out).into_owned()
+}
+
+/// Types `line` + Enter; returns the step and the job it submitted.
+fn ask(c: &mut Console, line: &str) -> (Step, Job) {
+    let mut step = c.input(format!("{line}\r").as_bytes(), Stats::default());
+    let job = match step.actions.pop() {
+        Some(Action::Submit(job)) => job,
+        other => panic!("no job: {other:?}, wrote {:?}", text(&step)),
+    };
+    (step, job)
+}
+
+fn done(id: &str) -> Reply {
+    Reply::Done(Done {
+        id: id.into(),
+        seq: 1,
+        finish: Finish::Stop,
+        usage: Usage::default(),
+        timings: Timings::default(),
+    })
+}
+
+fn chunk(id: &str, t: &str) -> Reply {
+    Reply::Chunk(crate::scheduler::Chunk {
+        id: id.into(),
+        seq: 0,
+        text: t.into(),
+        logprobs: Vec::new(),
+    })
+}
+
+#[test]
+fn a_question_is_a_whole_job_from_this_console() {
+    let mut c = console(8192);
+    let (step, job) = ask(&mut c, "why does the pump whine");
+    assert!(text(&step).ends_with("why does the pump whine\r\n"), "echo");
+    assert_eq!(job.id, "console-ttyUSB1-1");
+    assert_eq!(
+        (job.priority, job.transport),
+        (Priority::High, Transport::Console)
+    );
+    assert!(job.conversation.is_some() && job.stream);
+    assert!(c.busy());
+    // typing during the answer is dropped; Ctrl-C cancels it
+    let typed = c.input(b"abc", Stats::default());
+    assert!(typed.out.is_empty() && typed.actions.is_empty());
+    let stop = c.input(&[0x03], Stats::default());
+    assert!(matches!(&stop.actions[..], [Action::Cancel(id)] if id == &job.id));
+    // the answer streams, then the prompt comes back
+    assert_eq!(
+        text(&c.response(chunk(&job.id, "Bearing\nwear"))),
+        "Bearing\r\nwear"
+    );
+    assert!(text(&c.response(done(&job.id))).ends_with("fieldllm> "));
+    assert!(!c.busy());
+    // the follow-up carries the conversation: question and answer before it
+    let (_, next) = ask(&mut c, "and then");
+    assert!(
+        next.prompt.len() > job.prompt.len() + 3,
+        "the history is in the prompt"
+    );
+}
+
+#[test]
+fn a_conversation_too_long_for_the_limits_starts_afresh() {
+    // room for the first exchange, not for a second on top of it
+    let mut c = console(60);
+    let (_, first) = ask(&mut c, "what is the relief valve setting");
+    c.response(chunk(&first.id, "about 210 bar"));
+    c.response(done(&first.id));
+    let (step, fresh) = ask(&mut c, "and the pump's rated flow");
+    assert!(
+        text(&step).contains("starting a new one"),
+        "{:?}",
+        text(&step)
+    );
+    // one user message of five words and the assistant header: nothing of the first
+    // exchange
+    assert_eq!(fresh.prompt.len(), 1 + 5 + 1 + 1);
+    // and the one after that is asked in the new conversation
+    c.response(done(&fresh.id));
+    let (step, _) = ask(&mut c, "thanks");
+    assert!(!text(&step).contains("starting a new one"));
+}
+
+#[test]
+fn a_question_too_large_alone_is_not_asked() {
+    let mut c = console(16);
+    let step = c.input(
+        b"this question is longer than sixteen bytes\r",
+        Stats::default(),
+    );
+    assert!(step.actions.is_empty());
+    assert!(
+        text(&step).contains("Not asked: prompt is 42 bytes, at most 16"),
+        "{:?}",
+        text(&step)
+    );
+    assert!(!c.busy());
+}
+
+#[test]
+fn failures_are_shown_with_their_code() {
+    let mut c = console(8192);
+    let (_, job) = ask(&mut c, "pump noise");
+    let out = text(&c.response(Reply::Failed(Failure {
+        queue_depth: 16,
+        retry_after_ms: 1000,
+        ..Failure::new(&job.id, Code::Busy, "queue full (16 waiting)")
+    })));
+    assert!(
+        out.contains("[error busy: queue full (16 waiting)]"),
+        "{out:?}"
+    );
+    assert!(out.ends_with("fieldllm> ") && !c.busy());
+}
+
+#[test]
+fn settings_are_checked_by_the_request_rules() {
+    let mut c = console(8192);
+    let out = text(&c.input(b"/set temperature -1\r", Stats::default()));
+    assert!(out.contains("Not set:"), "{out:?}");
+    let out = text(&c.input(b"/set temperature 0.4\r", Stats::default()));
+    assert!(out.contains("temperature = 0.4"), "{out:?}");
+    let (_, job) = ask(&mut c, "pump noise");
+    assert_eq!(job.params.sampling.temperature, 0.4);
+}
