@@ -6,7 +6,7 @@
 # console on this terminal (Ctrl-D on an empty line there stops it, as SIGTERM does).
 # Safe to run again: finished steps are kept.
 #
-#   ./setup.sh                      check with "What is the capital of France?", then serve
+#   ./setup.sh                      check with "Name the capital of France.", then serve
 #   ./setup.sh "Your question"      check with yours, then serve
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,7 +21,10 @@ fi
 cargo build --release --locked -p fieldllmd
 models/setup.sh target/release/fieldllmd
 echo
-target/release/fieldllmd ask "${1:-What is the capital of France?}"
+# not "What is the capital of France?": its first token is a near-tie in the model itself (0.08
+# nats), and the quantized model's answer flips with the CPU's rounding (AVX2 machines answer
+# "L'Étoile, ..."); this one leads by over a nat at every step on every kernel
+target/release/fieldllmd ask "${1:-Name the capital of France.}"
 cat <<'EOF_HELP'
 
 fieldllmd is starting on its defaults (embedded broker on 127.0.0.1:1883, MQTT 3.1.1), with its
