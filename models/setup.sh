@@ -6,10 +6,14 @@
 #                                      engine/ggml), made by `fieldllmd model import`
 #   build/smollm2-135m-instruct.f16/   the same graph with f16 weights (tract's kernels)
 # Usage: models/setup.sh FIELDLLMD_BINARY. Idempotent: outputs newer than their inputs are kept.
+#        models/setup.sh --packages     everything but the two imports, which need the binary:
+#                                       tests/run.sh runs it beside the build
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-bin=${1:?usage: models/setup.sh path/to/fieldllmd}
-bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+bin=${1:?usage: models/setup.sh path/to/fieldllmd | --packages}
+if [ "$bin" != --packages ]; then
+  bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+fi
 cd "$here"
 
 # venv with the pinned converter dependencies; remade when requirements.txt changes
@@ -40,6 +44,7 @@ if stale build/smollm2-135m-instruct/manifest.toml "$gguf" $conv_src; then
   $py -m fieldllm_convert gguf "$gguf" build/smollm2-135m-instruct --name smollm2-135m-instruct \
     --reference build/smollm2-135m-instruct.reference.json
 fi
+[ "$bin" = --packages ] && exit 0
 for w in f16 gguf; do
   if stale build/smollm2-135m-instruct.$w/manifest.toml build/smollm2-135m-instruct/manifest.toml "$bin"; then
     rm -rf build/smollm2-135m-instruct.$w

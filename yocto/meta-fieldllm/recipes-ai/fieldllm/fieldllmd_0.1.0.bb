@@ -21,7 +21,8 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 # every crate of Cargo.lock, with its sha256: the build runs `cargo build --frozen`, offline
 require ${BPN}-crates.inc
 
-# the workspace's daemon crate; Cargo.lock is the workspace's
+# the workspace's daemon crate, which pulls the engine (engine/), the wire schema (proto/) and
+# the firmware bridge (firmware-bridge/) in by path; Cargo.lock is the workspace's
 CARGO_SRC_DIR = "daemon"
 
 SYSTEMD_SERVICE:${PN} = "fieldllmd.service"
