@@ -214,10 +214,13 @@ impl Scheduler {
     /// Obeys a new thermal state from the firmware bridge. Not accepting: waiting jobs are
     /// answered `overheated` with `retry_after`. Stopping running answers: they end `thermal`.
     pub fn set_thermal(&self, state: ThermalState, limits: ThermalLimits, retry_after: Duration) {
-        let cap = self.shared.lock().set_thermal(state, limits, retry_after);
+        let mut st = self.shared.lock();
+        let cap = st.set_thermal(state, limits, retry_after);
+        // stored under the lock, so the cap always goes with the state it was set for
         self.shared
             .decode_cap
             .store(cap.to_bits(), Ordering::Release);
+        drop(st);
         self.shared.wake.notify_all();
     }
 

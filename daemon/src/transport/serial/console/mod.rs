@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::line::{LineEditor, LineEvent, MAX_LINE};
 use super::{PortInfo, SerialContext};
 use crate::proto::{Request, v1};
-use crate::request::Origin;
+use crate::request::{Origin, Rejection};
 use crate::scheduler::{Code, Conversation, Finish, Job, Priority, Reply, Stats, Transport};
 use crate::transport::wire;
 
@@ -205,10 +205,40 @@ impl Console {
     }
 
     /// Asks a question (with the conversation so far, unless `fresh`); false if it was refused
-    /// before reaching the scheduler. A conversation too long for the model starts afresh.
+    /// before reaching the scheduler. A conversation too long for the limits or the model's
+    /// context starts afresh, if the question fits alone (else it is kept, and the question is
+    /// not asked).
     fn ask(&mut self, question: &str, fresh: bool, step: &mut Step) -> bool {
         self.asked += 1;
         let id = format!("console-{}-{}", self.port_tag(), self.asked);
+        let job = match self.job(&id, question, !fresh) {
+            Ok(job) => job,
+            Err(r) if r.code == Code::TooLarge && !self.history.is_empty() && !fresh => {
+                match self.job(&id, question, false) {
+                    Ok(job) => {
+                        crlf(
+                            "[the conversation filled the model's context: starting a new one]\n",
+                            &mut step.out,
+                        );
+                        self.reset();
+                        return self.submit(id, question, job, true, step);
+                    }
+                    Err(alone) => {
+                        crlf(&format!("Not asked: {}\n", alone.message), &mut step.out);
+                        return false;
+                    }
+                }
+            }
+            Err(r) => {
+                crlf(&format!("Not asked: {}\n", r.message), &mut step.out);
+                return false;
+            }
+        };
+        self.submit(id, question, job, fresh, step)
+    }
+
+    /// The job for `question`, after the conversation so far when `with_history`.
+    fn job(&self, id: &str, question: &str, with_history: bool) -> Result<Job, Rejection> {
         let mut messages = Vec::new();
         if let Some(s) = &self.system {
             messages.push(v1::Message {
@@ -216,13 +246,15 @@ impl Console {
                 content: s.clone(),
             });
         }
-        messages.extend(self.history.iter().cloned());
+        if with_history {
+            messages.extend(self.history.iter().cloned());
+        }
         messages.push(v1::Message {
             role: "user".into(),
             content: question.to_string(),
         });
         let req = Request {
-            id: id.clone(),
+            id: id.to_string(),
             messages,
             stream: Some(true),
             ..self.settings.clone()
@@ -230,23 +262,18 @@ impl Console {
         let origin = Origin::new(Transport::Console)
             .at(self.priority)
             .in_conversation(self.conversation.clone());
-        let job = match self.info.intake.job(req, origin, Instant::now()) {
-            Ok(job) => job,
-            Err(r) if r.code == Code::TooLarge && !self.history.is_empty() && !fresh => {
-                // the conversation outgrew the prompt limit or the model's context: say so and
-                // ask again, afresh
-                crlf(
-                    "[the conversation filled the model's context: starting a new one]\n",
-                    &mut step.out,
-                );
-                self.reset();
-                return self.ask(question, true, step);
-            }
-            Err(r) => {
-                crlf(&format!("Not asked: {}\n", r.message), &mut step.out);
-                return false;
-            }
-        };
+        self.info.intake.job(req, origin, Instant::now())
+    }
+
+    /// Marks `job` running and asks the loop to submit it.
+    fn submit(
+        &mut self,
+        id: String,
+        question: &str,
+        job: Job,
+        fresh: bool,
+        step: &mut Step,
+    ) -> bool {
         tracing::info!(transport = "console", request_id = %id, port = %self.port, "console question");
         self.running = Some(Running {
             id,

@@ -118,6 +118,29 @@ fn a_conversation_too_long_for_the_limits_starts_afresh() {
 }
 
 #[test]
+fn a_question_too_large_alone_keeps_the_conversation() {
+    let mut c = console(60);
+    let (_, first) = ask(&mut c, "relief valve setting");
+    c.response(done(&first.id));
+    let step = c.input(
+        b"this question alone is longer than the sixty bytes allowed here\r",
+        Stats::default(),
+    );
+    let out = text(&step);
+    assert!(step.actions.is_empty());
+    assert!(
+        out.contains("Not asked:") && !out.contains("starting a new one"),
+        "{out:?}"
+    );
+    // the conversation is still there for the next question
+    let (_, next) = ask(&mut c, "and the flow");
+    assert!(
+        next.prompt.len() > 1 + 3 + 1 + 1,
+        "the history is in the prompt"
+    );
+}
+
+#[test]
 fn a_question_too_large_alone_is_not_asked() {
     let mut c = console(16);
     let step = c.input(
