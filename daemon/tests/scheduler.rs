@@ -369,39 +369,54 @@ fn an_engine_panic_is_an_internal_error_and_the_worker_lives_on() {
     assert_eq!(b.s.stats().answered, 2);
 }
 
+/// Runs one turn of `msgs` (in `conv` when given, from the console): the answer's text, its
+/// `Done`, and the whole prompt's length in tokens.
+fn turn(
+    s: &Scheduler,
+    intake: &Intake,
+    id: &str,
+    msgs: &[(&str, &str)],
+    conv: Option<&Conversation>,
+    f: impl FnOnce(&mut Request),
+) -> (String, Done, u32) {
+    let mut r = Request {
+        id: id.into(),
+        messages: msgs
+            .iter()
+            .map(|(role, content)| v1::Message {
+                role: (*role).into(),
+                content: (*content).into(),
+            })
+            .collect(),
+        ..Request::default()
+    };
+    f(&mut r);
+    let mut origin = Origin::new(Transport::Console);
+    if let Some(c) = conv {
+        origin = origin.in_conversation(c.clone());
+    }
+    let job = intake.job(r, origin, Instant::now()).unwrap();
+    let full = job.prompt.len() as u32;
+    let (tx, mut rx) = unbounded_channel();
+    assert!(s.submit(job, tx));
+    let mut text = String::new();
+    loop {
+        match rx.blocking_recv().unwrap() {
+            Reply::Chunk(c) => text.push_str(&c.text),
+            Reply::Done(d) => return (text, d, full),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_conversation_feeds_only_its_new_tokens() {
     let b = bench(Gate::open(), 4, 1);
     let conv = Conversation::new();
-    let turn = |id: &str, msgs: &[(&str, &str)], conv: Option<&Conversation>| {
-        let r = Request {
-            id: id.into(),
-            messages: msgs
-                .iter()
-                .map(|(role, content)| v1::Message {
-                    role: (*role).into(),
-                    content: (*content).into(),
-                })
-                .collect(),
-            max_tokens: Some(5),
-            ..Request::default()
-        };
-        let mut origin = Origin::new(Transport::Console);
-        if let Some(c) = conv {
-            origin = origin.in_conversation(c.clone());
-        }
-        let job = b.intake.job(r, origin, Instant::now()).unwrap();
-        let full = job.prompt.len() as u32;
-        let (tx, mut rx) = unbounded_channel();
-        assert!(b.s.submit(job, tx));
-        let mut text = String::new();
-        loop {
-            match rx.blocking_recv().unwrap() {
-                Reply::Chunk(c) => text.push_str(&c.text),
-                Reply::Done(d) => return (text, d.usage.prompt_tokens, full),
-                other => panic!("{other:?}"),
-            }
-        }
+    let five = |r: &mut Request| r.max_tokens = Some(5);
+    let turn = |id, msgs: &[(&str, &str)], conv| {
+        let (text, done, full) = turn(&b.s, &b.intake, id, msgs, conv, five);
+        (text, done.usage.prompt_tokens, full)
     };
     let q1 = ("user", "what does a relief valve do");
     let (a1, fed1, full1) = turn("t1", &[q1], Some(&conv));
@@ -556,37 +571,11 @@ fn smollm2_a_kept_conversation_answers_as_a_fresh_one() {
     let s = Scheduler::start(engine.clone(), SchedulerConfig { queue: 4, slots: 1 }).unwrap();
     let intake = Intake::new(Limits::default(), engine);
     let conv = Conversation::new();
-    let turn = |id: &str, msgs: &[(&str, &str)], conv: Option<&Conversation>| {
-        let r = Request {
-            id: id.into(),
-            messages: msgs
-                .iter()
-                .map(|(role, content)| v1::Message {
-                    role: (*role).into(),
-                    content: (*content).into(),
-                })
-                .collect(),
-            max_tokens: Some(24),
-            temperature: Some(0.0),
-            ..Request::default()
-        };
-        let mut origin = Origin::new(Transport::Console);
-        if let Some(c) = conv {
-            origin = origin.in_conversation(c.clone());
-        }
-        let job = intake.job(r, origin, Instant::now()).unwrap();
-        let full = job.prompt.len() as u32;
-        let (tx, mut rx) = unbounded_channel();
-        assert!(s.submit(job, tx));
-        let mut text = String::new();
-        loop {
-            match rx.blocking_recv().unwrap() {
-                Reply::Chunk(c) => text.push_str(&c.text),
-                Reply::Done(d) => return (text, d, full),
-                other => panic!("{other:?}"),
-            }
-        }
+    let greedy = |r: &mut Request| {
+        r.max_tokens = Some(24);
+        r.temperature = Some(0.0);
     };
+    let turn = |id, msgs: &[(&str, &str)], conv| turn(&s, &intake, id, msgs, conv, greedy);
     let q1 = ("user", "What does a pressure relief valve do?");
     let (a1, d1, _) = turn("t1", &[q1], Some(&conv));
     let q2 = [

@@ -207,13 +207,7 @@ impl Session {
     /// logits to sample from), rolls the cache back to it, and returns the part of `prompt`
     /// still to feed. A cache that cannot be rolled back is emptied (everything is fed again).
     pub fn continue_with<'p>(&mut self, prompt: &'p [u32]) -> Result<&'p [u32], EngineError> {
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len().saturating_sub(1));
+        let common = reusable_prefix(&self.tokens, prompt);
         if common < self.tokens.len()
             && let Err(e) = self.truncate(common)
         {
@@ -229,4 +223,15 @@ impl Session {
         self.tokens.clear();
         Ok(())
     }
+}
+
+/// How many of `held`'s tokens a session answering `prompt` keeps: the longest prefix the two
+/// share, but never all of `prompt` (its last token is fed again, so there are logits to sample
+/// from). [`Session::continue_with`]'s rule, for whoever keeps a cache of their own.
+pub fn reusable_prefix(held: &[u32], prompt: &[u32]) -> usize {
+    held.iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len().saturating_sub(1))
 }

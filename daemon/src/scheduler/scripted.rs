@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use fieldllm_engine::chat::Message;
 use fieldllm_engine::generate::{Candidate, Timings};
+use fieldllm_engine::session::reusable_prefix;
 use fieldllm_engine::{EngineError, Event, FinishReason, GenerateParams, Outcome};
 
 use super::engine::{Engine, EngineSession};
@@ -202,13 +203,7 @@ impl EngineSession for ScriptedSession {
     ) -> Result<Outcome, EngineError> {
         params.validate()?;
         // what the real session does: keep the shared prefix, feed the rest
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len().saturating_sub(1));
+        let common = reusable_prefix(&self.tokens, prompt);
         self.tokens.truncate(common);
         let new = &prompt[common..];
         if new.is_empty() {

@@ -227,22 +227,21 @@ fn every_kernel_matches_the_reference_on_awkward_sizes() {
     }
 }
 
+/// Random weights of `kind`, `[n, k]`, packed for the kernels.
+fn random_packed(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> Vec<u8> {
+    let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(rng, kind, n, k)).unwrap();
+    packed::pack(&w)
+}
+
 #[test]
 fn a_split_product_equals_the_whole() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (n, k, rows) = (133, 128, 3);
-    let w = OwnedWeights::from_gguf(
-        BlockKind::Q4_1,
-        n,
-        k,
-        &random_gguf(&mut rng, BlockKind::Q4_1, n, k),
-    )
-    .unwrap();
+    let bytes = random_packed(&mut rng, BlockKind::Q4_1, n, k);
+    let p = packed::Packed::new(BlockKind::Q4_1, n, k, &bytes).unwrap();
     let mut q = QuantizedActs::default();
     q.quantize(&random_acts(&mut rng, rows, k), rows, k);
     let isa = Isa::best();
-    let bytes = packed::pack(&w);
-    let p = packed::Packed::new(BlockKind::Q4_1, n, k, &bytes).unwrap();
     let mut whole = vec![0f32; rows * n];
     gemm(isa, &p, &q, &mut whole);
     let team = crate::cpu::Team::new(3);
@@ -258,14 +257,7 @@ fn a_split_product_equals_the_whole() {
 fn a_product_that_panics_leaves_the_team_whole() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let (n, k, rows) = (133, 128, 3);
-    let w = OwnedWeights::from_gguf(
-        BlockKind::Q8_0,
-        n,
-        k,
-        &random_gguf(&mut rng, BlockKind::Q8_0, n, k),
-    )
-    .unwrap();
-    let bytes = packed::pack(&w);
+    let bytes = random_packed(&mut rng, BlockKind::Q8_0, n, k);
     let p = packed::Packed::new(BlockKind::Q8_0, n, k, &bytes).unwrap();
     let isa = Isa::best();
     let team = crate::cpu::Team::new(2);
