@@ -6,8 +6,8 @@
 # rumqttd, rustls, the CLI) is not built: nothing here runs it, and the engine is where the
 # target matters (SIMD kernels, tract's aarch64 kernels).
 #
-# The test profile, as the host's tests: dependencies and the engine optimized, debug
-# assertions on. It shares the host build's target directory, so the host-side crates (proc
+# The test profile, as the host's tests: the engine and what a model runs through optimized,
+# debug assertions on. It shares the host build's target directory, so the host-side crates (proc
 # macros, build scripts and their dependencies) built for the host's tests are not built again.
 # Needs models/setup.sh's tiny model and gguf artifact, and the host's fieldllm-perplexity
 # (target/debug, built by the host's `cargo test --workspace --no-run`).
