@@ -19,6 +19,7 @@ use fieldllmd::scheduler::{
     SchedulerConfig, Transport,
 };
 use firmware_bridge::{Policy, ThermalState};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 /// Long enough for anything that is going to happen; only reached when a test fails.
@@ -97,9 +98,7 @@ fn collect_after(
     let mut next_seq: HashMap<String, u32> =
         seen.iter().map(|(id, n)| (id.to_string(), *n)).collect();
     while finals.len() < n {
-        let r = rx
-            .blocking_recv()
-            .expect("channel open until every final arrived");
+        let r = recv(rx);
         let id = r.id().to_string();
         assert!(
             !finals.contains_key(&id),
@@ -129,6 +128,21 @@ fn collect_after(
     (order, finals)
 }
 
+/// The next reply; a test fails (rather than hangs) if none comes within [`PATIENCE`].
+fn recv(rx: &mut UnboundedReceiver<Reply>) -> Reply {
+    let until = Instant::now() + PATIENCE;
+    loop {
+        match rx.try_recv() {
+            Ok(r) => return r,
+            Err(TryRecvError::Disconnected) => panic!("reply channel closed"),
+            Err(TryRecvError::Empty) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(TryRecvError::Empty) => panic!("no reply within {PATIENCE:?}"),
+        }
+    }
+}
+
 fn done(r: &Reply) -> &Done {
     match r {
         Reply::Done(d) => d,
@@ -146,7 +160,7 @@ fn failure(r: &Reply) -> &Failure {
 /// Waits for the final of `id`, checking nothing else ends on the way.
 fn final_of(rx: &mut UnboundedReceiver<Reply>, id: &str) -> Reply {
     loop {
-        let r = rx.blocking_recv().unwrap();
+        let r = recv(rx);
         if r.is_final() && r.id() == id {
             return r;
         }
@@ -219,10 +233,7 @@ fn duplicate_ids_in_flight_are_refused() {
     b.held(1);
     let (tx2, mut rx2) = unbounded_channel();
     assert!(!b.submit("same", tokens(8), &tx2));
-    assert_eq!(
-        failure(&rx2.blocking_recv().unwrap()).code,
-        Code::BadRequest
-    );
+    assert_eq!(failure(&recv(&mut rx2)).code, Code::BadRequest);
     assert!(b.s.cancel("same"));
     let (_, finals) = collect(&mut rx, 1);
     assert_eq!(done(&finals["same"]).finish, Finish::Cancelled);
@@ -242,7 +253,7 @@ fn cancel_ends_running_and_queued_answers_with_cancelled() {
     // the prefill and three tokens, then the engine is held mid-answer
     b.gate.allow(4);
     for seq in 0..3 {
-        let r = rx.blocking_recv().unwrap();
+        let r = recv(&mut rx);
         assert!(
             matches!(&r, Reply::Chunk(c) if c.id == "running" && c.seq == seq),
             "{r:?}"
@@ -257,6 +268,39 @@ fn cancel_ends_running_and_queued_answers_with_cancelled() {
     assert_eq!(done(&finals["running"]).usage.completion_tokens, 3);
     assert_eq!(done(&finals["queued"]).finish, Finish::Cancelled);
     assert_eq!(done(&finals["queued"]).usage.completion_tokens, 0);
+    b.s.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn a_cancelled_waiting_job_leaves_the_queue_at_once() {
+    // one slot held mid-answer, the queue full behind it
+    let b = bench(Gate::closed(), 2, 1);
+    let (tx, mut rx) = unbounded_channel();
+    assert!(b.submit("running", tokens(200), &tx));
+    b.held(1);
+    assert!(b.submit("w1", tokens(8), &tx));
+    assert!(b.submit("w2", tokens(8), &tx));
+    let (tx2, mut rx2) = unbounded_channel();
+    assert!(!b.submit("w3", tokens(8), &tx2));
+    assert_eq!(failure(&recv(&mut rx2)).code, Code::Busy);
+    assert!(b.s.cancel("w1"));
+    assert!(b.s.cancel("w2"));
+    // their finals come now, while the running answer is still held at the gate
+    let (_, finals) = collect(&mut rx, 2);
+    for id in ["w1", "w2"] {
+        assert_eq!(done(&finals[id]).finish, Finish::Cancelled);
+        assert_eq!(done(&finals[id]).usage.completion_tokens, 0);
+    }
+    let stats = b.s.stats();
+    assert_eq!((stats.queued, stats.running, stats.answered), (0, 1, 2));
+    // their places and their ids are free: no `busy`, no "already in progress"
+    assert!(b.submit("w1", tokens(2), &tx));
+    assert!(b.submit("w3", tokens(2), &tx));
+    assert!(!b.s.cancel("w2"), "a cancelled id is no longer in flight");
+    b.gate.open_all();
+    let (order, finals) = collect(&mut rx, 3);
+    assert_eq!(order, ["running", "w1", "w3"]);
+    assert!(finals.values().all(|r| done(r).finish == Finish::Length));
     b.s.shutdown(Duration::from_secs(1));
 }
 
@@ -321,7 +365,7 @@ fn shutdown_finishes_within_grace_then_cancels_the_rest() {
     assert!(rx.try_recv().is_err(), "nothing after the finals");
     let (tx2, mut rx2) = unbounded_channel();
     assert!(!b.submit("after", tokens(2), &tx2));
-    assert_eq!(failure(&rx2.blocking_recv().unwrap()).code, Code::Internal);
+    assert_eq!(failure(&recv(&mut rx2)).code, Code::Internal);
 }
 
 #[test]
@@ -339,7 +383,7 @@ fn non_streaming_requests_get_one_chunk_then_done() {
     ));
     let mut chunks = Vec::new();
     let d = loop {
-        match rx.blocking_recv().unwrap() {
+        match recv(&mut rx) {
             Reply::Chunk(c) => chunks.push(c),
             Reply::Done(d) => break d,
             other => panic!("{other:?}"),
@@ -401,7 +445,7 @@ fn turn(
     assert!(s.submit(job, tx));
     let mut text = String::new();
     loop {
-        match rx.blocking_recv().unwrap() {
+        match recv(&mut rx) {
             Reply::Chunk(c) => text.push_str(&c.text),
             Reply::Done(d) => return (text, d, full),
             other => panic!("{other:?}"),
@@ -487,7 +531,7 @@ fn thermal_limits_cap_refuse_and_stop_then_lift() {
     assert_eq!((f.code, f.retry_after_ms), (Code::Overheated, 7000));
     let (tx2, mut rx2) = unbounded_channel();
     assert!(!b.submit("new", tokens(6), &tx2));
-    let f = failure(&rx2.blocking_recv().unwrap()).clone();
+    let f = failure(&recv(&mut rx2)).clone();
     assert_eq!(f.code, Code::Overheated);
     assert!(f.message.contains("hot"), "{f:?}");
     b.gate.open_all();
@@ -498,7 +542,7 @@ fn thermal_limits_cap_refuse_and_stop_then_lift() {
     b.gate.close();
     b.gate.allow(2);
     assert!(b.submit("cut", tokens(200), &tx));
-    assert!(matches!(rx.blocking_recv().unwrap(), Reply::Chunk(c) if c.id == "cut"));
+    assert!(matches!(recv(&mut rx), Reply::Chunk(c) if c.id == "cut"));
     b.held(1);
     set(ThermalState::Critical);
     let cut = final_of(&mut rx, "cut");
@@ -535,7 +579,7 @@ fn the_heartbeat_sees_a_worker_stuck_without_tokens() {
     );
     // tokens are signs of life
     b.gate.allow(2);
-    assert!(matches!(rx.blocking_recv().unwrap(), Reply::Chunk(_)));
+    assert!(matches!(recv(&mut rx), Reply::Chunk(_)));
     b.held(1);
     assert_eq!(b.s.stalled(Duration::from_secs(5)), None);
     assert!(b.s.cancel("stuck"));

@@ -37,7 +37,7 @@ pub use engine::{Engine, EngineSession, ModelEngine};
 pub use event::{Chunk, Code, Done, Failure, Finish, Reply, Timings, TokenLogprobs, Usage};
 pub use job::{Job, Priority, Transport};
 
-use queue::Queue;
+use queue::{Cancel, Queue};
 
 /// Where a job's replies go. Sending never blocks the worker thread.
 pub type ReplySink = UnboundedSender<Reply>;
@@ -175,12 +175,26 @@ impl Scheduler {
 
     /// Cancels a queued or running job; its answer ends with `cancelled`. False if unknown.
     pub fn cancel(&self, id: &str) -> bool {
-        let found = self.shared.lock().cancel(id);
-        if found {
-            // a queued job is answered by the next free worker; wake one
-            self.shared.wake.notify_all();
+        let mut st = self.shared.lock();
+        match st.cancel(id) {
+            Cancel::Unknown => false,
+            Cancel::Running => true,
+            Cancel::Withdrawn(w) => {
+                // answered here: a waiting job needs no free worker to end, and its place in
+                // the queue and its id are free from now on. Sent under the lock, as a worker
+                // sends its finals: counted first, and in the channel before `shutdown` sees
+                // the scheduler idle.
+                let queue_ms = worker::ms(w.job.received.elapsed());
+                tracing::info!(request_id = %id, queue_ms, "cancelled while waiting");
+                let _ = w
+                    .sink
+                    .send(worker::never_started(&w, st.retry_after_ms, queue_ms));
+                if st.idle() {
+                    self.shared.idle.notify_all();
+                }
+                true
+            }
         }
-        found
     }
 
     /// Current counters.

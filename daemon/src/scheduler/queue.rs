@@ -54,6 +54,16 @@ impl Ord for Waiting {
     }
 }
 
+/// What [`Queue::cancel`] found.
+pub(super) enum Cancel {
+    /// No job by that id is in flight.
+    Unknown,
+    /// A running job, flagged: its worker ends the answer with `cancelled`.
+    Running,
+    /// A waiting job, out of the queue: nobody else will answer it.
+    Withdrawn(Waiting),
+}
+
 /// The queue, the jobs in flight and the counters.
 pub(super) struct Queue {
     waiting: BinaryHeap<Waiting>,
@@ -193,15 +203,24 @@ impl Queue {
         }
     }
 
-    /// Stops a waiting or running job; false if unknown.
-    pub(super) fn cancel(&self, id: &str) -> bool {
-        match self.active.get(id) {
-            Some(c) => {
-                c.stop(StopReason::Cancelled);
-                true
-            }
-            None => false,
+    /// Cancels a job. A running one is flagged (its worker ends it); a waiting one leaves the
+    /// queue at once, counted as answered, and frees its place and its id: the caller sends
+    /// its final.
+    pub(super) fn cancel(&mut self, id: &str) -> Cancel {
+        let Some(control) = self.active.get(id) else {
+            return Cancel::Unknown;
+        };
+        control.stop(StopReason::Cancelled);
+        if !self.waiting.iter().any(|w| w.job.id == id) {
+            return Cancel::Running;
         }
+        let mut v = std::mem::take(&mut self.waiting).into_vec();
+        let i = v.iter().position(|w| w.job.id == id);
+        let withdrawn = i.map(|i| v.swap_remove(i));
+        self.waiting = v.into();
+        self.active.remove(id);
+        self.answered += 1;
+        withdrawn.map_or(Cancel::Running, Cancel::Withdrawn)
     }
 
     /// Obeys a thermal state: waiting jobs are stopped (to be answered `overheated`) when work
@@ -347,13 +366,29 @@ mod tests {
     }
 
     #[test]
-    fn cancel_knows_only_jobs_in_flight() {
-        let mut q = Queue::new(4);
+    fn cancel_withdraws_a_waiting_job_and_flags_a_running_one() {
+        let mut q = Queue::new(2);
+        submit(&mut q, "run", Priority::Normal).unwrap();
+        let running = q.next_job().unwrap();
         submit(&mut q, "a", Priority::Normal).unwrap();
-        assert!(q.cancel("a"));
-        assert!(!q.cancel("b"));
-        let w = q.next_job().unwrap();
+        submit(&mut q, "b", Priority::High).unwrap();
+        assert_eq!(
+            submit(&mut q, "c", Priority::Normal).unwrap_err().code,
+            Code::Busy
+        );
+        let Cancel::Withdrawn(w) = q.cancel("a") else {
+            panic!("a waiting job is withdrawn")
+        };
+        assert_eq!(w.job.id, "a");
         assert_eq!(w.control.reason(), StopReason::Cancelled);
+        // its place and its id are free at once, with the running job still running
+        assert_eq!((q.depth(), q.answered), (1, 1));
+        submit(&mut q, "a", Priority::Low).unwrap();
+        assert!(matches!(q.cancel("run"), Cancel::Running));
+        assert_eq!(running.control.reason(), StopReason::Cancelled);
+        assert!(matches!(q.cancel("unknown"), Cancel::Unknown));
+        q.finished("run", 0.0);
+        assert_eq!(order(&mut q), ["b", "a"]);
     }
 
     #[test]
@@ -409,19 +444,20 @@ mod tests {
             warm_max_running: 1,
         };
         let mut q = Queue::new(8);
-        q.set_thermal(
-            ThermalState::Warm,
-            policy.limits(ThermalState::Warm),
-            Duration::ZERO,
-        );
+        let go = |q: &mut Queue, state| {
+            q.set_thermal(state, policy.limits(state), Duration::ZERO);
+        };
+        go(&mut q, ThermalState::Warm);
         submit(&mut q, "run", Priority::Normal).unwrap();
         let _running = q.next_job().unwrap();
+        submit(&mut q, "dropped", Priority::Low).unwrap();
+        // hot for a moment: the waiting job is stopped (to be answered `overheated`)
+        go(&mut q, ThermalState::Hot);
+        go(&mut q, ThermalState::Warm);
         submit(&mut q, "first", Priority::High).unwrap();
-        submit(&mut q, "cancelled", Priority::Low).unwrap();
-        assert!(q.next_job().is_none());
-        q.cancel("cancelled");
-        let w = q.next_job().expect("the cancelled job is answered now");
-        assert_eq!(w.job.id, "cancelled");
+        let w = q.next_job().expect("the stopped job is answered now");
+        assert_eq!(w.job.id, "dropped");
+        assert_eq!(w.control.reason(), StopReason::Overheated);
         assert!(q.next_job().is_none(), "\"first\" still waits for the slot");
     }
 }

@@ -83,18 +83,19 @@ pub(super) fn run(shared: Arc<Shared>, engine: Arc<dyn Engine>, n: usize) {
     }
 }
 
-fn ms(d: Duration) -> f32 {
+pub(super) fn ms(d: Duration) -> f32 {
     (d.as_secs_f64() * 1e3) as f32
 }
 
 /// Answers a job stopped before it started: cancelled, past its deadline, or dropped from the
 /// queue by the heat (the same refusal as at the door).
-fn never_started(w: &Waiting, shared: &Shared, queue_ms: f32) -> Reply {
+/// `retry_after_ms`: the queue's, for the `overheated` refusal.
+pub(super) fn never_started(w: &Waiting, retry_after_ms: u32, queue_ms: f32) -> Reply {
     let id = &w.job.id;
     let finish = match w.control.reason() {
         StopReason::Deadline => Finish::Deadline,
         StopReason::Thermal | StopReason::Overheated => {
-            let wait = shared.lock().retry_after_ms;
+            let wait = retry_after_ms;
             tracing::info!(request_id = %id, "overheated: dropped from the queue");
             return Reply::Failed(Failure {
                 id: id.clone(),
@@ -147,7 +148,8 @@ fn run_job(
         w.control.stop(StopReason::Deadline);
     }
     if w.control.stopped() {
-        sink.send(never_started(&w, shared, queue_ms));
+        let retry_after_ms = shared.lock().retry_after_ms;
+        sink.send(never_started(&w, retry_after_ms, queue_ms));
         return 0.0;
     }
     let Waiting { job, control, .. } = w;
