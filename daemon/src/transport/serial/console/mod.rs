@@ -5,6 +5,7 @@
 //! comes out — bytes to write and what to ask of the scheduler (submit a job, cancel one).
 //! [`serve`] is the thin loop that does both over a port. It never touches the model.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -16,6 +17,11 @@ use crate::proto::{Request, v1};
 use crate::request::{Origin, Rejection};
 use crate::scheduler::{Code, Conversation, Finish, Job, Priority, Reply, Stats, Transport};
 use crate::transport::wire;
+
+/// Numbers the console questions of the daemon's whole life, on every port. A reopened port
+/// numbering from 1 again would reuse the id of an answer still in flight from before the
+/// cable was pulled, and its first question would be refused as a duplicate.
+static QUESTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The prompt.
 pub const PROMPT: &[u8] = b"fieldllm> ";
@@ -64,7 +70,6 @@ pub struct Console {
     settings: Request,
     system: Option<String>,
     running: Option<Running>,
-    asked: u64,
     /// The daemon's own terminal: Ctrl-D on an empty line stops the daemon.
     local: bool,
 }
@@ -101,7 +106,6 @@ impl Console {
             settings: Request::default(),
             system: None,
             running: None,
-            asked: 0,
             local: false,
         }
     }
@@ -209,8 +213,8 @@ impl Console {
     /// context starts afresh, if the question fits alone (else it is kept, and the question is
     /// not asked).
     fn ask(&mut self, question: &str, fresh: bool, step: &mut Step) -> bool {
-        self.asked += 1;
-        let id = format!("console-{}-{}", self.port_tag(), self.asked);
+        let n = QUESTIONS.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("console-{}-{n}", self.port_tag());
         let job = match self.job(&id, question, !fresh) {
             Ok(job) => job,
             Err(r) if r.code == Code::TooLarge && !self.history.is_empty() && !fresh => {

@@ -68,7 +68,7 @@ fn a_question_is_a_whole_job_from_this_console() {
     let mut c = console(8192);
     let (step, job) = ask(&mut c, "why does the pump whine");
     assert!(text(&step).ends_with("why does the pump whine\r\n"), "echo");
-    assert_eq!(job.id, "console-ttyUSB1-1");
+    assert!(job.id.starts_with("console-ttyUSB1-"), "{}", job.id);
     assert_eq!(
         (job.priority, job.transport),
         (Priority::High, Transport::Console)
@@ -181,4 +181,20 @@ fn settings_are_checked_by_the_request_rules() {
     assert!(out.contains("temperature = 0.4"), "{out:?}");
     let (_, job) = ask(&mut c, "pump noise");
     assert_eq!(job.params.sampling.temperature, 0.4);
+}
+
+#[test]
+fn a_reopened_port_never_reuses_a_question_id() {
+    // a cable pulled mid-answer: the old console's answer may still be in flight when the
+    // port reopens with a new console
+    let mut before = console(8192);
+    let (_, first) = ask(&mut before, "why does the pump whine");
+    let mut after = console(8192);
+    let (_, again) = ask(&mut after, "why does the pump whine");
+    before.response(done(&first.id));
+    let (_, next) = ask(&mut before, "and the valve");
+    assert!(first.id.starts_with("console-ttyUSB1-"), "{}", first.id);
+    assert_ne!(first.id, again.id);
+    assert_ne!(again.id, next.id);
+    assert_ne!(first.id, next.id);
 }
