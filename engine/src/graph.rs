@@ -180,6 +180,8 @@ impl Model {
                 "threads must be at least 1".into(),
             ));
         }
+        // a kernel choice that cannot be obeyed is refused, not swapped for another
+        crate::cpu::Isa::requested().map_err(EngineError::InvalidParam)?;
         let package = Package::open(dir)?;
         if options.verify {
             package.verify()?;

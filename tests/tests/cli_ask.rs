@@ -214,4 +214,53 @@ fn bench_json_reports_every_figure() {
         }
     }
     assert!(r["peak_rss_mb"].as_f64().unwrap() > 1.0);
+    let isa = r["isa"].as_str().unwrap();
+    assert!(
+        [
+            "scalar",
+            "avx2",
+            "avx512vnni",
+            "neon",
+            "neon-dotprod",
+            "neon-i8mm"
+        ]
+        .contains(&isa),
+        "{isa}"
+    );
+}
+
+/// `bench` as `run` does it, with `FIELDLLM_ISA` set.
+fn bench_with_isa(isa: &str) -> std::process::Output {
+    std::process::Command::new(fieldllm_tests::fieldllmd())
+        .args(["bench", "--model", &tiny(), "--json", "--threads", "1"])
+        .args(["--prompt", "8", "--gen", "4", "--reps", "1"])
+        .env("FIELDLLM_ISA", isa)
+        .env_remove("RUST_LOG")
+        .current_dir(fieldllm_tests::repo_root())
+        .output()
+        .expect("start fieldllmd")
+}
+
+#[test]
+fn fieldllm_isa_is_obeyed_reported_or_refused() {
+    let o = bench_with_isa("scalar");
+    let (out, err) = texts(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(r["isa"], "scalar");
+    // a name the kernels do not know, and one no x86 or ARM CPU runs both of, are refused
+    // with exit code 1 rather than quietly run on other kernels
+    let other_arch = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx2"
+    };
+    for (isa, says) in [
+        ("avx3", "not an instruction set"),
+        (other_arch, "cannot run"),
+    ] {
+        let o = bench_with_isa(isa);
+        assert_clean_failure(&o, &["FIELDLLM_ISA", says]);
+        assert_eq!(o.status.code(), Some(1), "{isa}");
+    }
 }

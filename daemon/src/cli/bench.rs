@@ -83,6 +83,8 @@ struct Row {
 struct Report {
     model: String,
     weights: String,
+    /// The kernels' instruction set (`FIELDLLM_ISA`, or the fastest this CPU runs).
+    isa: &'static str,
     rows: Vec<Row>,
     peak_rss_mb: f64,
 }
@@ -190,6 +192,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         model: name,
         weights,
+        isa: fieldllm_engine::cpu::Isa::best().name(),
         rows,
         peak_rss_mb: fieldllmd::rss::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
     };
@@ -198,8 +201,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model {} ({} weights), peak RSS {:.0} MB",
-        report.model, report.weights, report.peak_rss_mb
+        "model {} ({} weights), kernels {}, peak RSS {:.0} MB",
+        report.model, report.weights, report.isa, report.peak_rss_mb
     );
     println!(
         "| threads | load ms | pp{} tok/s | tg{} tok/s |",

@@ -5,4 +5,6 @@ mod isa;
 mod team;
 
 pub use isa::Isa;
+#[cfg(test)]
+pub(crate) use isa::tested_isas;
 pub use team::{Team, part_of, split_rows};
