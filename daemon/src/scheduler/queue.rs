@@ -176,16 +176,8 @@ impl Queue {
         let open = self.limits.accept && self.running < self.limits.max_running;
         let job = if open || self.waiting.peek().is_some_and(Waiting::stopped) {
             self.waiting.pop()
-        } else if self.waiting.iter().any(Waiting::stopped) {
-            let mut v = std::mem::take(&mut self.waiting).into_vec();
-            let job = v
-                .iter()
-                .position(Waiting::stopped)
-                .map(|i| v.swap_remove(i));
-            self.waiting = v.into();
-            job
         } else {
-            None
+            self.take_waiting(Waiting::stopped)
         };
         if job.is_some() {
             self.running += 1;
@@ -211,16 +203,23 @@ impl Queue {
             return Cancel::Unknown;
         };
         control.stop(StopReason::Cancelled);
-        if !self.waiting.iter().any(|w| w.job.id == id) {
+        let Some(w) = self.take_waiting(|w| w.job.id == id) else {
             return Cancel::Running;
-        }
-        let mut v = std::mem::take(&mut self.waiting).into_vec();
-        let i = v.iter().position(|w| w.job.id == id);
-        let withdrawn = i.map(|i| v.swap_remove(i));
-        self.waiting = v.into();
+        };
         self.active.remove(id);
         self.answered += 1;
-        withdrawn.map_or(Cancel::Running, Cancel::Withdrawn)
+        Cancel::Withdrawn(w)
+    }
+
+    /// Takes the first waiting job that `which` picks out of the queue, wherever it stands.
+    fn take_waiting(&mut self, which: impl Fn(&Waiting) -> bool) -> Option<Waiting> {
+        if !self.waiting.iter().any(&which) {
+            return None;
+        }
+        let mut v = std::mem::take(&mut self.waiting).into_vec();
+        let job = v.iter().position(&which).map(|i| v.swap_remove(i));
+        self.waiting = v.into();
+        job
     }
 
     /// Obeys a thermal state: waiting jobs are stopped (to be answered `overheated`) when work

@@ -95,17 +95,16 @@ pub(super) fn never_started(w: &Waiting, retry_after_ms: u32, queue_ms: f32) -> 
     let finish = match w.control.reason() {
         StopReason::Deadline => Finish::Deadline,
         StopReason::Thermal | StopReason::Overheated => {
-            let wait = retry_after_ms;
             tracing::info!(request_id = %id, "overheated: dropped from the queue");
             return Reply::Failed(Failure {
                 id: id.clone(),
                 code: Code::Overheated,
                 message: format!(
                     "the accelerator got hot before this request started; try again in {} s",
-                    wait.div_ceil(1000)
+                    retry_after_ms.div_ceil(1000)
                 ),
                 queue_depth: 0,
-                retry_after_ms: wait,
+                retry_after_ms,
             });
         }
         StopReason::Cancelled | StopReason::None => Finish::Cancelled,
