@@ -25,6 +25,8 @@ pub struct Client {
     /// The rumqttc handle.
     pub c: AsyncClient,
     rx: mpsc::UnboundedReceiver<Publish>,
+    /// One item per SUBACK, in order: `sub` waits for its own.
+    subacks: tokio::sync::Mutex<mpsc::UnboundedReceiver<()>>,
 }
 
 impl Client {
@@ -39,6 +41,7 @@ impl Client {
     pub async fn connect_with(o: MqttOptions) -> Client {
         let (c, mut ev) = AsyncClient::new(o, 64);
         let (tx, rx) = mpsc::unbounded_channel();
+        let (ack_tx, subacks) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match ev.poll().await {
@@ -47,19 +50,29 @@ impl Client {
                             break;
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ack_tx.send(());
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        Client { c, rx }
+        Client {
+            c,
+            rx,
+            subacks: tokio::sync::Mutex::new(subacks),
+        }
     }
 
-    /// Subscribes at QoS 1 and gives the broker a moment to take it.
+    /// Subscribes at QoS 1 and returns once the broker's SUBACK says it is live.
     pub async fn sub(&self, topic: &str) {
+        let mut acks = self.subacks.lock().await;
         self.c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
-        // a subscription is live once the broker answers; a retained probe would be heavier
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::timeout(WAIT, acks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no SUBACK for {topic} in {WAIT:?}"))
+            .expect("client open");
     }
 
     /// The next message (panics after `WAIT`).
@@ -256,4 +269,68 @@ impl Pki {
         };
         Arc::new(config)
     }
+}
+
+/// A bare MQTT 3.1.1 publisher over TCP, for what client libraries do not let a test do:
+/// resend a QoS 1 PUBLISH with the DUP flag and its first packet id, as a device does when
+/// its connection broke before the PUBACK came.
+pub struct RawPublisher {
+    stream: std::net::TcpStream,
+}
+
+impl RawPublisher {
+    /// Connects as `client_id`; `clean` false keeps the session across reconnects.
+    pub fn connect(port: u16, client_id: &str, clean: bool) -> RawPublisher {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut body = Vec::new();
+        put_str(&mut body, "MQTT");
+        body.push(4); // protocol level: 3.1.1
+        body.push(if clean { 0x02 } else { 0x00 });
+        body.extend_from_slice(&60u16.to_be_bytes()); // keep alive
+        put_str(&mut body, client_id);
+        stream.write_all(&packet(0x10, &body)).unwrap();
+        let mut ack = [0u8; 4];
+        stream.read_exact(&mut ack).unwrap();
+        assert_eq!((ack[0], ack[3]), (0x20, 0), "CONNACK accepted: {ack:?}");
+        RawPublisher { stream }
+    }
+
+    /// Sends a QoS 1 PUBLISH with packet id `pid`, the DUP flag as given; does not wait for
+    /// the PUBACK (the broker acknowledges, and nobody reads it: a device that lost it).
+    pub fn publish(&mut self, topic: &str, payload: &[u8], pid: u16, dup: bool) {
+        use std::io::Write as _;
+        let mut body = Vec::new();
+        put_str(&mut body, topic);
+        body.extend_from_slice(&pid.to_be_bytes());
+        body.extend_from_slice(payload);
+        let first = 0x30 | 0x02 | if dup { 0x08 } else { 0 };
+        self.stream.write_all(&packet(first, &body)).unwrap();
+        self.stream.flush().unwrap();
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Fixed header (type and flags, variable-length remaining length) and body.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
 }

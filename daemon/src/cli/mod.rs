@@ -69,9 +69,20 @@ pub fn init_logging(verbose: u8, serving: bool) {
     match journal {
         Some(j) => registry.with(j).init(),
         None => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
     }
+}
+
+/// Colour codes only for a person at a terminal: a log file or a pipe gets plain text, and
+/// `NO_COLOR` (no-color.org) turns them off everywhere.
+fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Whether stderr is systemd's journal stream (`JOURNAL_STREAM` names its device and inode),

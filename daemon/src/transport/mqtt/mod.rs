@@ -134,7 +134,9 @@ impl MqttService {
                 }
                 Some(m) = in_rx.recv() => {
                     let action = inbox.on_message(&m, Instant::now());
-                    self.act(action, &client, &scheduler);
+                    if let Some(id) = self.act(action, &client, &scheduler) {
+                        inbox.accepted(&id);
+                    }
                 }
             }
         }
@@ -162,15 +164,17 @@ impl MqttService {
         )
     }
 
-    /// Carries out what the inbox decided.
-    fn act(&self, action: Action, client: &Client, scheduler: &Scheduler) {
+    /// Carries out what the inbox decided; the id of a job the scheduler accepted.
+    fn act(&self, action: Action, client: &Client, scheduler: &Scheduler) -> Option<String> {
         match action {
             Action::Submit { job, to } => {
                 let (tx, rx) = mpsc::unbounded_channel();
+                let id = job.id.clone();
                 // accepted or refused (busy, duplicate, shutting down), the channel carries
                 // the answer
-                scheduler.submit(job, tx);
+                let accepted = scheduler.submit(job, tx);
                 stream_replies(client.clone(), to, rx, self.open_streams.clone());
+                return accepted.then_some(id);
             }
             Action::Cancel(id) => {
                 let found = scheduler.cancel(&id);
@@ -187,6 +191,7 @@ impl MqttService {
             }
             Action::Ignore => {}
         }
+        None
     }
 
     /// A clean stop: lets the answers the scheduler ended reach the broker, then our own

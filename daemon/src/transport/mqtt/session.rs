@@ -111,7 +111,9 @@ pub struct ReplyTo {
     pub encoding: Encoding,
 }
 
-/// Bounded memory of request ids already taken, for QoS 1 redelivery.
+/// Bounded memory of the ids of accepted requests, for QoS 1 redelivery. Only accepted ones:
+/// a device that was refused (`busy` with its retry hint, or `bad_request`) and sends the same
+/// id again is asking again, not redelivering, and must be answered.
 #[derive(Debug, Default)]
 struct RecentIds {
     set: HashSet<String>,
@@ -119,10 +121,14 @@ struct RecentIds {
 }
 
 impl RecentIds {
-    /// True the first time an id is seen (within the window).
-    fn first_time(&mut self, id: &str) -> bool {
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    /// Remembers an accepted id, forgetting the oldest past [`RECENT_IDS`].
+    fn remember(&mut self, id: &str) {
         if self.set.contains(id) {
-            return false;
+            return;
         }
         if self.order.len() == RECENT_IDS
             && let Some(old) = self.order.pop_front()
@@ -131,7 +137,6 @@ impl RecentIds {
         }
         self.set.insert(id.to_string());
         self.order.push_back(id.to_string());
-        true
     }
 }
 
@@ -223,8 +228,8 @@ impl Inbox {
             }
         };
         let id = req.id.clone();
-        if check_id(&id).is_ok() && !self.recent.first_time(&id) {
-            tracing::info!(request_id = %id, transport = "mqtt", dup = m.dup, "request id seen before: not answered again");
+        if self.recent.contains(&id) {
+            tracing::info!(request_id = %id, transport = "mqtt", dup = m.dup, "request id accepted before: dropped as a redelivery");
             return Action::Ignore;
         }
         match self.intake.job(req, Origin::new(Transport::Mqtt), received) {
@@ -237,6 +242,12 @@ impl Inbox {
             }
             Err(r) => self.refuse(m, &id, encoding, r),
         }
+    }
+
+    /// The scheduler took the job with this id: a message carrying it again is a redelivery
+    /// (QoS 1, DUP or not) and is dropped. Refused ids are never remembered.
+    pub fn accepted(&mut self, id: &str) {
+        self.recent.remember(id);
     }
 
     /// Refuses a request: its error, addressed as its answer would be.
@@ -350,12 +361,15 @@ mod tests {
     #[test]
     fn recent_ids_are_bounded() {
         let mut r = RecentIds::default();
-        assert!(r.first_time("a"));
-        assert!(!r.first_time("a"));
+        assert!(!r.contains("a"));
+        r.remember("a");
+        r.remember("a");
+        assert!(r.contains("a"));
+        assert_eq!(r.order.len(), 1, "remembered once");
         for i in 0..RECENT_IDS {
-            r.first_time(&i.to_string());
+            r.remember(&i.to_string());
         }
-        assert!(r.first_time("a"), "forgotten after the window");
+        assert!(!r.contains("a"), "forgotten after the window");
         assert_eq!(r.order.len(), RECENT_IDS);
     }
 
@@ -397,7 +411,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // the same id again (a QoS 1 redelivery) is not answered twice
+        // until the scheduler takes it, the same id is a new try (after `busy`, say)
+        assert!(matches!(
+            inbox.on_message(&m, Instant::now()),
+            Action::Submit { .. }
+        ));
+        inbox.accepted("q1");
+        // once taken, the same id again (a QoS 1 redelivery) is not answered twice
         let mut again = m.clone();
         again.dup = true;
         assert!(matches!(
@@ -446,6 +466,14 @@ mod tests {
             Instant::now(),
         ));
         assert_eq!(code, ErrorCode::BadRequest);
+        // a refused id is not remembered: the request fixed and sent again is answered
+        assert!(matches!(
+            inbox.on_message(
+                &msg("p/n/req", br#"{"id":"q4","prompt":"x","maxTokens":10}"#),
+                Instant::now()
+            ),
+            Action::Submit { job, .. } if job.id == "q4"
+        ));
     }
 
     #[test]
