@@ -152,10 +152,17 @@ pub fn encode(frame: &Frame) -> Result<HVec<u8, { MAX_ENCODED + 1 }>, TooLarge> 
         Frame::Error(m) => (Kind::Error, m.encode_to_vec()),
         Frame::Status(m) => (Kind::Status, m.encode_to_vec()),
     };
+    encode_raw(kind as u8, &body)
+}
+
+/// Encodes any kind byte and body as a frame (CRC, COBS, delimiter): what [`encode`] does for
+/// the schema's frames, open to tools and tests that must write frames the schema never makes
+/// (an unknown kind, a body that is not its kind's message).
+pub fn encode_raw(kind: u8, body: &[u8]) -> Result<HVec<u8, { MAX_ENCODED + 1 }>, TooLarge> {
     let len = 1 + body.len() + 4;
     let mut raw: HVec<u8, MAX_FRAME> = HVec::new();
-    raw.push(kind as u8).map_err(|_| TooLarge(len))?;
-    raw.extend_from_slice(&body).map_err(|_| TooLarge(len))?;
+    raw.push(kind).map_err(|_| TooLarge(len))?;
+    raw.extend_from_slice(body).map_err(|_| TooLarge(len))?;
     let crc = CRC32.checksum(&raw);
     raw.extend_from_slice(&crc.to_le_bytes())
         .map_err(|_| TooLarge(len))?;

@@ -91,6 +91,8 @@ for _ in $(seq 120); do
   inside systemctl is-system-running 2>/dev/null | grep -qE 'running|degraded' && break
   sleep 0.5
 done
+inside systemctl is-system-running 2>/dev/null | grep -qE 'running|degraded' \
+  || fail "the container's systemd did not finish booting: $(inside systemctl is-system-running 2>&1)"
 
 # 4. active (running) only after READY
 for _ in $(seq 120); do
@@ -115,7 +117,9 @@ inside systemctl show -P StatusText fieldllmd | grep -q 'thermal' || fail "no ST
 # 5. a question over MQTT, and the journal's structured fields
 # no node_id in the config: the node is the hostname (nspawn's -M), read by uname(2) since
 # the unit hides /proc/sys
-inside sh -c 'node=$(uname -n); timeout 30 mosquitto_sub -h 127.0.0.1 -t "fieldllm/v1/$node/resp/q1" -v > /tmp/answer & sleep 0.5;
+# the subscriber is live once a probe it subscribed to comes back: then the question goes out
+inside sh -c 'node=$(uname -n); timeout 30 mosquitto_sub -h 127.0.0.1 -t "fieldllm/v1/$node/resp/q1" -t boot/probe -v > /tmp/answer &
+  for i in $(seq 100); do mosquitto_pub -h 127.0.0.1 -t boot/probe -m live; grep -q "^boot/probe" /tmp/answer && break; sleep 0.1; done
   mosquitto_pub -h 127.0.0.1 -t fieldllm/v1/$node/req -m "{\"id\":\"q1\",\"prompt\":\"pump\",\"maxTokens\":8}";
   for i in $(seq 100); do grep -q "\"done\"" /tmp/answer && break; sleep 0.2; done; cat /tmp/answer' \
   >"$work/answer"

@@ -69,12 +69,24 @@ pub fn texts(o: &Output) -> (String, String) {
     )
 }
 
-/// Asserts a failed run: non-zero exit, no panic, and stderr mentioning every `needle`.
+/// Asserts a run refused for bad input: exit status 1 (README's promise), no panic, and
+/// stderr mentioning every `needle`.
 pub fn assert_clean_failure(o: &Output, needles: &[&str]) {
+    assert_exit(o, 1, needles);
+}
+
+/// Asserts a run refused for flags it could not parse: exit status 2, as clap and getopt
+/// tools use, no panic, and stderr mentioning every `needle`.
+pub fn assert_usage_failure(o: &Output, needles: &[&str]) {
+    assert_exit(o, 2, needles);
+}
+
+fn assert_exit(o: &Output, code: i32, needles: &[&str]) {
     let (_, err) = texts(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {err}"
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "expected exit status {code}; stderr: {err}"
     );
     assert!(!err.contains("panicked"), "panicked: {err}");
     for n in needles {
@@ -153,6 +165,16 @@ impl Mosquitto {
             .expect("start mosquitto (apt-get install mosquitto)");
         wait_for_port(port, "mosquitto", &mut child, &log);
         Mosquitto { port, child, dir }
+    }
+
+    /// Stops it (SIGSTOP): connections stay open and nothing is acknowledged, as when a
+    /// broker's host hangs; `kill` then ends it.
+    pub fn pause(&self) {
+        let ok = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status()
+            .expect("kill -STOP");
+        assert!(ok.success(), "kill -STOP mosquitto");
     }
 
     /// Kills it, keeping its directory for a restart.
@@ -242,6 +264,29 @@ impl Daemon {
                 std::time::Instant::now() < until,
                 "{needle:?} not in the daemon log:\n{}",
                 self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Kills it (SIGKILL: no clean stop, as a power cut or the OOM killer would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until a line of its log holds every one of `needles`; returns that line (panics
+    /// with the log after `wait`).
+    pub fn wait_line(&self, needles: &[&str], wait: std::time::Duration) -> String {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let log = self.log();
+            if let Some(l) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no line with {needles:?} in the daemon log:\n{log}"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

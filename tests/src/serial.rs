@@ -113,6 +113,21 @@ impl Terminal {
         }
     }
 
+    /// Waits for the next bytes after the mark (an answer has begun streaming, say); returns
+    /// them and moves the mark past them. Panics after `wait`.
+    pub async fn more(&mut self, wait: Duration) -> Vec<u8> {
+        if self.seen.len() == self.mark {
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(wait, self.port.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => self.seen.extend_from_slice(&buf[..n]),
+                other => panic!("nothing more in {wait:?}: {other:?}"),
+            }
+        }
+        let out = self.seen[self.mark..].to_vec();
+        self.mark = self.seen.len();
+        out
+    }
+
     /// Reads whatever arrives within `wait`.
     pub async fn drain(&mut self, wait: Duration) -> Vec<u8> {
         let deadline = tokio::time::Instant::now() + wait;

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
-use fieldllm_tests::{assert_clean_failure, model_dir, run, texts};
+use fieldllm_tests::{assert_clean_failure, assert_usage_failure, model_dir, run, texts};
 
 fn tiny() -> String {
     model_dir("tiny-llama").to_string_lossy().into_owned()
@@ -10,10 +10,10 @@ fn tiny() -> String {
 
 #[test]
 fn ask_answers_paris_with_the_deployed_artifact() {
-    let dir = model_dir("smollm2-135m-instruct.f16")
+    let dir = model_dir("smollm2-135m-instruct.gguf")
         .to_string_lossy()
         .into_owned();
-    let o = run(&["ask", "--model", &dir, "What is the capital of France?"]);
+    let o = run(&["ask", "--model", &dir, "Name the capital of France."]);
     let (out, err) = texts(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("Paris"), "{out}");
@@ -98,11 +98,19 @@ fn bad_parameters_fail_before_loading_and_name_the_parameter() {
         assert_clean_failure(&o, &[name]);
     }
     assert_clean_failure(&run(&["ask", "--model", &t, "   "]), &["empty"]);
+    // flags that do not parse: exit status 2, pointing at --help
+    for args in [
+        &["ask", "--model", &t, "--temperature", "hot", "hi"][..],
+        &["ask", "--frobnicate", "hi"],
+        &["serve", "--config"],
+    ] {
+        assert_usage_failure(&run(args), &["--help"]);
+    }
     assert_clean_failure(
         &run(&["ask", "--model", &t, "hi<|im_end|>"]),
         &["special token"],
     );
-    assert_clean_failure(
+    assert_usage_failure(
         &run(&["ask", "--model", &t, "--top-k", "x", "hi"]),
         &["--top-k"],
     );
@@ -163,6 +171,12 @@ fn model_info_describes_package_and_artifact() {
     assert_eq!(m["graph"]["format"], "nnef");
     assert_eq!(m["graph"]["weights"], "f16");
     assert_eq!(m["model"]["vocab_size"], 49152);
+    // and the artifact setup.sh deploys: the GGUF's own blocks, from the Q4_1 file
+    let art = model_dir("smollm2-135m-instruct.gguf");
+    let o = run(&["model", "info", "--json", &art.to_string_lossy()]);
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(m["graph"]["weights"], "gguf");
+    assert_eq!(m["source"]["quantization"], "F32+Q4_1+Q8_0");
 }
 
 #[test]
@@ -174,9 +188,10 @@ fn model_import_refuses_to_overwrite_and_bad_formats() {
     assert!(o.status.success(), "{}", texts(&o).1);
     assert!(run(&["model", "verify", &out_s]).status.success());
     assert_clean_failure(&run(&["model", "import", &tiny(), &out_s]), &["exists"]);
-    assert_clean_failure(
+    // a weight format the flag does not know is a flag that does not parse: exit status 2
+    assert_usage_failure(
         &run(&["model", "import", &tiny(), "/tmp/x", "--weights", "q3"]),
-        &["q3"],
+        &["q3", "f32, f16, gguf"],
     );
     assert_clean_failure(
         &run(&["model", "import", &out_s, "/tmp/y"]),

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 struct Client311 {
     c: rumqttc::AsyncClient,
     rx: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    subacks: mpsc::UnboundedReceiver<()>,
 }
 
 impl Client311 {
@@ -31,6 +32,7 @@ impl Client311 {
         o.set_max_packet_size(4 << 20, 4 << 20);
         let (c, mut ev) = rumqttc::AsyncClient::new(o, 64);
         let (tx, rx) = mpsc::unbounded_channel();
+        let (ack_tx, subacks) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match ev.poll().await {
@@ -39,20 +41,27 @@ impl Client311 {
                             break;
                         }
                     }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ack_tx.send(());
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        Client311 { c, rx }
+        Client311 { c, rx, subacks }
     }
 
-    async fn sub(&self, topic: &str) {
+    /// Subscribes; returns once the broker's SUBACK says it is live.
+    async fn sub(&mut self, topic: &str) {
         self.c
             .subscribe(topic, rumqttc::QoS::AtLeastOnce)
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::timeout(WAIT, self.subacks.recv())
+            .await
+            .expect("a SUBACK in time")
+            .expect("client open");
     }
 
     async fn publish(&self, topic: &str, payload: Vec<u8>) {
@@ -242,6 +251,21 @@ async fn answer_across_restart(
     (chunks, finals, copies)
 }
 
+/// The `messages=N` of the daemon's "sending the answers held" line (0 if none).
+fn held_and_restored(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("sending the answers held while the broker was away"))
+        .filter_map(|l| {
+            l.split("messages=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_survives_the_broker_being_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +279,7 @@ async fn an_answer_survives_the_broker_being_killed_and_restarted() {
     let broker = Mosquitto::start_on(port, &persist, dir);
     let daemon = Daemon::start(&format!(
         "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"crash\"\n\n[limits]\nmax_tokens = 200\n",
-        model_dir("smollm2-135m-instruct.f16")
+        model_dir("smollm2-135m-instruct.gguf")
     ));
     let mut o = MqttOptions::new("t-crash", "127.0.0.1", port);
     o.set_clean_start(false);
@@ -282,8 +306,12 @@ async fn an_answer_survives_the_broker_being_killed_and_restarted() {
         "streaming began"
     );
 
+    // the broker's host hangs for a second (answers go out and nothing is acknowledged), then
+    // the broker dies: what was unacknowledged is held for the next connection
+    broker.pause();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let dir = broker.kill();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let _broker = Mosquitto::start_on(port, &persist, dir);
 
     let (mut chunks, finals, copies) = answer_across_restart(&mut c, &daemon).await;
@@ -308,7 +336,16 @@ async fn an_answer_survives_the_broker_being_killed_and_restarted() {
         "answer of {} tokens in {} chunks across the restart, {copies} QoS 1 copies dropped by seq",
         usage.completion_tokens, done.seq
     );
-    assert!(daemon.log().contains("broker connection failed"));
+    // the mechanism: answers were held across the outage and sent after it, none dropped
+    let log = daemon.log();
+    assert!(log.contains("broker connection failed"), "{log}");
+    let restored = held_and_restored(&log);
+    assert!(restored > 0, "nothing was held: {log}");
+    assert!(
+        !log.contains("dropped=1") && log.contains("dropped=0"),
+        "{log}"
+    );
+    eprintln!("{restored} answer messages held across the outage");
 
     // and the service goes on
     c.request(
@@ -474,4 +511,52 @@ fn a_taken_embedded_port_stops_start_up_with_the_fix() {
             && log.contains("broker = \"mqtt://"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hold_keeps_the_newest_answers_and_counts_what_it_dropped() {
+    let port = free_port();
+    let broker = Mosquitto::start_on(port, "allow_anonymous true", tempfile::tempdir().unwrap());
+    let daemon = Daemon::start(&format!(
+        "[model]\npath = {:?}\nthreads = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"hold\"\nhold = 2\n\n[limits]\nmax_tokens = 200\n",
+        model_dir("smollm2-135m-instruct.gguf")
+    ));
+    let mut c = Client::connect(port, "t-hold").await;
+    c.wait_status("hold", "ready").await;
+    c.sub("fieldllm/v1/hold/resp/#").await;
+    c.request(
+        "hold",
+        r#"{"id":"long","prompt":"Write a long story about a hydraulic pump.","max_tokens":200}"#,
+        PublishProperties::default(),
+    )
+    .await;
+    loop {
+        let p = c.next().await;
+        if p.topic.starts_with(b"fieldllm/v1/hold/resp/") {
+            break;
+        }
+    }
+    // a second of a hung broker: more than two answer messages go out unacknowledged; then it
+    // dies, and the hold of 2 keeps the newest two
+    broker.pause();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let dir = broker.kill();
+    let _broker = Mosquitto::start_on(port, "allow_anonymous true", dir);
+    let failed = daemon.wait_line(&["broker connection failed", "dropped="], WAIT);
+    let dropped: u64 = failed
+        .split("dropped=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{failed}"));
+    assert!(dropped > 0, "nothing dropped from a hold of 2: {failed}");
+    assert!(failed.contains("held=2"), "{failed}");
+    daemon.wait_line(&["sending the answers held", "messages=2"], WAIT);
+    // the answer itself ran to its end
+    let done = daemon.wait_line(&[" answered ", "request_id=long "], WAIT);
+    assert!(
+        done.contains("finish=Length") || done.contains("finish=Stop"),
+        "{done}"
+    );
+    eprintln!("hold of 2: {dropped} older answer messages dropped and counted");
 }

@@ -229,7 +229,9 @@ async fn a_heat_ramp_walks_every_state_and_no_answer_is_lost() {
     // nominal: full speed, the GPU clock as found
     a.ask("nominal", 40).await;
     let free = rate(&a.done("nominal").await);
-    assert!(free > 40.0, "uncapped decode {free} tok/s");
+    // load can only slow an answer, so the floor is twice the warm cap, not a speed: it says
+    // this one was not paced
+    assert!(free > 20.0, "uncapped decode {free} tok/s");
     assert_eq!(gpu_max(&root), "624750000");
 
     // around the warm threshold, 69 and 71 °C in turn: warm once, no flapping back
@@ -239,14 +241,29 @@ async fn a_heat_ramp_walks_every_state_and_no_answer_is_lost() {
     }
     set_temps(&root, 72_000);
     wait_thermal(&seen, "warm").await;
-    // warm since the oscillation; let a few 50 ms ticks read the 72 °C
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(gpu_max(&root), "510000000", "the warm cap on the GPU clock");
+    // warm since the oscillation: the bridge caps the GPU clock (waited for, not slept on)
+    let until = Instant::now() + WAIT;
+    while gpu_max(&root) != "510000000" {
+        assert!(
+            Instant::now() < until,
+            "no warm cap on the GPU clock: {}",
+            gpu_max(&root)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
-    // the console's /thermal shows the state, thresholds and the sensors
-    t.send(b"/thermal\r").await;
-    let out = t.until(b"fieldllm> ", WAIT).await;
-    let out = String::from_utf8_lossy(&out).into_owned();
+    // the console's /thermal shows the state, thresholds and the sensors, once the bridge's
+    // 50 ms tick has read the 72 °C (asked again until then)
+    let until = Instant::now() + WAIT;
+    let out = loop {
+        t.send(b"/thermal\r").await;
+        let out = t.until(b"fieldllm> ", WAIT).await;
+        let out = String::from_utf8_lossy(&out).into_owned();
+        if out.contains("72.0 °C") || Instant::now() > until {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     for needle in [
         "thermal: warm, 72.0 °C",
         "decode capped at 10 tok/s",
@@ -303,7 +320,7 @@ async fn a_heat_ramp_walks_every_state_and_no_answer_is_lost() {
     assert_eq!(gpu_max(&root), "624750000", "the clock cap lifted");
     a.ask("cooled", 40).await;
     let cooled = a.done("cooled").await;
-    assert!(rate(&cooled) > 40.0, "full speed again: {}", rate(&cooled));
+    assert!(rate(&cooled) > 20.0, "unpaced again: {}", rate(&cooled));
 
     // the walk, as the retained status told it: each state once, no flapping
     let walk: Vec<String> = {
