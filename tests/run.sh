@@ -35,6 +35,9 @@ cargo test --workspace --locked "$@"
 # fieldllmd under a real systemd (debootstrap + systemd-nspawn; root only)
 step "tests/boot/run.sh"
 tests/boot/run.sh "$FIELDLLMD_BIN"
+# rust-version is what the dependencies need, no more and no less (tests/msrv.py says how)
+step "rust-version"
+python3 tests/msrv.py
 # the Yocto layer: crate list current, oelint-adv clean
 step "yocto lint"
 yocto/meta-fieldllm/scripts/lint.sh

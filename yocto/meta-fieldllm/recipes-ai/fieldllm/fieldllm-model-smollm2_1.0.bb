@@ -15,9 +15,19 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7ca
 
 # Made on a build host by `models/setup.sh` then `scripts/model-tarball.sh` (the conversion
 # needs PyPI packages a Yocto build does not have); put the tarball in files/ next to this
-# recipe or in a layer of your own (FILESEXTRAPATHS). Every file is checked against the
-# manifest's sha256 when fieldllmd loads it.
-SRC_URI = "file://smollm2-135m-instruct.gguf.tar.gz;subdir=model"
+# recipe, or anywhere with FILESEXTRAPATHS:prepend:pn-fieldllm-model-smollm2 = "DIR:". Every
+# file is checked against the manifest's sha256 when fieldllmd loads it.
+FIELDLLM_MODEL_TARBALL ?= "smollm2-135m-instruct.gguf.tar.gz"
+SRC_URI = "file://${FIELDLLM_MODEL_TARBALL};subdir=model"
+
+# Without the tarball this recipe skips itself with a message (base.bbclass's SKIP_RECIPE), so
+# a build that merely adds the layer parses and builds everything else: the fetcher's checksum
+# of a missing file would stop the whole parse.
+SKIP_RECIPE[fieldllm-model-smollm2] = "${@'' if bb.utils.which(d.getVar('FILESPATH'), \
+    d.getVar('FIELDLLM_MODEL_TARBALL')) else d.getVar('FIELDLLM_MODEL_TARBALL') + \
+    ' not found: make it with models/setup.sh and yocto/meta-fieldllm/scripts/model-tarball.sh, \
+then put it in this recipe files/ or set FILESEXTRAPATHS:prepend:pn-fieldllm-model-smollm2 \
+to its directory'}"
 
 S = "${WORKDIR}/model"
 
