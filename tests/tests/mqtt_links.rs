@@ -287,8 +287,20 @@ async fn an_answer_survives_the_broker_being_killed_and_restarted() {
     let mut c = Client::connect_with(o).await;
     c.wait_status("crash", "ready").await;
     c.sub("fieldllm/v1/crash/resp/#").await;
-    // past one autosave, so the subscription is on disk
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // until an autosave after the subscription, so it is on disk (waited for, not slept on)
+    let db = broker.dir.path().join("mosquitto.db");
+    let subscribed = std::time::SystemTime::now();
+    let until = std::time::Instant::now() + WAIT;
+    while !std::fs::metadata(&db)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t > subscribed)
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "mosquitto saved nothing to {db:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.request(
         "crash",
         r#"{"id":"long","prompt":"Write a long story about a hydraulic pump.","max_tokens":200,"temperature":0}"#,
