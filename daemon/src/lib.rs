@@ -4,6 +4,7 @@
 //! binary runs, so integration tests and benchmarks drive the same code.
 
 pub mod config;
+pub mod docs;
 pub mod paths;
 pub mod proto;
 pub mod request;
