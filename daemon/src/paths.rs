@@ -22,3 +22,23 @@ pub fn default_model_dir(explicit: Option<PathBuf>) -> PathBuf {
     }
     PathBuf::from(DEV_MODEL_DIR)
 }
+
+/// The document index's directory when the service's state directory is not known.
+pub const SYSTEM_DOCS_INDEX: &str = "/var/lib/fieldllm/docs";
+
+/// The document index to use: `explicit`, else `docs` under systemd's `$STATE_DIRECTORY`
+/// (the unit's `StateDirectory=fieldllm`), else [`SYSTEM_DOCS_INDEX`].
+pub fn default_docs_index(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    // systemd may list several directories, colon-separated: the first is ours
+    if let Some(state) = std::env::var("STATE_DIRECTORY")
+        .ok()
+        .and_then(|s| s.split(':').next().map(str::to_string))
+        .filter(|s| !s.is_empty())
+    {
+        return PathBuf::from(state).join("docs");
+    }
+    PathBuf::from(SYSTEM_DOCS_INDEX)
+}

@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: the `fieldllmd` binary and the model directories.
 
 pub mod mqtt;
+pub mod pdf;
 pub mod serial;
 
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@ mod ask;
 mod bench;
 mod bench_quality;
 mod bench_service;
+mod docs;
 mod model;
 mod serve;
 mod thermal;
@@ -35,6 +36,8 @@ enum Command {
     /// Build, describe and check model packages.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// The document index answers are grounded on: add, list, remove, search.
+    Docs(docs::DocsArgs),
     /// Live accelerator telemetry (temperatures, rails, clocks, thermal state), like tegrastats.
     Thermal(thermal::ThermalArgs),
 }
@@ -114,6 +117,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ask(a) => ask::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Model(m) => model::run(m),
+        Command::Docs(d) => docs::run(d),
         Command::Thermal(t) => thermal::run(t),
     }
 }

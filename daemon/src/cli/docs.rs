@@ -1,0 +1,156 @@
+//! `fieldllmd docs add|list|remove|search`: the document index from the command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use fieldllmd::docs::chunk::Limits;
+use fieldllmd::docs::index::DocIndex;
+use fieldllmd::docs::ingest::{self, Outcome};
+
+/// Document index subcommands.
+#[derive(Debug, clap::Args)]
+pub struct DocsArgs {
+    /// The index directory [default: $STATE_DIRECTORY/docs under systemd, else
+    /// /var/lib/fieldllm/docs].
+    #[arg(long, value_name = "DIR", global = true)]
+    index: Option<PathBuf>,
+    #[command(subcommand)]
+    command: DocsCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DocsCommand {
+    /// Index files and folders of Markdown, plain text and PDF (a changed file replaces its
+    /// old copy; an unchanged one is skipped).
+    Add {
+        /// Files and folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// The indexed documents.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take documents out of the index, by name (as `docs list` shows it).
+    Remove {
+        /// Document names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// The passages that best match a question.
+    Search {
+        /// How many.
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+        /// One JSON object per line: doc, section, page (when known), score, text.
+        #[arg(long)]
+        json: bool,
+        /// The question or keywords.
+        #[arg(required = true, num_args = 1..)]
+        query: Vec<String>,
+    },
+}
+
+pub fn run(args: DocsArgs) -> anyhow::Result<()> {
+    let dir = fieldllmd::paths::default_docs_index(args.index);
+    let index = DocIndex::open(&dir)?;
+    match args.command {
+        DocsCommand::Add { paths } => add(&index, &paths),
+        DocsCommand::List { json } => list(&index, json),
+        DocsCommand::Remove { names } => remove(&index, &names),
+        DocsCommand::Search { k, json, query } => search(&index, k, json, &query.join(" ")),
+    }
+}
+
+fn add(index: &DocIndex, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let summary = ingest::add(index, paths, Limits::default(), |o| match o {
+        Outcome::Added { name, chunks } => println!("added      {name} ({chunks} chunks)"),
+        Outcome::Replaced { name, chunks } => println!("replaced   {name} ({chunks} chunks)"),
+        Outcome::Unchanged { name } => println!("unchanged  {name}"),
+        Outcome::Skipped { path } => {
+            println!("skipped    {} (not a document type)", path.display())
+        }
+        Outcome::Failed { path, reason } => eprintln!("error: {}: {reason}", path.display()),
+    })?;
+    println!(
+        "{} added, {} replaced, {} unchanged, {} failed, {} chunks in {:.1} s",
+        summary.added,
+        summary.replaced,
+        summary.unchanged,
+        summary.failed,
+        summary.chunks,
+        start.elapsed().as_secs_f64()
+    );
+    if summary.failed > 0 {
+        anyhow::bail!(
+            "{} file(s) could not be indexed (named above); the rest are in",
+            summary.failed
+        );
+    }
+    Ok(())
+}
+
+fn list(index: &DocIndex, json: bool) -> anyhow::Result<()> {
+    for d in index.list()? {
+        if json {
+            println!("{}", serde_json::to_string(&d)?);
+        } else {
+            println!(
+                "{:<40} {:>5} chunks  sha256 {}",
+                d.name,
+                d.chunks,
+                &d.sha256[..12.min(d.sha256.len())]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn remove(index: &DocIndex, names: &[String]) -> anyhow::Result<()> {
+    let present: std::collections::BTreeSet<String> =
+        index.list()?.into_iter().map(|d| d.name).collect();
+    let mut writer = index.writer()?;
+    let mut missing = Vec::new();
+    for name in names {
+        if !present.contains(name) {
+            missing.push(name.as_str());
+            continue;
+        }
+        writer
+            .remove(name)
+            .with_context(|| format!("removing {name}"))?;
+        println!("removed    {name}");
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("not in the index: {} (see `docs list`)", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn search(index: &DocIndex, k: usize, json: bool, query: &str) -> anyhow::Result<()> {
+    let hits = index.search(query, k)?;
+    for (i, h) in hits.iter().enumerate() {
+        if json {
+            println!("{}", serde_json::to_string(h)?);
+            continue;
+        }
+        let page = h.page.map(|p| format!(" p.{p}")).unwrap_or_default();
+        println!(
+            "[{}] {} §{}{page}  (score {:.2})",
+            i + 1,
+            h.doc,
+            h.section,
+            h.score
+        );
+        for line in h.text.lines() {
+            println!("    {line}");
+        }
+    }
+    if hits.is_empty() && !json {
+        println!("no passage matches");
+    }
+    Ok(())
+}
