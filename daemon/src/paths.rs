@@ -7,6 +7,27 @@ pub const SYSTEM_MODEL_DIR: &str = "/usr/share/fieldllm/models/smollm2-135m-inst
 /// Where `models/setup.sh` leaves the deployable artifact in a source checkout.
 pub const DEV_MODEL_DIR: &str = "models/build/smollm2-135m-instruct.gguf";
 
+/// Installed location of the sentence-embedding model for document search.
+pub const SYSTEM_EMBEDDER_DIR: &str = "/usr/share/fieldllm/models/all-minilm-l6-v2";
+/// Where `models/setup.sh` leaves it in a source checkout.
+pub const DEV_EMBEDDER_DIR: &str = "models/build/all-minilm-l6-v2";
+
+/// The embedding model to use: `explicit`, else `$FIELDLLM_EMBEDDER`, else the installed one,
+/// else a source checkout's (relative to the current directory).
+pub fn default_embedder_dir(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    if let Some(p) = std::env::var_os("FIELDLLM_EMBEDDER").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let system = PathBuf::from(SYSTEM_EMBEDDER_DIR);
+    if system.join("manifest.toml").exists() {
+        return system;
+    }
+    PathBuf::from(DEV_EMBEDDER_DIR)
+}
+
 /// The model directory to use: `explicit`, else `$FIELDLLM_MODEL`, else the installed model,
 /// else the artifact of a source checkout (relative to the current directory).
 pub fn default_model_dir(explicit: Option<PathBuf>) -> PathBuf {

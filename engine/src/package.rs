@@ -235,18 +235,7 @@ impl Package {
 
     /// Checks every file's sha256 against the manifest; the error names the first bad file.
     pub fn verify(&self) -> Result<(), EngineError> {
-        for (rel, want) in &self.manifest.files {
-            let path = self.path(rel);
-            let got = sha256_file(&path)?;
-            if !got.eq_ignore_ascii_case(want) {
-                return Err(EngineError::HashMismatch {
-                    path,
-                    expected: want.clone(),
-                    actual: got,
-                });
-            }
-        }
-        Ok(())
+        verify_files(&self.dir, &self.manifest.files)
     }
 
     /// Total size in bytes of the package's files.
@@ -258,6 +247,33 @@ impl Package {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// Checks each file of `files` (relative path -> sha256) under `dir`; the error names the first
+/// bad file. A path that leaves `dir` is refused before anything is read.
+pub fn verify_files(dir: &Path, files: &BTreeMap<String, String>) -> Result<(), EngineError> {
+    for (rel, want) in files {
+        let p = Path::new(rel);
+        if p.is_absolute()
+            || p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(EngineError::Manifest {
+                path: dir.join(MANIFEST),
+                message: format!("file {rel:?} lies outside the package"),
+            });
+        }
+        let path = dir.join(rel);
+        let got = sha256_file(&path)?;
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(EngineError::HashMismatch {
+                path,
+                expected: want.clone(),
+                actual: got,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// sha256 of a file, as lowercase hex.

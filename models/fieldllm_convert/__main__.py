@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .embedder import write_embedder
 from .package import sha256_file, write_package, write_reference
 from .reference import reference_run
 from .tokenizer import TINY_SPECIALS, tiny_vocab, tokenizer_json
@@ -61,6 +62,13 @@ def cmd_tiny(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_embedder(args: argparse.Namespace) -> None:
+    src = args.src
+    write_embedder(src, args.out, args.name, {"file": args.source_file, "sha256": args.source_sha256},
+                   args.reference)
+    print(f"wrote {args.out}")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="fieldllm_convert")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -77,6 +85,14 @@ def main(argv: list[str]) -> None:
     t.add_argument("--reference")
     t.add_argument("--decode-steps", type=int, default=8)
     t.set_defaults(func=cmd_tiny)
+    e = sub.add_parser("embedder", help="convert a sentence-transformers BERT (safetensors) into a package")
+    e.add_argument("src", help="the model folder: config.json, model.safetensors, tokenizer.json, 1_Pooling/")
+    e.add_argument("out")
+    e.add_argument("--name", required=True)
+    e.add_argument("--source-file", required=True, help="what the model came in (recorded in the manifest)")
+    e.add_argument("--source-sha256", required=True)
+    e.add_argument("--reference", help="also write NumPy reference embeddings (JSON) here")
+    e.set_defaults(func=cmd_embedder)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -135,15 +135,18 @@ fn a_folder_is_indexed_searched_re_added_and_removed() {
         "{out}"
     );
     let hits = search(&idx, "RV-1 lock nut torque");
+    let rv1 = hits
+        .iter()
+        .find(|h| h["doc"] == "hpu-220-service-manual.md")
+        .expect("the manual's RV-1 passage is among the hits");
     assert!(
-        hits[0]["text"].as_str().unwrap().contains("28 Nm"),
+        rv1["text"].as_str().unwrap().contains("lock nut to 28 Nm"),
         "{hits:?}"
     );
+    let all = ok(&docs(&idx, &["search", "--json", "--k", "50", "lock nut"]));
     assert!(
-        hits.iter()
-            .filter(|h| h["doc"] == "hpu-220-service-manual.md")
-            .all(|h| !h["text"].as_str().unwrap().contains("lock nut to 25 Nm")),
-        "the old text is gone: {hits:?}"
+        !all.contains("lock nut to 25 Nm"),
+        "the old text is gone: {all}"
     );
 
     // remove: by name; an unknown name is an error that removes nothing else
@@ -243,10 +246,13 @@ fn a_killed_ingestion_leaves_the_index_usable() {
     let dir = tempfile::tempdir().unwrap();
     let files = dir.path().join("files");
     std::fs::create_dir(&files).unwrap();
+    // the manual's troubleshooting section: a two-chunk document, a few a second
     let manual =
         std::fs::read_to_string(repo_root().join("tests/corpus/hpu-220-service-manual.md"))
             .unwrap();
-    let total = 150;
+    let start = manual.find("## 5 Troubleshooting").unwrap();
+    let manual = format!("# HPU-220\n{}", &manual[start..]);
+    let total = 60;
     for i in 0..total {
         std::fs::write(
             files.join(format!("unit-{i:03}.md")),
@@ -256,6 +262,7 @@ fn a_killed_ingestion_leaves_the_index_usable() {
     }
     let idx = dir.path().join("index");
     let mut child = Command::new(fieldllmd())
+        .current_dir(repo_root())
         .args([
             "docs",
             "--index",
@@ -270,7 +277,7 @@ fn a_killed_ingestion_leaves_the_index_usable() {
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut added = 0;
     let mut line = String::new();
-    while added < 10 {
+    while added < 5 {
         line.clear();
         assert!(
             out.read_line(&mut line).unwrap() > 0,
@@ -285,7 +292,7 @@ fn a_killed_ingestion_leaves_the_index_usable() {
 
     let list = json_lines(&ok(&docs(&idx, &["list", "--json"])));
     assert!(
-        list.len() >= 10 && list.len() < total,
+        list.len() >= 5 && list.len() < total,
         "{} documents",
         list.len()
     );
@@ -320,9 +327,63 @@ fn the_default_index_is_under_systemds_state_directory() {
     let o = Command::new(fieldllmd())
         .args(["docs", "add", file.to_str().unwrap()])
         .env("STATE_DIRECTORY", state.path())
+        .current_dir(repo_root())
         .output()
         .unwrap();
     ok(&o);
     let index: PathBuf = state.path().join("docs");
     assert!(index.join("meta.json").exists());
+}
+
+/// An index is searched and extended only with the embedding model that made it.
+#[test]
+fn an_index_made_by_another_embedding_model_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let idx = dir.path().join("index");
+    std::fs::write(
+        dir.path().join("a.md"),
+        "# A\nAccumulator pre-charge 90 bar.\n",
+    )
+    .unwrap();
+    ok(&docs(
+        &idx,
+        &["add", dir.path().join("a.md").to_str().unwrap()],
+    ));
+
+    // the same weights under another name: a different model as far as the index knows
+    let other = dir.path().join("other-embedder");
+    std::fs::create_dir(&other).unwrap();
+    let src = repo_root().join("models/build/all-minilm-l6-v2");
+    for f in ["model.onnx", "tokenizer.json"] {
+        std::fs::copy(src.join(f), other.join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(src.join("manifest.toml"))
+        .unwrap()
+        .replace("name = \"all-minilm-l6-v2\"", "name = \"site-minilm\"");
+    std::fs::write(other.join("manifest.toml"), manifest).unwrap();
+    let embedder = other.to_str().unwrap();
+    for args in [
+        vec!["--embedder", embedder, "search", "pre-charge"],
+        vec![
+            "--embedder",
+            embedder,
+            "add",
+            dir.path().join("a.md").to_str().unwrap(),
+        ],
+    ] {
+        let o = docs(&idx, &args);
+        assert_clean_failure(
+            &o,
+            &[
+                "made with the embedding model all-minilm-l6-v2",
+                "site-minilm",
+            ],
+        );
+    }
+    // keywords alone need no model, and the index is as it was
+    let hits = json_lines(&ok(&docs(
+        &idx,
+        &["search", "--json", "--mode", "bm25", "pre-charge"],
+    )));
+    assert_eq!(hits[0]["doc"], "a.md");
 }

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use fieldllm_engine::embed::Embedder;
 use fieldllmd::docs::chunk::Limits;
-use fieldllmd::docs::index::DocIndex;
+use fieldllmd::docs::embedder_id;
+use fieldllmd::docs::index::{DocIndex, Mode};
 use fieldllmd::docs::ingest::{self, Outcome};
 
 /// Document index subcommands.
@@ -14,6 +16,13 @@ pub struct DocsArgs {
     /// /var/lib/fieldllm/docs].
     #[arg(long, value_name = "DIR", global = true)]
     index: Option<PathBuf>,
+    /// Sentence-embedding model package [default: $FIELDLLM_EMBEDDER, the installed
+    /// all-minilm-l6-v2, or models/build/all-minilm-l6-v2].
+    #[arg(long, value_name = "DIR", global = true)]
+    embedder: Option<PathBuf>,
+    /// Threads for the embedding model.
+    #[arg(long, default_value_t = 2, global = true)]
+    threads: usize,
     #[command(subcommand)]
     command: DocsCommand,
 }
@@ -44,9 +53,12 @@ enum DocsCommand {
         /// How many.
         #[arg(long, default_value_t = 5)]
         k: usize,
-        /// One JSON object per line: doc, section, page (when known), score, text.
+        /// One JSON object per line: doc, section, page (when known), score, similarity, text.
         #[arg(long)]
         json: bool,
+        /// Ranking: keywords, meaning, or both fused.
+        #[arg(long, value_enum, default_value_t = Mode::Hybrid)]
+        mode: Mode,
         /// The question or keywords.
         #[arg(required = true, num_args = 1..)]
         query: Vec<String>,
@@ -54,19 +66,38 @@ enum DocsCommand {
 }
 
 pub fn run(args: DocsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.threads > 0, "--threads must be at least 1");
     let dir = fieldllmd::paths::default_docs_index(args.index);
     let index = DocIndex::open(&dir)?;
+    let embedder = || -> anyhow::Result<Embedder> {
+        let dir = fieldllmd::paths::default_embedder_dir(args.embedder.clone());
+        let e = Embedder::load(&dir, args.threads)
+            .with_context(|| format!("loading the embedding model {}", dir.display()))?;
+        index.check_embedder(&embedder_id(&e))?;
+        Ok(e)
+    };
     match args.command {
-        DocsCommand::Add { paths } => add(&index, &paths),
+        DocsCommand::Add { paths } => add(&index, &embedder()?, &paths),
         DocsCommand::List { json } => list(&index, json),
         DocsCommand::Remove { names } => remove(&index, &names),
-        DocsCommand::Search { k, json, query } => search(&index, k, json, &query.join(" ")),
+        DocsCommand::Search {
+            k,
+            json,
+            mode,
+            query,
+        } => {
+            let e = match mode {
+                Mode::Bm25 => None,
+                Mode::Vector | Mode::Hybrid => Some(embedder()?),
+            };
+            search(&index, e.as_ref(), k, json, mode, &query.join(" "))
+        }
     }
 }
 
-fn add(index: &DocIndex, paths: &[PathBuf]) -> anyhow::Result<()> {
+fn add(index: &DocIndex, embedder: &Embedder, paths: &[PathBuf]) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let summary = ingest::add(index, paths, Limits::default(), |o| match o {
+    let summary = ingest::add(index, embedder, paths, Limits::default(), |o| match o {
         Outcome::Added { name, chunks } => println!("added      {name} ({chunks} chunks)"),
         Outcome::Replaced { name, chunks } => println!("replaced   {name} ({chunks} chunks)"),
         Outcome::Unchanged { name } => println!("unchanged  {name}"),
@@ -112,8 +143,12 @@ fn list(index: &DocIndex, json: bool) -> anyhow::Result<()> {
 fn remove(index: &DocIndex, names: &[String]) -> anyhow::Result<()> {
     let present: std::collections::BTreeSet<String> =
         index.list()?.into_iter().map(|d| d.name).collect();
-    let mut writer = index.writer()?;
     let mut missing = Vec::new();
+    // an index with documents records its embedding model; one without has nothing to remove
+    let Some(id) = index.embedder()? else {
+        anyhow::bail!("not in the index: {} (see `docs list`)", names.join(", "));
+    };
+    let mut writer = index.writer(&id)?;
     for name in names {
         if !present.contains(name) {
             missing.push(name.as_str());
@@ -130,8 +165,19 @@ fn remove(index: &DocIndex, names: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn search(index: &DocIndex, k: usize, json: bool, query: &str) -> anyhow::Result<()> {
-    let hits = index.search(query, k)?;
+fn search(
+    index: &DocIndex,
+    embedder: Option<&Embedder>,
+    k: usize,
+    json: bool,
+    mode: Mode,
+    query: &str,
+) -> anyhow::Result<()> {
+    let q = match embedder {
+        Some(e) => Some(e.embed(&[query])?.remove(0)),
+        None => None,
+    };
+    let hits = index.search(query, q.as_deref(), k, mode)?;
     for (i, h) in hits.iter().enumerate() {
         if json {
             println!("{}", serde_json::to_string(h)?);

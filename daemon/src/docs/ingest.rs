@@ -6,9 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use fieldllm_engine::embed::Embedder;
+
 use super::chunk::{Limits, Splitter};
 use super::index::{DocIndex, DocWriter, IndexError};
 use super::read::{self, Kind, ReadError};
+use super::{embedder_id, embedding_text};
 
 /// What happened to one file.
 #[derive(Debug)]
@@ -133,15 +136,33 @@ fn failed(path: &Path, reason: &str) -> Outcome {
     }
 }
 
-/// Adds (or replaces) every document under `paths`, reporting each file to `report` as it is
-/// done. Only an index that cannot be written stops the run.
+/// Why a run stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// The index cannot be written (or was made with another embedding model).
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The embedding model failed.
+    #[error("embedding {name}: {source}")]
+    Embed {
+        /// The document.
+        name: String,
+        /// Why.
+        source: fieldllm_engine::EngineError,
+    },
+}
+
+/// Adds (or replaces) every document under `paths`, each chunk with its embedding from
+/// `embedder`, reporting each file to `report` as it is done. Only an index that cannot be
+/// written, or an embedding model that fails, stops the run.
 pub fn add(
     index: &DocIndex,
+    embedder: &Embedder,
     paths: &[PathBuf],
     limits: Limits,
     mut report: impl FnMut(&Outcome),
-) -> Result<Summary, IndexError> {
-    let mut writer = index.writer()?;
+) -> Result<Summary, AddError> {
+    let mut writer = index.writer(&embedder_id(embedder))?;
     let mut summary = Summary::default();
     // two files of one name in one run would silently replace each other
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -161,7 +182,7 @@ pub fn add(
                     ),
                     None => {
                         seen.insert(name.clone(), path.clone());
-                        one(index, &mut writer, &path, kind, name, limits)?
+                        one(index, embedder, &mut writer, &path, kind, name, limits)?
                     }
                 },
             },
@@ -178,12 +199,13 @@ fn name_of(path: &Path) -> Option<String> {
 
 fn one(
     index: &DocIndex,
+    embedder: &Embedder,
     writer: &mut DocWriter<'_>,
     path: &Path,
     kind: Kind,
     name: String,
     limits: Limits,
-) -> Result<Outcome, IndexError> {
+) -> Result<Outcome, AddError> {
     let doc = match read::read(path, kind) {
         Ok(d) => d,
         Err(e) => return Ok(failed(path, &e.to_string())),
@@ -201,7 +223,13 @@ fn one(
     if chunks.is_empty() {
         return Ok(failed(path, &ReadError::Empty.to_string()));
     }
-    writer.put(&name, &doc.sha256, &chunks)?;
+    let texts: Vec<String> = chunks.iter().map(embedding_text).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let vectors = embedder.embed(&refs).map_err(|source| AddError::Embed {
+        name: name.clone(),
+        source,
+    })?;
+    writer.put(&name, &doc.sha256, &chunks, &vectors)?;
     let n = chunks.len();
     Ok(match before {
         None => Outcome::Added { name, chunks: n },
@@ -216,11 +244,18 @@ mod tests {
 
     fn run(index: &DocIndex, paths: &[PathBuf]) -> (Summary, Vec<String>) {
         let mut lines = Vec::new();
-        let s = add(index, paths, Limits::default(), |o| {
+        let e = crate::docs::testing::embedder();
+        let s = add(index, e, paths, Limits::default(), |o| {
             lines.push(format!("{o:?}"))
         })
         .unwrap();
         (s, lines)
+    }
+
+    fn bm25(index: &DocIndex, q: &str) -> Vec<crate::docs::index::Hit> {
+        index
+            .search(q, None, 3, crate::docs::index::Mode::Bm25)
+            .unwrap()
     }
 
     #[test]
@@ -255,8 +290,8 @@ mod tests {
                 .iter()
                 .any(|l| l.contains("empty.md") && l.contains("empty"))
         );
-        assert_eq!(idx.search("oil interval", 1).unwrap()[0].doc, "a.md");
-        assert_eq!(idx.search("filter", 1).unwrap()[0].section, "1 Filters");
+        assert_eq!(bm25(&idx, "oil interval")[0].doc, "a.md");
+        assert_eq!(bm25(&idx, "filter")[0].section, "1 Filters");
 
         let (s, _) = run(&idx, &[d.to_path_buf()]);
         assert_eq!((s.added, s.unchanged, s.replaced), (0, 2, 0));
@@ -268,8 +303,8 @@ mod tests {
         .unwrap();
         let (s, _) = run(&idx, &[d.to_path_buf()]);
         assert_eq!((s.replaced, s.unchanged), (1, 1));
-        assert!(idx.search("400", 1).unwrap()[0].text.contains("400 h"));
-        assert!(idx.search("500", 3).unwrap().is_empty());
+        assert!(bm25(&idx, "400")[0].text.contains("400 h"));
+        assert!(bm25(&idx, "500").is_empty());
     }
 
     #[test]
@@ -291,6 +326,6 @@ mod tests {
         assert_eq!(s.failed, 2, "{lines:?}");
         assert!(lines[0].contains("not a text file"), "{lines:?}");
         assert!(lines[1].contains("gone.md"), "{lines:?}");
-        assert!(idx.search("torque", 1).unwrap()[0].text.contains("45 Nm"));
+        assert!(bm25(&idx, "torque")[0].text.contains("45 Nm"));
     }
 }
