@@ -48,6 +48,15 @@ enum DocsCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Retrieval quality over a question set (JSON lines of q, doc, section): hit@1, hit@3
+    /// and MRR of keywords, meaning and both fused.
+    Eval {
+        /// The question set.
+        questions: PathBuf,
+        /// One JSON object per mode.
+        #[arg(long)]
+        json: bool,
+    },
     /// The passages that best match a question.
     Search {
         /// How many.
@@ -80,6 +89,7 @@ pub fn run(args: DocsArgs) -> anyhow::Result<()> {
         DocsCommand::Add { paths } => add(&index, &embedder()?, &paths),
         DocsCommand::List { json } => list(&index, json),
         DocsCommand::Remove { names } => remove(&index, &names),
+        DocsCommand::Eval { questions, json } => eval(&index, &embedder()?, &questions, json),
         DocsCommand::Search {
             k,
             json,
@@ -197,6 +207,46 @@ fn search(
     }
     if hits.is_empty() && !json {
         println!("no passage matches");
+    }
+    Ok(())
+}
+
+fn eval(
+    index: &DocIndex,
+    embedder: &Embedder,
+    path: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    use fieldllmd::docs::eval;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let questions = eval::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    anyhow::ensure!(!questions.is_empty(), "{}: no questions", path.display());
+    let texts: Vec<&str> = questions.iter().map(|q| q.q.as_str()).collect();
+    let vectors = embedder.embed(&texts)?;
+    for mode in [Mode::Bm25, Mode::Vector, Mode::Hybrid] {
+        let mut ranks = Vec::with_capacity(questions.len());
+        for (q, v) in questions.iter().zip(&vectors) {
+            let hits = index.search(&q.q, Some(v), eval::DEPTH, mode)?;
+            let rank = q.rank(&hits);
+            if rank != Some(1) {
+                tracing::info!(?mode, question = %q.q, ?rank, first = ?hits.first().map(|h| (&h.doc, &h.section)), "not first");
+            }
+            ranks.push(rank);
+        }
+        let s = eval::score(&ranks);
+        let name = format!("{mode:?}").to_lowercase();
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"mode": name, "questions": s.questions, "hit1": s.hit1, "hit3": s.hit3, "mrr": s.mrr})
+            );
+        } else {
+            println!(
+                "{name:<7} {} questions  hit@1 {:.3}  hit@3 {:.3}  MRR {:.3}",
+                s.questions, s.hit1, s.hit3, s.mrr
+            );
+        }
     }
     Ok(())
 }

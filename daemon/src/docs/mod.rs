@@ -7,6 +7,7 @@
 //! fused with BM25, then grounded answers.
 
 pub mod chunk;
+pub mod eval;
 pub mod index;
 pub mod ingest;
 pub mod read;
