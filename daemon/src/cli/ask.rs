@@ -1,12 +1,16 @@
 //! `fieldllmd ask`: one question, the answer streamed to stdout.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use fieldllm_engine::chat::Message;
 use fieldllm_engine::generate::{Candidate, DEFAULT_MAX_TOKENS, Event};
-use fieldllm_engine::{GenerateParams, LoadOptions, Model, SamplingParams, Session, generate};
+use fieldllm_engine::{
+    GenerateParams, LoadOptions, Model, Outcome, SamplingParams, Session, generate,
+};
+use fieldllmd::docs::ground::{self, Grounding, Settings, Source, Style};
 use serde_json::json;
 
 use super::ModelArg;
@@ -64,6 +68,21 @@ pub struct AskArgs {
     /// With --via: the daemons' topic prefix.
     #[arg(long, default_value = "fieldllm/v1", requires = "via")]
     prefix: String,
+    /// Answer from the document index (`fieldllmd docs add`), then list the sources used.
+    #[arg(long, conflicts_with_all = ["via", "system"])]
+    docs: bool,
+    /// With --docs: the index directory [default: as `docs`].
+    #[arg(long, value_name = "DIR", requires = "docs")]
+    index: Option<PathBuf>,
+    /// With --docs: the sentence-embedding model package [default: as `docs`].
+    #[arg(long, value_name = "DIR", requires = "docs")]
+    embedder: Option<PathBuf>,
+    /// With --docs: passages in the prompt, at most.
+    #[arg(long, default_value_t = Settings::default().passages, requires = "docs")]
+    passages: usize,
+    /// With --docs: how the passages are put to the model.
+    #[arg(long, value_enum, default_value_t = Settings::default().style, requires = "docs")]
+    docs_style: Style,
 }
 
 fn cand_json(c: &Candidate) -> serde_json::Value {
@@ -127,28 +146,143 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
         };
         return super::via::ask(url, &a.prefix, a.node.as_deref(), req, a.logprobs.is_some());
     }
+    let grounding = if a.docs {
+        let grounder = open_grounder(&a)?;
+        match grounder.ground(&a.question)? {
+            Grounding::NotCovered { best } => {
+                tracing::info!(?best, "no passage reached the threshold");
+                println!("{}", ground::NOT_COVERED);
+                return Ok(());
+            }
+            covered => Some(covered),
+        }
+    } else {
+        None
+    };
+    let model = load_model(&a)?;
+    let (ids, sources, key) = match grounding {
+        Some(Grounding::Covered {
+            sources,
+            key_sentence,
+        }) => {
+            let p = ground::prompt(
+                &model,
+                &a.question,
+                &sources,
+                &key_sentence,
+                a.docs_style,
+                params.max_tokens.min(model.context_length / 2),
+            )?;
+            (p.ids, Some(p.sources), key_sentence)
+        }
+        _ => {
+            let mut messages = Vec::new();
+            if let Some(s) = &a.system {
+                messages.push(Message::new("system", s.clone()));
+            }
+            messages.push(Message::new("user", a.question.clone()));
+            (model.chat_prompt(&messages)?, None, String::new())
+        }
+    };
+    let outcome = stream(&model, &ids, &params, a.logprobs.is_some())?;
+    if let Some(sources) = sources {
+        print_sources(&sources, &key, a.logprobs.is_some())?;
+    }
+    if a.stats {
+        let t = &outcome.timings;
+        eprintln!(
+            "load {:.0} ms | prompt {} tok {:.1} tok/s | first token {:.0} ms | {} tokens {:.1} tok/s | finish {:?}",
+            model.load_time.as_secs_f64() * 1e3,
+            outcome.prompt_tokens,
+            t.prompt_tok_s,
+            t.first_token_ms,
+            outcome.tokens.len(),
+            t.decode_tok_s,
+            outcome.finish
+        );
+    }
+    Ok(())
+}
+
+fn load_model(a: &AskArgs) -> anyhow::Result<std::sync::Arc<Model>> {
     let dir = a.model.dir();
-    let model = Model::load(
+    Model::load(
         &dir,
         &LoadOptions {
             verify: true,
             threads: a.threads,
         },
     )
-    .with_context(|| format!("loading model {}", dir.display()))?;
-    let mut messages = Vec::new();
-    if let Some(s) = &a.system {
-        messages.push(Message::new("system", s.clone()));
+    .with_context(|| format!("loading model {}", dir.display()))
+}
+
+/// The document index and embedding model `--docs` answers from.
+pub fn open_grounder_at(
+    index: Option<PathBuf>,
+    embedder: Option<PathBuf>,
+    threads: usize,
+    settings: Settings,
+) -> anyhow::Result<ground::Grounder> {
+    let index_dir = fieldllmd::paths::default_docs_index(index);
+    let idx = fieldllmd::docs::index::DocIndex::open(&index_dir)?;
+    if idx.list()?.is_empty() {
+        anyhow::bail!(
+            "the document index {} holds no documents: add them with `fieldllmd docs add`",
+            index_dir.display()
+        );
     }
-    messages.push(Message::new("user", a.question.clone()));
-    let ids = model.chat_prompt(&messages)?;
-    let mut session = Session::new(&model)?;
+    let dir = fieldllmd::paths::default_embedder_dir(embedder);
+    let e = fieldllm_engine::embed::Embedder::load(&dir, threads)
+        .with_context(|| format!("loading the embedding model {}", dir.display()))?;
+    Ok(ground::Grounder::new(idx, e, settings)?)
+}
+
+fn open_grounder(a: &AskArgs) -> anyhow::Result<ground::Grounder> {
+    let settings = Settings {
+        passages: a.passages,
+        style: a.docs_style,
+        ..Settings::default()
+    };
+    open_grounder_at(a.index.clone(), a.embedder.clone(), a.threads, settings)
+}
+
+/// The sources after the answer, and the best passage's sentence nearest the question: a small
+/// model often phrases an answer without the fact, so the technician reads it from the manual.
+fn print_sources(sources: &[Source], key: &str, json_lines: bool) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if json_lines {
+        writeln!(
+            out,
+            "{}",
+            json!({ "sources": sources, "key_sentence": key })
+        )?;
+    } else {
+        if !key.is_empty() {
+            writeln!(out, "From [1]: \"{key}\"")?;
+        }
+        writeln!(out, "Sources:")?;
+        for s in sources {
+            writeln!(out, "{}", s.line())?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Generates the answer to `ids`, streamed to stdout (text, or JSON lines with log-probs).
+fn stream(
+    model: &std::sync::Arc<Model>,
+    ids: &[u32],
+    params: &GenerateParams,
+    json_lines: bool,
+) -> anyhow::Result<Outcome> {
+    let mut session = Session::new(model)?;
     let cancel = AtomicBool::new(false);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let json_lines = a.logprobs.is_some();
     let mut write_err = None;
-    let outcome = generate(&mut session, &ids, &params, &cancel, &mut |ev| {
+    let outcome = generate(&mut session, ids, params, &cancel, &mut |ev| {
         let r = match ev {
             Event::Token { id, text, logprobs } if json_lines => {
                 let (chosen, top) = logprobs.unwrap_or_else(|| {
@@ -189,18 +323,5 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     out.flush()?;
-    if a.stats {
-        let t = &outcome.timings;
-        eprintln!(
-            "load {:.0} ms | prompt {} tok {:.1} tok/s | first token {:.0} ms | {} tokens {:.1} tok/s | finish {:?}",
-            model.load_time.as_secs_f64() * 1e3,
-            outcome.prompt_tokens,
-            t.prompt_tok_s,
-            t.first_token_ms,
-            outcome.tokens.len(),
-            t.decode_tok_s,
-            outcome.finish
-        );
-    }
-    Ok(())
+    Ok(outcome)
 }

@@ -63,6 +63,22 @@ pub struct BenchArgs {
     /// With --perplexity: score at most this many chunks (0: all).
     #[arg(long, default_value_t = 0, requires = "perplexity")]
     chunks: usize,
+    /// Measure the document index instead, on this folder of documents: ingestion, search
+    /// latency, index size, RSS, and (with --docs-model) the time to first token it adds.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["service", "perplexity"])]
+    docs: Option<std::path::PathBuf>,
+    /// With --docs: index sizes to search, in chunks.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000], requires = "docs")]
+    docs_chunks: Vec<usize>,
+    /// With --docs: questions to search with (JSON lines with "q").
+    #[arg(long, value_name = "FILE", requires = "docs")]
+    docs_queries: Option<std::path::PathBuf>,
+    /// With --docs: the embedding model package [default: as `docs`].
+    #[arg(long, value_name = "DIR", requires = "docs")]
+    embedder: Option<std::path::PathBuf>,
+    /// With --docs: also measure the time to first token of grounded answers with the model.
+    #[arg(long, requires = "docs")]
+    docs_ttft: bool,
     /// With --perplexity: also run this model (the f32 package of the same GGUF) and report the
     /// mean KL divergence from it and how often both pick the same top token.
     #[arg(long, value_name = "F32_MODEL", requires = "perplexity")]
@@ -116,6 +132,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             threads: a.threads.first().copied().unwrap_or(1),
         };
         return super::bench_service::run(b, &a.model.dir(), a.json);
+    }
+    if let Some(dir) = &a.docs {
+        let b = super::bench_docs::DocsBench {
+            dir: dir.clone(),
+            threads: if a.threads.is_empty() {
+                vec![1, 2]
+            } else {
+                a.threads.clone()
+            },
+            sizes: a.docs_chunks.clone(),
+            queries: a.docs_queries.clone(),
+            embedder: fieldllmd::paths::default_embedder_dir(a.embedder.clone()),
+            model: a.docs_ttft.then(|| a.model.dir()),
+        };
+        return super::bench_docs::run(b, a.json);
     }
     if let Some(text) = &a.perplexity {
         let q = super::bench_quality::QualityBench {

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use fieldllm_engine::embed::Embedder;
 use fieldllmd::docs::chunk::Limits;
 use fieldllmd::docs::embedder_id;
+use fieldllmd::docs::ground::Style;
 use fieldllmd::docs::index::{DocIndex, Mode};
 use fieldllmd::docs::ingest::{self, Outcome};
 
@@ -53,9 +54,23 @@ enum DocsCommand {
     Eval {
         /// The question set.
         questions: PathBuf,
-        /// One JSON object per mode.
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Also generate grounded answers and check each states its question's `fact`.
+        #[arg(long)]
+        answers: bool,
+        #[command(flatten)]
+        model: super::ModelArg,
+        /// With --answers: prompt styles to compare.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Style::Passages, Style::PassagesBestLast, Style::KeySentence])]
+        styles: Vec<Style>,
+        /// With --answers: passage counts to compare.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 3])]
+        passages: Vec<usize>,
+        /// With --answers: most tokens per answer.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
     },
     /// The passages that best match a question.
     Search {
@@ -89,7 +104,44 @@ pub fn run(args: DocsArgs) -> anyhow::Result<()> {
         DocsCommand::Add { paths } => add(&index, &embedder()?, &paths),
         DocsCommand::List { json } => list(&index, json),
         DocsCommand::Remove { names } => remove(&index, &names),
-        DocsCommand::Eval { questions, json } => eval(&index, &embedder()?, &questions, json),
+        DocsCommand::Eval {
+            questions,
+            json,
+            answers,
+            model,
+            styles,
+            passages,
+            max_tokens,
+        } => {
+            let questions = read_questions(&questions)?;
+            eval(&index, &embedder()?, &questions, json)?;
+            if answers {
+                let settings = fieldllmd::docs::ground::Settings {
+                    passages: passages.iter().copied().max().unwrap_or(3),
+                    ..Default::default()
+                };
+                let grounder = super::ask::open_grounder_at(
+                    Some(dir.clone()),
+                    args.embedder.clone(),
+                    args.threads,
+                    settings,
+                )?;
+                let m = fieldllm_engine::Model::load(
+                    &model.dir(),
+                    &fieldllm_engine::LoadOptions {
+                        verify: true,
+                        threads: args.threads,
+                    },
+                )?;
+                let rows = super::docs_answers::run(
+                    &m, &grounder, &questions, &styles, &passages, max_tokens,
+                )?;
+                for r in rows {
+                    println!("{}", serde_json::to_string(&r)?);
+                }
+            }
+            Ok(())
+        }
         DocsCommand::Search {
             k,
             json,
@@ -211,17 +263,22 @@ fn search(
     Ok(())
 }
 
+fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<fieldllmd::docs::eval::Question>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let questions = fieldllmd::docs::eval::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    anyhow::ensure!(!questions.is_empty(), "{}: no questions", path.display());
+    Ok(questions)
+}
+
 fn eval(
     index: &DocIndex,
     embedder: &Embedder,
-    path: &std::path::Path,
+    questions: &[fieldllmd::docs::eval::Question],
     json: bool,
 ) -> anyhow::Result<()> {
     use fieldllmd::docs::eval;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let questions = eval::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    anyhow::ensure!(!questions.is_empty(), "{}: no questions", path.display());
     let texts: Vec<&str> = questions.iter().map(|q| q.q.as_str()).collect();
     let vectors = embedder.embed(&texts)?;
     for mode in [Mode::Bm25, Mode::Vector, Mode::Hybrid] {

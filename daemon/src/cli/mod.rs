@@ -2,9 +2,11 @@
 
 mod ask;
 mod bench;
+mod bench_docs;
 mod bench_quality;
 mod bench_service;
 mod docs;
+mod docs_answers;
 mod model;
 mod serve;
 mod thermal;

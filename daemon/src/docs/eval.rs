@@ -21,6 +21,9 @@ pub struct Question {
     pub doc: String,
     /// Part of the answering chunk's section path ("5.1 Pump noise").
     pub section: String,
+    /// A fact a right answer states ("230 bar"), for measuring grounded answers.
+    #[serde(default)]
+    pub fact: Option<String>,
 }
 
 impl Question {
@@ -33,6 +36,18 @@ impl Question {
     pub fn rank(&self, hits: &[Hit]) -> Option<usize> {
         hits.iter().position(|h| self.answered_by(h)).map(|i| i + 1)
     }
+}
+
+/// Whether `text` states `fact`: case and white space ignored ("hand\nprimer" states "hand
+/// primer").
+pub fn states(text: &str, fact: &str) -> bool {
+    let norm = |s: &str| {
+        s.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    norm(text).contains(&norm(fact))
 }
 
 /// Reads a question set; a bad line is an error naming its number.

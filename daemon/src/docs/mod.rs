@@ -8,6 +8,7 @@
 
 pub mod chunk;
 pub mod eval;
+pub mod ground;
 pub mod index;
 pub mod ingest;
 pub mod read;
