@@ -58,13 +58,13 @@ fn embeddings_match_numpy_alone_and_in_a_batch() {
     let r = reference();
     let e = Embedder::load(&model_dir("all-minilm-l6-v2"), 2).unwrap();
     assert_eq!(e.dimensions(), 384);
-    // the tokenizer gives HF tokenizers' ids (Python, same tokenizer.json), truncated at 256
+    // the tokenizer gives HF tokenizers' ids (Python, same tokenizer.json), truncated at 128
     for (t, ids) in r.texts.iter().zip(&r.ids) {
         assert_eq!(&e.token_ids(t).unwrap(), ids, "{t}");
     }
     assert_eq!(
         r.ids.last().unwrap().len(),
-        256,
+        128,
         "the long text is truncated"
     );
 

@@ -20,7 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 from .package import MANIFEST_VERSION, _toml_str, sha256_file
 
 OPSET = 18
-MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+# all-MiniLM-L6-v2 was trained on 128-token sequences (its model card); sentence-transformers
+# runs it to 256. Measured on tests/corpus: 128 embeds a 1000-character chunk 1.4x faster (24.5
+# against 17.6 chunks/s at 2 threads) with the same retrieval (fused hit@3 1.000, MRR 0.933 at
+# both; vectors alone MRR 0.885 against 0.889): the rest of a chunk is still found by BM25.
+MAX_TOKENS = 128
 DTYPES = {"F32": np.float32, "I64": np.int64}
 
 # texts the reference embeds: short, long (truncated at MAX_TOKENS), odd characters
