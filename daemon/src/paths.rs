@@ -15,33 +15,34 @@ pub const DEV_EMBEDDER_DIR: &str = "models/build/all-minilm-l6-v2";
 /// The embedding model to use: `explicit`, else `$FIELDLLM_EMBEDDER`, else the installed one,
 /// else a source checkout's (relative to the current directory).
 pub fn default_embedder_dir(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p;
-    }
-    if let Some(p) = std::env::var_os("FIELDLLM_EMBEDDER").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let system = PathBuf::from(SYSTEM_EMBEDDER_DIR);
-    if system.join("manifest.toml").exists() {
-        return system;
-    }
-    PathBuf::from(DEV_EMBEDDER_DIR)
+    package_dir(
+        explicit,
+        "FIELDLLM_EMBEDDER",
+        SYSTEM_EMBEDDER_DIR,
+        DEV_EMBEDDER_DIR,
+    )
 }
 
 /// The model directory to use: `explicit`, else `$FIELDLLM_MODEL`, else the installed model,
 /// else the artifact of a source checkout (relative to the current directory).
 pub fn default_model_dir(explicit: Option<PathBuf>) -> PathBuf {
+    package_dir(explicit, "FIELDLLM_MODEL", SYSTEM_MODEL_DIR, DEV_MODEL_DIR)
+}
+
+/// `explicit`, else the variable `env` when set, else `system` when a package is installed
+/// there, else `dev`.
+fn package_dir(explicit: Option<PathBuf>, env: &str, system: &str, dev: &str) -> PathBuf {
     if let Some(p) = explicit {
         return p;
     }
-    if let Some(p) = std::env::var_os("FIELDLLM_MODEL").filter(|p| !p.is_empty()) {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let system = PathBuf::from(SYSTEM_MODEL_DIR);
+    let system = PathBuf::from(system);
     if system.join("manifest.toml").exists() {
         return system;
     }
-    PathBuf::from(DEV_MODEL_DIR)
+    PathBuf::from(dev)
 }
 
 /// The document index's directory when the service's state directory is not known.

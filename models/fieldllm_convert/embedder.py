@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .package import MANIFEST_VERSION, _toml_str, sha256_file
+from .package import MANIFEST_VERSION, _toml_str, source_lines, write_manifest
 
 OPSET = 18
 # all-MiniLM-L6-v2 was trained on 128-token sequences (its model card); sentence-transformers
@@ -224,19 +224,14 @@ def write_embedder(model_dir: str, out_dir: str, name: str, source: dict, refere
         'pooling = "mean"',
         "normalize = true",
         'license = "apache-2.0"',
-        "",
-        "[source]",
-    ] + [f"{k} = {_toml_str(str(v))}" for k, v in source.items()] + [
+    ] + source_lines(source) + [
         "",
         "[graph]",
         'format = "onnx"',
         'file = "model.onnx"',
         'weights = "f32"',
-        "",
-        "[files]",
-    ] + [f"{_toml_str(fn)} = {_toml_str(sha256_file(os.path.join(out_dir, fn)))}" for fn in files]
-    with open(os.path.join(out_dir, "manifest.toml"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    ]
+    write_manifest(out_dir, lines, files)
     if reference:
         write_embedder_reference(m, os.path.join(out_dir, "tokenizer.json"), reference)
 

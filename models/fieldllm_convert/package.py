@@ -26,6 +26,19 @@ def _toml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
+def source_lines(source: dict) -> list[str]:
+    """The manifest's `[source]` table: where the weights came from."""
+    return ["", "[source]"] + [f"{k} = {_toml_str(str(v))}" for k, v in source.items()]
+
+
+def write_manifest(out_dir: str, lines: list[str], files: list[str]) -> None:
+    """manifest.toml: `lines`, then `[files]` with the sha256 of each of `files`."""
+    lines = lines + ["", "[files]"] + [
+        f"{_toml_str(fn)} = {_toml_str(sha256_file(os.path.join(out_dir, fn)))}" for fn in files]
+    with open(os.path.join(out_dir, "manifest.toml"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write_package(out_dir: str, weights: LlamaWeights, tokenizer: dict, chat_template: str, *,
                   name: str, bos: int, eos: list[int], license: str, source: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
@@ -59,9 +72,7 @@ def write_package(out_dir: str, weights: LlamaWeights, tokenizer: dict, chat_tem
         f"kv_heads = {cfg.n_kv_heads}",
         f"rope_base = {cfg.rope_base}",
         f"rms_eps = {cfg.rms_eps}",
-        "",
-        "[source]",
-    ] + [f"{k} = {_toml_str(str(v))}" for k, v in source.items()] + [
+    ] + source_lines(source) + [
         "",
         "[tokens]",
         f"bos = {bos}",
@@ -74,11 +85,8 @@ def write_package(out_dir: str, weights: LlamaWeights, tokenizer: dict, chat_tem
         "",
         "[chat]",
         'template = "chat_template.jinja"',
-        "",
-        "[files]",
-    ] + [f"{_toml_str(fn)} = {_toml_str(sha256_file(os.path.join(out_dir, fn)))}" for fn in files]
-    with open(os.path.join(out_dir, "manifest.toml"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    ]
+    write_manifest(out_dir, lines, files)
 
 
 BLOCKS_BIN = "gguf_blocks.bin"

@@ -426,84 +426,80 @@ fn an_index_made_by_another_embedding_model_is_refused_naming_both() {
     assert_eq!(hits[0]["doc"], "a.md");
 }
 
-/// `ask --docs`: the answer, then the passages it was given, by document and section; a
+/// `fieldllmd ask --docs --model (the deployed SmolLM2) --index INDEX ARGS...`.
+fn ask_docs(index: &Path, args: &[&str]) -> std::process::Output {
+    let model = fieldllm_tests::model_dir("smollm2-135m-instruct.gguf");
+    let mut all = vec![
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--docs",
+        "--index",
+        index.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// `ask --docs`: the answer, then the passage it was given, by document and section; a
 /// question the documents do not cover is said to be so, with nothing made up.
 #[test]
 fn ask_with_docs_cites_its_sources_and_admits_what_is_not_covered() {
     let files = corpus();
     let index = tempfile::tempdir().unwrap();
-    let idx = index.path().to_str().unwrap();
     ok(&docs(
         index.path(),
         &["add", files.path().to_str().unwrap()],
     ));
-    let model = fieldllm_tests::model_dir("smollm2-135m-instruct.gguf");
-    let model = model.to_str().unwrap();
 
-    let o = run(&[
-        "ask",
-        "--model",
-        model,
-        "--docs",
-        "--index",
-        idx,
-        "--max-tokens",
-        "48",
-        "What is the setting of the main relief valve?",
-    ]);
-    let out = ok(&o);
+    let q = "What is the setting of the main relief valve?";
+    let out = ok(&ask_docs(index.path(), &["--max-tokens", "48", q]));
     let (answer, sources) = out.split_once("Sources:\n").expect("a Sources: block");
     assert!(!answer.trim().is_empty(), "{out}");
+    // the manual's own sentence is shown with the answer, whatever the model made of it
+    let key = answer
+        .split_once("From [1]: \"")
+        .expect("the key sentence")
+        .1;
+    let key = key.trim_end().trim_end_matches('"');
+    let passage = json_lines(&ok(&docs(
+        index.path(),
+        &["search", "--json", "--k", "1", q],
+    )));
+    let passage = passage[0]["text"].as_str().unwrap().replace('\n', " ");
+    assert!(passage.contains(key), "{out}");
     let lines: Vec<&str> = sources.lines().collect();
     assert_eq!(
-        lines[0], "[1] hpu-220-service-manual.md §4.1 Main relief valve RV-1",
+        lines,
+        ["[1] hpu-220-service-manual.md §4.1 Main relief valve RV-1"],
         "{out}"
     );
-    assert!(lines.len() <= 3, "{out}");
-    // the PDF's sources carry their page
-    let o = run(&[
-        "ask",
-        "--model",
-        model,
-        "--docs",
-        "--index",
-        idx,
+
+    // the PDF's sources carry their page; --passages puts more of them in the prompt
+    let q = "Generator stopped with fault F12";
+    let args = [
         "--max-tokens",
         "24",
         "--logprobs",
         "1",
-        "Generator stopped with fault F12",
-    ]);
-    let out = ok(&o);
+        "--passages",
+        "2",
+        q,
+    ];
+    let out = ok(&ask_docs(index.path(), &args));
     let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let first = &last["sources"][0];
     assert_eq!(first["doc"], "gen-15-generator-manual.pdf", "{last}");
     assert_eq!(first["page"], 3, "{last}");
     assert!(first["text"].as_str().unwrap().contains("F12"), "{last}");
+    assert_eq!(last["sources"].as_array().unwrap().len(), 2, "{last}");
 
-    let o = run(&[
-        "ask",
-        "--model",
-        model,
-        "--docs",
-        "--index",
-        idx,
-        "What is the capital of France?",
-    ]);
-    let out = ok(&o);
+    let out = ok(&ask_docs(index.path(), &["What is the capital of France?"]));
     assert!(out.contains("do not cover this question"), "{out}");
     assert!(!out.contains("Sources:") && !out.contains("Paris"), "{out}");
 
     // an empty index is an error that says what to do
     let empty = tempfile::tempdir().unwrap();
-    let o = run(&[
-        "ask",
-        "--model",
-        model,
-        "--docs",
-        "--index",
-        empty.path().to_str().unwrap(),
-        "Oil grade?",
-    ]);
+    let o = ask_docs(empty.path(), &["Oil grade?"]);
     assert_clean_failure(&o, &["holds no documents", "fieldllmd docs add"]);
 }

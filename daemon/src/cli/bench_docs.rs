@@ -158,13 +158,14 @@ pub fn run(b: DocsBench, json: bool) -> anyhow::Result<()> {
     );
     for r in &search_rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} |",
             r.chunks,
             r.queries,
             r.p50_ms,
             r.p99_ms,
             r.index_only_p50_ms,
             r.index_only_p99_ms,
+            r.cold_ms,
             r.index_mb,
             r.rss_added_mb
         );

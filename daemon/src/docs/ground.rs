@@ -176,9 +176,17 @@ fn starts_item(line: &str) -> bool {
     line.starts_with(['-', '*', '|']) || (digits > 0 && line[digits..].starts_with(['.', ')']))
 }
 
+/// Whether the `.` that ends `cur` is not a sentence's end: a list item's number ("2.") or an
+/// abbreviation manuals use ("part no.", "e.g.", "approx.").
 fn is_item_number(cur: &str) -> bool {
+    const ABBREVIATIONS: [&str; 8] = ["no", "nos", "e.g", "i.e", "approx", "fig", "min", "max"];
     let t = cur.trim().trim_end_matches('.');
-    !t.is_empty() && t.chars().all(|c| c.is_ascii_digit())
+    let last = t
+        .rsplit(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .unwrap_or("");
+    (!t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
+        || ABBREVIATIONS.contains(&last.to_ascii_lowercase().as_str())
 }
 
 fn push_sentence(out: &mut Vec<String>, cur: &mut String) {
@@ -425,7 +433,7 @@ mod tests {
 
     #[test]
     fn sentences_split_on_stops_and_list_items() {
-        let t = "Check first, in this order:\n1. the oil level at LG-1;\n2. the strainer.\nRV-1 is set to 230 bar. Never above 235 bar.";
+        let t = "Check first, in this order:\n1. the oil level at LG-1;\n2. the strainer.\nRV-1 is set to 230 bar. Never above 235 bar. Replace the cartridge (part no. 220-0630).";
         assert_eq!(
             sentences(t),
             [
@@ -433,7 +441,8 @@ mod tests {
                 "1. the oil level at LG-1;",
                 "2. the strainer.",
                 "RV-1 is set to 230 bar.",
-                "Never above 235 bar."
+                "Never above 235 bar.",
+                "Replace the cartridge (part no. 220-0630)."
             ]
         );
     }
