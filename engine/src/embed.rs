@@ -16,7 +16,7 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::InferenceModelExt;
 
 use super::EngineError;
-use super::package::{GraphFormat, MANIFEST, WeightFormat, verify_files};
+use super::package::{GraphFormat, MANIFEST, WeightFormat, read_manifest, verify_files};
 
 /// Texts run through the network at once: enough to fill the products, few enough that a
 /// batch's padding (to its longest text) stays small.
@@ -242,16 +242,11 @@ pub fn normalize(v: &mut [f32]) {
 
 /// Reads and checks `DIR/manifest.toml` of an embedding package (no hashing).
 pub fn open_manifest(dir: &Path) -> Result<EmbedManifest, EngineError> {
-    let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let m: EmbedManifest = read_manifest(dir)?;
     let bad = |message: String| EngineError::Manifest {
-        path: path.clone(),
+        path: dir.join(MANIFEST),
         message,
     };
-    let m: EmbedManifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
     if m.model.pooling != "mean" {
         return Err(bad(format!(
             "pooling {:?} is not supported (mean is)",

@@ -169,15 +169,7 @@ pub struct Package {
 impl Package {
     /// Reads and parses `DIR/manifest.toml` (no hashing: see [`Package::verify`]).
     pub fn open(dir: &Path) -> Result<Package, EngineError> {
-        let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let manifest: Manifest = toml::from_str(&text).map_err(|e| EngineError::Manifest {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let manifest: Manifest = read_manifest(dir)?;
         let package = Package {
             dir: dir.to_path_buf(),
             manifest,
@@ -206,11 +198,7 @@ impl Package {
             }
         }
         for f in m.files.keys() {
-            let p = Path::new(f);
-            if p.is_absolute()
-                || p.components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
+            if outside_package(f) {
                 return Err(bad(format!("file {f:?} lies outside the package")));
             }
         }
@@ -249,15 +237,32 @@ impl Package {
     }
 }
 
+/// `DIR/manifest.toml` parsed as `T` (an LLM's [`Manifest`], an embedding model's, ...).
+pub(crate) fn read_manifest<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, EngineError> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| EngineError::Manifest {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Whether a manifest's file path leaves its package (absolute, or through `..`).
+fn outside_package(rel: &str) -> bool {
+    let p = Path::new(rel);
+    p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
 /// Checks each file of `files` (relative path -> sha256) under `dir`; the error names the first
 /// bad file. A path that leaves `dir` is refused before anything is read.
 pub fn verify_files(dir: &Path, files: &BTreeMap<String, String>) -> Result<(), EngineError> {
     for (rel, want) in files {
-        let p = Path::new(rel);
-        if p.is_absolute()
-            || p.components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
+        if outside_package(rel) {
             return Err(EngineError::Manifest {
                 path: dir.join(MANIFEST),
                 message: format!("file {rel:?} lies outside the package"),

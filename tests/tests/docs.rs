@@ -31,6 +31,17 @@ fn corpus() -> tempfile::TempDir {
     dir
 }
 
+/// An index of [`corpus`], made by `docs add`.
+fn indexed_corpus() -> tempfile::TempDir {
+    let files = corpus();
+    let index = tempfile::tempdir().unwrap();
+    ok(&docs(
+        index.path(),
+        &["add", files.path().to_str().unwrap()],
+    ));
+    index
+}
+
 fn docs(index: &Path, args: &[&str]) -> std::process::Output {
     let index = index.to_str().unwrap();
     let mut all = vec!["docs", "--index", index];
@@ -172,12 +183,7 @@ fn a_folder_is_indexed_searched_re_added_and_removed() {
 /// at least 90 % of them. The three rankings' figures are printed (`--nocapture`) for the note.
 #[test]
 fn retrieval_finds_the_answer_in_the_top_three() {
-    let files = corpus();
-    let index = tempfile::tempdir().unwrap();
-    ok(&docs(
-        index.path(),
-        &["add", files.path().to_str().unwrap()],
-    ));
+    let index = indexed_corpus();
     let questions = repo_root().join("tests/corpus/questions.jsonl");
     let out = ok(&docs(
         index.path(),
@@ -445,12 +451,7 @@ fn ask_docs(index: &Path, args: &[&str]) -> std::process::Output {
 /// question the documents do not cover is said to be so, with nothing made up.
 #[test]
 fn ask_with_docs_cites_its_sources_and_admits_what_is_not_covered() {
-    let files = corpus();
-    let index = tempfile::tempdir().unwrap();
-    ok(&docs(
-        index.path(),
-        &["add", files.path().to_str().unwrap()],
-    ));
+    let index = indexed_corpus();
 
     let q = "What is the setting of the main relief valve?";
     let out = ok(&ask_docs(index.path(), &["--max-tokens", "48", q]));

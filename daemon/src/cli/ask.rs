@@ -217,13 +217,13 @@ fn load_model(a: &AskArgs) -> anyhow::Result<std::sync::Arc<Model>> {
 }
 
 /// The document index and embedding model `--docs` answers from.
-pub fn open_grounder_at(
-    index: Option<PathBuf>,
-    embedder: Option<PathBuf>,
-    threads: usize,
-    settings: Settings,
-) -> anyhow::Result<ground::Grounder> {
-    let index_dir = fieldllmd::paths::default_docs_index(index);
+fn open_grounder(a: &AskArgs) -> anyhow::Result<ground::Grounder> {
+    let settings = Settings {
+        passages: a.passages,
+        style: a.docs_style,
+        ..Settings::default()
+    };
+    let index_dir = fieldllmd::paths::default_docs_index(a.index.clone());
     let idx = fieldllmd::docs::index::DocIndex::open(&index_dir)?;
     if idx.list()?.is_empty() {
         anyhow::bail!(
@@ -231,19 +231,10 @@ pub fn open_grounder_at(
             index_dir.display()
         );
     }
-    let dir = fieldllmd::paths::default_embedder_dir(embedder);
-    let e = fieldllm_engine::embed::Embedder::load(&dir, threads)
+    let dir = fieldllmd::paths::default_embedder_dir(a.embedder.clone());
+    let e = fieldllm_engine::embed::Embedder::load(&dir, a.threads)
         .with_context(|| format!("loading the embedding model {}", dir.display()))?;
     Ok(ground::Grounder::new(idx, e, settings)?)
-}
-
-fn open_grounder(a: &AskArgs) -> anyhow::Result<ground::Grounder> {
-    let settings = Settings {
-        passages: a.passages,
-        style: a.docs_style,
-        ..Settings::default()
-    };
-    open_grounder_at(a.index.clone(), a.embedder.clone(), a.threads, settings)
 }
 
 /// The sources after the answer, and the best passage's sentence nearest the question: a small

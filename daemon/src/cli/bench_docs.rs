@@ -12,12 +12,12 @@ use std::time::Instant;
 use anyhow::Context as _;
 use fieldllm_engine::embed::Embedder;
 use fieldllm_engine::{GenerateParams, LoadOptions, Model, Session, generate};
-use fieldllmd::docs::chunk::{Chunk, Limits, Splitter};
+use fieldllmd::docs::chunk::{Chunk, Limits};
 use fieldllmd::docs::ground::{self, Grounder, Grounding, Settings};
 use fieldllmd::docs::index::{DocIndex, Mode};
 use fieldllmd::docs::ingest;
-use fieldllmd::docs::read::{self, Kind};
-use fieldllmd::docs::{embedder_id, embedding_text};
+use fieldllmd::docs::read;
+use fieldllmd::docs::{embed_chunks, embedder_id};
 use fieldllmd::rss::rss_bytes;
 use serde::Serialize;
 
@@ -74,6 +74,8 @@ struct TtftRow {
 pub fn run(b: DocsBench, json: bool) -> anyhow::Result<()> {
     let rss_start = rss_bytes().unwrap_or(0);
     let mut ingest_rows = Vec::new();
+    // the last one's index (and the folder it lives in) serves the time-to-first-token row
+    let mut ingested = None;
     for &t in &b.threads {
         let e = Embedder::load(&b.embedder, t)?;
         let dir = tempfile::tempdir()?;
@@ -94,6 +96,7 @@ pub fn run(b: DocsBench, json: bool) -> anyhow::Result<()> {
             seconds,
             chunks_per_s: s.chunks as f64 / seconds,
         });
+        ingested = Some((dir, index));
     }
     let threads = b.threads.iter().copied().max().unwrap_or(2);
     let embedder = Embedder::load(&b.embedder, threads)?;
@@ -135,9 +138,9 @@ pub fn run(b: DocsBench, json: bool) -> anyhow::Result<()> {
         });
     }
     let embedder_rss_mb = rss_bytes().unwrap_or(0).saturating_sub(rss_start) as f64 / 1e6;
-    let ttft = match &b.model {
-        Some(m) => Some(ttft(m, &b, embedder, &queries, threads)?),
-        None => None,
+    let ttft = match (&b.model, ingested) {
+        (Some(m), Some((_dir, index))) => Some(ttft(m, index, embedder, &queries, threads)?),
+        _ => None,
     };
     if json {
         println!(
@@ -209,15 +212,9 @@ fn corpus_chunks(dir: &Path, e: &Embedder) -> anyhow::Result<(Vec<Chunk>, Vec<Ve
     for item in ingest::collect(&[dir.to_path_buf()]) {
         let Ok((path, kind)) = item else { continue };
         let doc = read::read(&path, kind)?;
-        let mut s = Splitter::new(kind.format(), Limits::default());
-        let paged = kind == Kind::Pdf;
-        for (i, p) in doc.pages.iter().enumerate() {
-            s.page(p, paged.then_some(i as u32 + 1));
-        }
-        chunks.extend(s.finish());
+        chunks.extend(ingest::chunks_of(&doc, kind, Limits::default()));
     }
-    let texts: Vec<String> = chunks.iter().map(embedding_text).collect();
-    let vectors = e.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let vectors = embed_chunks(e, &chunks)?;
     Ok((chunks, vectors))
 }
 
@@ -254,7 +251,7 @@ fn build(
 
 fn ttft(
     model: &Path,
-    b: &DocsBench,
+    index: DocIndex,
     e: Embedder,
     queries: &[String],
     threads: usize,
@@ -265,15 +262,6 @@ fn ttft(
             verify: true,
             threads,
         },
-    )?;
-    let dir = tempfile::tempdir()?;
-    let index = DocIndex::open(dir.path())?;
-    ingest::add(
-        &index,
-        &e,
-        std::slice::from_ref(&b.dir),
-        Limits::default(),
-        |_| {},
     )?;
     let grounder = Grounder::new(index, e, Settings::default())?;
     let params = GenerateParams {

@@ -114,18 +114,14 @@ pub fn run(args: DocsArgs) -> anyhow::Result<()> {
             max_tokens,
         } => {
             let questions = read_questions(&questions)?;
-            eval(&index, &embedder()?, &questions, json)?;
+            let e = embedder()?;
+            eval(&index, &e, &questions, json)?;
             if answers {
                 let settings = fieldllmd::docs::ground::Settings {
                     passages: passages.iter().copied().max().unwrap_or(3),
                     ..Default::default()
                 };
-                let grounder = super::ask::open_grounder_at(
-                    Some(dir.clone()),
-                    args.embedder.clone(),
-                    args.threads,
-                    settings,
-                )?;
+                let grounder = fieldllmd::docs::ground::Grounder::new(index, e, settings)?;
                 let m = fieldllm_engine::Model::load(
                     &model.dir(),
                     &fieldllm_engine::LoadOptions {

@@ -573,13 +573,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::docs::chunk::{Format, Limits, Splitter};
-    use crate::docs::{embedder_id, embedding_text, testing};
+    use crate::docs::{embed_chunks, embedder_id, testing};
 
     fn chunks(text: &str) -> (Vec<Chunk>, Vec<Vec<f32>>) {
         let c = Splitter::split(Format::Markdown, Limits::default(), text);
-        let texts: Vec<String> = c.iter().map(embedding_text).collect();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let v = testing::embedder().embed(&refs).unwrap();
+        let v = embed_chunks(testing::embedder(), &c).unwrap();
         (c, v)
     }
 

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use fieldllm_engine::embed::Embedder;
 
-use super::chunk::{Limits, Splitter};
+use super::chunk::{Chunk, Limits, Splitter};
 use super::index::{DocIndex, DocWriter, IndexError};
-use super::read::{self, Kind, ReadError};
-use super::{embedder_id, embedding_text};
+use super::read::{self, Document, Kind, ReadError};
+use super::{embed_chunks, embedder_id};
 
 /// What happened to one file.
 #[derive(Debug)]
@@ -214,18 +214,11 @@ fn one(
     if before.as_deref() == Some(doc.sha256.as_str()) {
         return Ok(Outcome::Unchanged { name });
     }
-    let mut s = Splitter::new(kind.format(), limits);
-    let paged = doc.pages.len() > 1 || kind == Kind::Pdf;
-    for (i, page) in doc.pages.iter().enumerate() {
-        s.page(page, paged.then_some(i as u32 + 1));
-    }
-    let chunks = s.finish();
+    let chunks = chunks_of(&doc, kind, limits);
     if chunks.is_empty() {
         return Ok(failed(path, &ReadError::Empty.to_string()));
     }
-    let texts: Vec<String> = chunks.iter().map(embedding_text).collect();
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let vectors = embedder.embed(&refs).map_err(|source| AddError::Embed {
+    let vectors = embed_chunks(embedder, &chunks).map_err(|source| AddError::Embed {
         name: name.clone(),
         source,
     })?;
@@ -235,6 +228,17 @@ fn one(
         None => Outcome::Added { name, chunks: n },
         Some(_) => Outcome::Replaced { name, chunks: n },
     })
+}
+
+/// A document's chunks: its pages split along their structure, numbered when it has pages
+/// (a PDF, or more than one).
+pub fn chunks_of(doc: &Document, kind: Kind, limits: Limits) -> Vec<Chunk> {
+    let mut s = Splitter::new(kind.format(), limits);
+    let paged = doc.pages.len() > 1 || kind == Kind::Pdf;
+    for (i, page) in doc.pages.iter().enumerate() {
+        s.page(page, paged.then_some(i as u32 + 1));
+    }
+    s.finish()
 }
 
 #[cfg(test)]

@@ -38,6 +38,15 @@ pub fn embedding_text(c: &Chunk) -> String {
     }
 }
 
+/// Each chunk's embedding, in order (embedded as [`embedding_text`] says).
+pub fn embed_chunks(
+    e: &Embedder,
+    chunks: &[Chunk],
+) -> Result<Vec<Vec<f32>>, fieldllm_engine::EngineError> {
+    let texts: Vec<String> = chunks.iter().map(embedding_text).collect();
+    e.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use std::sync::OnceLock;
