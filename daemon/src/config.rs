@@ -24,6 +24,56 @@ pub struct Config {
     pub serial: Vec<SerialSection>,
     /// `[bridge]`.
     pub bridge: BridgeSection,
+    /// `[docs]`.
+    pub docs: DocsSection,
+}
+
+/// `[docs]`: the document library answers are grounded on (DESIGN.md section 10).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DocsSection {
+    /// Answer from the index when a request asks (`docs: true`) and at the console; false:
+    /// such requests are refused and the embedding model is never loaded.
+    pub enabled: bool,
+    /// Index directory (default: `docs` under the service's state directory, see
+    /// `paths::default_docs_index`).
+    pub index: Option<PathBuf>,
+    /// Embedding model package (default: see `paths::default_embedder_dir`).
+    pub embedder: Option<PathBuf>,
+    /// Passages put in the prompt, at most.
+    #[serde(deserialize_with = "positive")]
+    pub passages: usize,
+    /// Cosine similarity the best passage must reach, 0..1; below it the answer is
+    /// `not_covered`.
+    #[serde(deserialize_with = "unit_interval")]
+    pub min_similarity: f32,
+    /// How the passages are put to the model.
+    pub style: crate::docs::ground::Style,
+}
+
+impl Default for DocsSection {
+    fn default() -> Self {
+        let g = crate::docs::ground::Settings::default();
+        DocsSection {
+            enabled: true,
+            index: None,
+            embedder: None,
+            passages: g.passages,
+            min_similarity: g.min_similarity,
+            style: g.style,
+        }
+    }
+}
+
+impl DocsSection {
+    /// The grounding settings it sets.
+    pub fn settings(&self) -> crate::docs::ground::Settings {
+        crate::docs::ground::Settings {
+            passages: self.passages,
+            min_similarity: self.min_similarity,
+            style: self.style,
+        }
+    }
 }
 
 /// `[model]`.
@@ -331,6 +381,16 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let v = usize::deserialize(d)?;
     if v == 0 {
         return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(v)
+}
+
+fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let v = f32::deserialize(d)?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "must be between 0 and 1, got {v}"
+        )));
     }
     Ok(v)
 }

@@ -13,6 +13,8 @@ use fieldllm_engine::chat::Message;
 use fieldllm_engine::generate::MAX_LOGPROBS;
 use fieldllm_engine::{EngineError, GenerateParams, SamplingParams};
 
+use crate::docs::ground::{self, Citations, Grounding};
+use crate::docs::library::{Library, LibraryError};
 use crate::proto::{Request, v1};
 use crate::scheduler::{Code, Conversation, Engine, Job, Priority, Transport};
 
@@ -122,11 +124,33 @@ struct Checked {
     priority: Priority,
 }
 
-/// Turns requests into jobs: the limits and the model's prompt rules.
+/// Turns requests into jobs: the limits, the model's prompt rules, and the document library
+/// grounded requests are answered from.
 #[derive(Clone)]
 pub struct Intake {
     limits: Limits,
     engine: Arc<dyn Engine>,
+    library: Option<Arc<Library>>,
+}
+
+/// Whether `req` asks to be answered from the document library (`docs: true`).
+pub fn wants_docs(req: &Request) -> bool {
+    req.docs == Some(true)
+}
+
+/// The refusal of a prompt the engine cannot take.
+fn prompt_error(e: EngineError) -> Rejection {
+    match e {
+        EngineError::PromptTooLong { .. } => Rejection {
+            code: Code::TooLarge,
+            message: e.to_string(),
+        },
+        EngineError::Io { .. } | EngineError::Graph(_) => Rejection {
+            code: Code::ModelError,
+            message: e.to_string(),
+        },
+        e => bad(e.to_string()),
+    }
 }
 
 impl std::fmt::Debug for Intake {
@@ -140,7 +164,57 @@ impl std::fmt::Debug for Intake {
 impl Intake {
     /// Checks against `limits` and what `engine` can take.
     pub fn new(limits: Limits, engine: Arc<dyn Engine>) -> Intake {
-        Intake { limits, engine }
+        Intake {
+            limits,
+            engine,
+            library: None,
+        }
+    }
+
+    /// Requests with `docs: true` are answered from `library`.
+    pub fn with_library(mut self, library: Arc<Library>) -> Intake {
+        self.library = Some(library);
+        self
+    }
+
+    /// The document library, if this daemon serves one.
+    pub fn library(&self) -> Option<&Arc<Library>> {
+        self.library.as_ref()
+    }
+
+    /// The document search for a request that asks for it (see [`wants_docs`]): the request's
+    /// own rules are checked first, so a bad request costs no search; the search (an
+    /// embedding and the index, tens of ms) runs on tokio's blocking threads, never on a
+    /// worker. Pass the result to [`Intake::job`].
+    pub async fn ground(&self, req: &Request) -> Result<Grounding, Rejection> {
+        check_id(&req.id)?;
+        let messages = messages(req, &self.limits)?;
+        self.parameters(req)?;
+        let library = self.library.clone().ok_or_else(|| {
+            bad("this appliance does not answer from documents ([docs] enabled = false)")
+        })?;
+        let question = messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let started = Instant::now();
+        let found = tokio::task::spawn_blocking(move || library.ground(&question))
+            .await
+            .map_err(|e| Rejection {
+                code: Code::Internal,
+                message: format!("the document search failed: {e}"),
+            })?;
+        tracing::debug!(request_id = %req.id, ms = started.elapsed().as_secs_f64() * 1e3, "document search");
+        found.map_err(|e| match e {
+            LibraryError::NoIndex(_) => bad(e.to_string()),
+            e => {
+                tracing::warn!(request_id = %req.id, error = %e, "document search failed");
+                Rejection {
+                    code: Code::Internal,
+                    message: e.to_string(),
+                }
+            }
+        })
     }
 
     /// The limits requests are held to.
@@ -153,23 +227,32 @@ impl Intake {
         self.parameters(req).map(|_| ())
     }
 
-    /// A whole job from `req`, or why not. Tokenizes the prompt (bounded by
-    /// `max_prompt_bytes`, so a millisecond or two at most).
-    pub fn job(&self, req: Request, origin: Origin, received: Instant) -> Result<Job, Rejection> {
+    /// A whole job from `req`, or why not; `grounding` is [`Intake::ground`]'s result for a
+    /// request that asks for documents. Tokenizes the prompt (bounded by `max_prompt_bytes`
+    /// and the passages, so a few milliseconds at most).
+    pub fn job(
+        &self,
+        req: Request,
+        grounding: Option<Grounding>,
+        origin: Origin,
+        received: Instant,
+    ) -> Result<Job, Rejection> {
         check_id(&req.id)?;
         let messages = messages(&req, &self.limits)?;
         let checked = self.parameters(&req)?;
-        let prompt = self.engine.prompt(&messages).map_err(|e| match e {
-            EngineError::PromptTooLong { .. } => Rejection {
-                code: Code::TooLarge,
-                message: e.to_string(),
-            },
-            EngineError::Io { .. } | EngineError::Graph(_) => Rejection {
-                code: Code::ModelError,
-                message: e.to_string(),
-            },
-            e => bad(e.to_string()),
-        })?;
+        let (prompt, citations) = match (grounding, wants_docs(&req)) {
+            (Some(g), _) => {
+                let (prompt, c) = self.grounded(&messages, checked.params.max_tokens, g)?;
+                (prompt, Some(Arc::new(c)))
+            }
+            (None, true) => {
+                return Err(Rejection {
+                    code: Code::Internal,
+                    message: "the request asks for documents, but no document search ran".into(),
+                });
+            }
+            (None, false) => (self.engine.prompt(&messages).map_err(prompt_error)?, None),
+        };
         let context = self.engine.context_length();
         // the prompt must leave room for at least one generated token
         if prompt.len() >= context {
@@ -193,7 +276,74 @@ impl Intake {
             received,
             conversation: origin.conversation,
             transport: origin.transport,
+            citations,
         })
+    }
+
+    /// The prompt of a grounded question and what it cites: the passages that fit beside the
+    /// conversation and a reserve for the answer (passages trimmed, never the question).
+    fn grounded(
+        &self,
+        messages: &[Message],
+        max_tokens: usize,
+        grounding: Grounding,
+    ) -> Result<(Vec<u32>, Citations), Rejection> {
+        let (sources, key_sentence) = match grounding {
+            Grounding::Covered {
+                sources,
+                key_sentence,
+            } => (sources, key_sentence),
+            Grounding::NotCovered { best: None } => {
+                return Err(Rejection {
+                    code: Code::NotCovered,
+                    message: "the document index holds no documents yet".into(),
+                });
+            }
+            Grounding::NotCovered { .. } => {
+                return Err(Rejection {
+                    code: Code::NotCovered,
+                    message: ground::NOT_COVERED.into(),
+                });
+            }
+        };
+        let style = self
+            .library
+            .as_ref()
+            .map(|l| l.config().settings.style)
+            .unwrap_or(ground::Settings::default().style);
+        let (last, history) = messages
+            .split_last()
+            .ok_or_else(|| bad("prompt is empty"))?;
+        let question = &last.content;
+        let prompt_of = |sources: &[ground::Source]| {
+            let grounded = ground::messages(question, sources, &key_sentence, style);
+            self.engine
+                .prompt(&ground::with_history(history, &grounded))
+        };
+        // what the question cannot be sent as (special tokens, too long alone) is said first
+        prompt_of(&[]).map_err(prompt_error)?;
+        let context = self.engine.context_length();
+        let budget = context.saturating_sub(max_tokens.min(context / 2));
+        let count = |m: &[Message]| {
+            self.engine
+                .prompt(&ground::with_history(history, m))
+                .map_or(usize::MAX, |p| p.len())
+        };
+        let kept = ground::fit(question, &sources, &key_sentence, style, budget, &count)
+            .ok_or_else(|| Rejection {
+                code: Code::TooLarge,
+                message: format!(
+                    "the question leaves no room for the documents' passages and a {max_tokens}-token answer in the model's {context}-token context"
+                ),
+            })?;
+        let prompt = prompt_of(&kept).map_err(prompt_error)?;
+        Ok((
+            prompt,
+            Citations {
+                sources: kept,
+                key_sentence,
+            },
+        ))
     }
 
     fn parameters(&self, req: &Request) -> Result<Checked, Rejection> {
@@ -297,7 +447,7 @@ mod tests {
     }
 
     fn job(r: Request) -> Result<Job, Rejection> {
-        intake().job(r, Origin::new(Transport::Mqtt), Instant::now())
+        intake().job(r, None, Origin::new(Transport::Mqtt), Instant::now())
     }
 
     fn code(r: Request) -> Code {
@@ -355,7 +505,12 @@ mod tests {
             ..req("1", "q")
         };
         let from_mqtt = intake()
-            .job(r.clone(), Origin::new(Transport::Mqtt), Instant::now())
+            .job(
+                r.clone(),
+                None,
+                Origin::new(Transport::Mqtt),
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(
             (from_mqtt.priority, from_mqtt.transport),
@@ -365,7 +520,7 @@ mod tests {
         let origin = Origin::new(Transport::Console)
             .at(Priority::High)
             .in_conversation(conversation);
-        let from_console = intake().job(r, origin, Instant::now()).unwrap();
+        let from_console = intake().job(r, None, origin, Instant::now()).unwrap();
         assert_eq!(
             (from_console.priority, from_console.transport),
             (Priority::High, Transport::Console)
@@ -413,5 +568,113 @@ mod tests {
         })
         .unwrap();
         assert!(ok.deadline.is_some() && ok.stream && ok.params.max_tokens == 512);
+    }
+
+    fn covered(words: usize) -> Grounding {
+        Grounding::Covered {
+            sources: vec![ground::Source {
+                n: 1,
+                doc: "hpu-220.md".into(),
+                section: "4 Valves › 4.1 Main relief valve".into(),
+                page: None,
+                score: 0.03,
+                similarity: 0.6,
+                text: "The relief valve is set to 230 bar. ".repeat(words / 8),
+            }],
+            key_sentence: "The relief valve is set to 230 bar.".into(),
+        }
+    }
+
+    fn docs_req(id: &str, prompt: &str) -> Request {
+        Request {
+            docs: Some(true),
+            max_tokens: Some(64),
+            ..req(id, prompt)
+        }
+    }
+
+    fn grounded(r: Request, g: Grounding, context: usize) -> Result<Job, Rejection> {
+        let mut engine = ScriptedEngine::new(Gate::open());
+        engine.context = context;
+        Intake::new(Limits::default(), Arc::new(engine)).job(
+            r,
+            Some(g),
+            Origin::new(Transport::Mqtt),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn grounded_jobs_carry_their_citations_and_trim_passages_never_the_question() {
+        let q = "what is the relief valve setting";
+        // it fits: the passage whole, cited
+        let j = grounded(docs_req("1", q), covered(40), 256).unwrap();
+        let c = j.citations.as_ref().unwrap();
+        assert_eq!(
+            c.sources[0].text,
+            "The relief valve is set to 230 bar. ".repeat(5)
+        );
+        assert_eq!(c.key_sentence, "The relief valve is set to 230 bar.");
+        // too long for the context with a 64-token answer: the passage is cut, the question
+        // and the answer's room are kept
+        let j = grounded(docs_req("2", q), covered(400), 256).unwrap();
+        let c = j.citations.as_ref().unwrap();
+        assert!(c.sources[0].text.ends_with(" …"), "{c:?}");
+        assert!(j.prompt.len() + 64 <= 256, "{}", j.prompt.len());
+        // the question alone leaves no room: too_large, whatever the passages
+        let long = "word ".repeat(230);
+        let e = grounded(docs_req("3", &long), covered(40), 256).unwrap_err();
+        assert_eq!(e.code, Code::TooLarge, "{e:?}");
+        // nothing relevant, or nothing indexed: not_covered, said in words
+        let e = grounded(
+            docs_req("4", q),
+            Grounding::NotCovered { best: Some(0.1) },
+            256,
+        );
+        let e = e.unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (Code::NotCovered, ground::NOT_COVERED)
+        );
+        let e = grounded(docs_req("5", q), Grounding::NotCovered { best: None }, 256);
+        assert!(e.unwrap_err().message.contains("no documents"));
+        // special-token text is refused as in any request
+        let e = grounded(docs_req("6", &format!("hi {SPECIAL}")), covered(40), 256);
+        assert_eq!(e.unwrap_err().code, Code::BadRequest);
+        // a transport that skipped the search gets an error, not an ungrounded answer
+        let e = job(docs_req("7", q)).unwrap_err();
+        assert_eq!(e.code, Code::Internal);
+        // ungrounded jobs cite nothing
+        assert!(job(req("8", q)).unwrap().citations.is_none());
+    }
+
+    #[test]
+    fn a_grounded_follow_up_keeps_the_conversation_and_one_system_message() {
+        let mut r = docs_req("1", "");
+        for (role, content) in [
+            ("system", "Answer in French."),
+            ("user", "first question"),
+            ("assistant", "first answer"),
+            ("user", "second question"),
+        ] {
+            r.messages.push(v1::Message {
+                role: role.into(),
+                content: content.into(),
+            });
+        }
+        let j = grounded(r, covered(16), 256).unwrap();
+        let system = j
+            .prompt
+            .iter()
+            .filter(|&&t| t == crate::scheduler::scripted::ROLE_SYSTEM)
+            .count();
+        assert_eq!(system, 1);
+        // system, user, assistant, grounded user: four turns
+        let ends = j
+            .prompt
+            .iter()
+            .filter(|&&t| t == crate::scheduler::scripted::END)
+            .count();
+        assert_eq!(ends, 4);
     }
 }

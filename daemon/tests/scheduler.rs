@@ -55,7 +55,7 @@ impl Bench {
         };
         f(&mut r);
         self.intake
-            .job(r, Origin::new(Transport::Local), Instant::now())
+            .job(r, None, Origin::new(Transport::Local), Instant::now())
             .unwrap()
     }
 
@@ -439,7 +439,7 @@ fn turn(
     if let Some(c) = conv {
         origin = origin.in_conversation(c.clone());
     }
-    let job = intake.job(r, origin, Instant::now()).unwrap();
+    let job = intake.job(r, None, origin, Instant::now()).unwrap();
     let full = job.prompt.len() as u32;
     let (tx, mut rx) = unbounded_channel();
     assert!(s.submit(job, tx));

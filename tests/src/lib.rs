@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests: the `fieldllmd` binary and the model directories.
 
+pub mod corpus;
 pub mod mqtt;
 pub mod pdf;
 pub mod serial;

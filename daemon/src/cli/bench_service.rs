@@ -94,6 +94,7 @@ fn bare(
         let now = Instant::now();
         let job = intake.job(
             request(id.clone(), max_tokens),
+            None,
             Origin::new(Transport::Local),
             now,
         );

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::config::{Broker, BrokerSetting, Config, Protocol, check_topic_level};
+use fieldllmd::docs::library::{Library, LibraryConfig};
 use fieldllmd::request::{Intake, Limits};
 use fieldllmd::scheduler::{ModelEngine, Scheduler, SchedulerConfig};
 use fieldllmd::systemd;
@@ -56,6 +57,32 @@ fn hostname() -> String {
     }
 }
 
+/// The document library of `[docs]`, opened now when its index exists (so the first grounded
+/// question does not wait for the embedding model); else it opens when the first question
+/// asks for it, as `docs add` may make the index while the daemon runs.
+fn library(config: &Config) -> Option<Arc<Library>> {
+    let d = &config.docs;
+    if !d.enabled {
+        tracing::info!("answers from documents are off ([docs] enabled = false)");
+        return None;
+    }
+    let library = Arc::new(Library::new(LibraryConfig {
+        index: fieldllmd::paths::default_docs_index(d.index.clone()),
+        embedder: fieldllmd::paths::default_embedder_dir(d.embedder.clone()),
+        settings: d.settings(),
+        threads: config.model.threads,
+    }));
+    if library.exists() {
+        // a library that does not open now is said now, and tried again per question
+        if let Err(e) = library.open() {
+            tracing::warn!(error = %e, "the document library did not open; questions that ask for it are refused until it does");
+        }
+    } else {
+        tracing::info!(index = %library.config().index.display(), "no document index yet: questions that ask for documents are refused until `fieldllmd docs add` makes one");
+    }
+    Some(library)
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let config = match &a.config {
         Some(p) => Config::load(p)?,
@@ -72,7 +99,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("loading model {}", dir.display()))?;
     let engine = Arc::new(ModelEngine(model.clone()));
-    let intake = Intake::new(Limits::from(&config.limits), engine.clone());
+    let mut intake = Intake::new(Limits::from(&config.limits), engine.clone());
+    if let Some(library) = library(&config) {
+        intake = intake.with_library(library);
+    }
     let scheduler = Scheduler::start(
         engine,
         SchedulerConfig {

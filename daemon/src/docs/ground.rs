@@ -39,7 +39,7 @@ impl Default for Settings {
 }
 
 /// How the passages are put to the model (measured in `fieldllmd bench --docs-answers`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Style {
     /// The passages, best first, then the question.
@@ -108,6 +108,16 @@ pub enum Grounding {
         /// The best similarity seen (for logs), if the index has any passage.
         best: Option<f32>,
     },
+}
+
+/// What a grounded answer cites: the passages in its prompt, [1] first, and the sentence of
+/// [1] nearest the question.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Citations {
+    /// The passages, as they went into the prompt (trimmed to fit).
+    pub sources: Vec<Source>,
+    /// The best passage's most relevant sentence.
+    pub key_sentence: String,
 }
 
 /// The words said when the documents do not cover a question (no model answer is made up).
@@ -233,6 +243,27 @@ pub fn messages(
         Message::new("system", system.to_string()),
         Message::new("user", user),
     ]
+}
+
+/// A grounded question (`grounded`: what [`messages`] made) after a conversation's earlier
+/// turns: one system message (the grounding instruction, then the conversation's own), the
+/// turns, then the grounded question. The passages go with the last question only: earlier
+/// answers stay in the conversation, their passages do not.
+pub fn with_history(history: &[Message], grounded: &[Message]) -> Vec<Message> {
+    let mut system: Vec<&str> = grounded
+        .iter()
+        .chain(history)
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
+    system.dedup();
+    let mut out = Vec::with_capacity(history.len() + 2);
+    if !system.is_empty() {
+        out.push(Message::new("system", system.join("\n\n")));
+    }
+    out.extend(history.iter().filter(|m| m.role != "system").cloned());
+    out.extend(grounded.iter().filter(|m| m.role != "system").cloned());
+    out
 }
 
 /// The longest prefix of `sources` (best first) whose prompt fits `budget` tokens as

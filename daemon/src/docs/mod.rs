@@ -1,16 +1,17 @@
 //! The document index (DESIGN.md section 10): ingestion, chunks, full-text and vector search,
 //! and the passages an answer is grounded on.
 //!
-//! Built in steps (issue 17). Here now: [`read`] a file's pages (Markdown, text, PDF),
-//! [`chunk`] them along their structure, [`ingest`] files and folders into the [`index`]
-//! (tantivy BM25, one commit per document). Next: embeddings of every chunk run by tract and
-//! fused with BM25, then grounded answers.
+//! [`read`] a file's pages (Markdown, text, PDF), [`chunk`] them along their structure,
+//! [`ingest`] files and folders into the [`index`] (tantivy BM25 and the chunks' embeddings,
+//! one commit per document); [`ground`] a question on the passages that answer it, through the
+//! daemon's [`library`]; [`eval`] retrieval on a question set.
 
 pub mod chunk;
 pub mod eval;
 pub mod ground;
 pub mod index;
 pub mod ingest;
+pub mod library;
 pub mod read;
 
 use fieldllm_engine::embed::Embedder;

@@ -2,7 +2,11 @@
 //! own edge (MQTT messages, frames, terminal text). Every job gets chunks, then exactly one
 //! final event: [`Reply::Done`] or [`Reply::Failed`].
 
+use std::sync::Arc;
+
 use fieldllm_engine::generate::Candidate;
+
+use crate::docs::ground::Citations;
 
 /// One event of a job's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +115,8 @@ pub struct Done {
     pub usage: Usage,
     /// Timings.
     pub timings: Timings,
+    /// What a grounded answer cites (its job's).
+    pub citations: Option<Arc<Citations>>,
 }
 
 /// Why a request got no answer (or an incomplete one).
@@ -128,6 +134,8 @@ pub enum Code {
     ModelError,
     /// The daemon failed, or is stopping.
     Internal,
+    /// A request for an answer from the documents that no passage is relevant to.
+    NotCovered,
 }
 
 /// A refusal or failure.

@@ -1,10 +1,12 @@
 //! A job: one request, checked and complete, as the scheduler runs it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use fieldllm_engine::GenerateParams;
 
 use super::Conversation;
+use crate::docs::ground::Citations;
 
 /// Scheduling priority; higher runs first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,4 +68,6 @@ pub struct Job {
     pub conversation: Option<Conversation>,
     /// Which transport it came by.
     pub transport: Transport,
+    /// A grounded answer's passages and key sentence: passed on to its final [`super::Done`].
+    pub citations: Option<Arc<Citations>>,
 }

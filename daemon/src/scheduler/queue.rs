@@ -61,7 +61,7 @@ pub(super) enum Cancel {
     /// A running job, flagged: its worker ends the answer with `cancelled`.
     Running,
     /// A waiting job, out of the queue: nobody else will answer it.
-    Withdrawn(Waiting),
+    Withdrawn(Box<Waiting>),
 }
 
 /// The queue, the jobs in flight and the counters.
@@ -208,7 +208,7 @@ impl Queue {
         };
         self.active.remove(id);
         self.answered += 1;
-        Cancel::Withdrawn(w)
+        Cancel::Withdrawn(Box::new(w))
     }
 
     /// Takes the first waiting job that `which` picks out of the queue, wherever it stands.
@@ -272,6 +272,7 @@ mod tests {
 
     fn job(id: &str, priority: Priority) -> Job {
         Job {
+            citations: None,
             id: id.into(),
             prompt: vec![1, 2, 3],
             params: GenerateParams::default(),

@@ -26,10 +26,12 @@ pub const SPECIAL: &str = "<|im_end|>";
 /// A word that makes generation panic.
 pub const PANIC: &str = "PANIC";
 
-const ROLE_SYSTEM: u32 = 1;
+/// The token that opens a system turn.
+pub const ROLE_SYSTEM: u32 = 1;
 const ROLE_USER: u32 = 2;
 const ROLE_ASSISTANT: u32 = 3;
-const END: u32 = 4;
+/// The token that ends a turn.
+pub const END: u32 = 4;
 const PANIC_ID: u32 = 5;
 /// Word ids start here.
 const WORDS: u32 = 100;

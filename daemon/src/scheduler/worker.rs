@@ -118,6 +118,8 @@ pub(super) fn never_started(w: &Waiting, retry_after_ms: u32, queue_ms: f32) -> 
             queue_ms,
             ..Default::default()
         },
+        // no answer was made from them
+        citations: None,
     })
 }
 
@@ -236,6 +238,7 @@ fn run_job(
                     prompt_tok_s: t.prompt_tok_s as f32,
                     decode_tok_s: t.decode_tok_s as f32,
                 },
+                citations: job.citations.clone(),
             }));
             t.decode_tok_s as f32
         }

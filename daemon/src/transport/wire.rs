@@ -1,6 +1,7 @@
 //! The scheduler's typed replies in the wire schema (`fieldllm.v1`): what MQTT and framed
 //! serial send. Only the edges encode; the console writes text instead.
 
+use crate::docs::ground::Source;
 use crate::proto::v1::{self, response::Kind};
 use crate::proto::{ErrorCode, Response};
 use crate::request::Rejection;
@@ -15,6 +16,7 @@ pub fn code(c: Code) -> ErrorCode {
         Code::Overheated => ErrorCode::Overheated,
         Code::ModelError => ErrorCode::ModelError,
         Code::Internal => ErrorCode::Internal,
+        Code::NotCovered => ErrorCode::NotCovered,
     }
 }
 
@@ -75,6 +77,27 @@ pub fn done(d: Done) -> v1::Done {
             prompt_tok_s: t.prompt_tok_s,
             decode_tok_s: t.decode_tok_s,
         }),
+        sources: d
+            .citations
+            .as_ref()
+            .map(|c| c.sources.iter().map(source).collect())
+            .unwrap_or_default(),
+        quote: d
+            .citations
+            .map(|c| c.key_sentence.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// A source message: where the passage is, not its text (a frame holds 4 KiB; the quote
+/// carries the sentence that matters).
+pub fn source(s: &Source) -> v1::Source {
+    v1::Source {
+        doc: s.doc.clone(),
+        section: s.section.clone(),
+        page: s.page,
+        score: s.score,
+        similarity: s.similarity,
     }
 }
 

@@ -133,7 +133,12 @@ impl MqttService {
                     });
                 }
                 Some(m) = in_rx.recv() => {
-                    let action = inbox.on_message(&m, Instant::now());
+                    let mut action = inbox.on_message(&m, Instant::now());
+                    // in place, so a cancel or redelivery that follows finds the job submitted
+                    if let Action::Ground { req, to, received } = action {
+                        let grounding = self.intake.ground(&req).await;
+                        action = inbox.grounded(*req, grounding, to, received);
+                    }
                     if let Some(id) = self.act(action, &client, &scheduler) {
                         inbox.accepted(&id);
                     }
@@ -188,6 +193,16 @@ impl MqttService {
                         tracing::warn!(request_id = %response.id(), transport = "mqtt", error = %e, "could not queue a response");
                     }
                 });
+            }
+            Action::Ground { req, to, .. } => {
+                // the loop searches before it acts: this is a bug, answered as one
+                tracing::error!(request_id = %req.id, "a document search was skipped");
+                let r = crate::request::Rejection {
+                    code: crate::scheduler::Code::Internal,
+                    message: "the document search was skipped".into(),
+                };
+                let error = wire::refusal(&req.id, r);
+                return self.act(Action::Refuse { to, error }, client, scheduler);
             }
             Action::Ignore => {}
         }

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use super::link::Message;
+use crate::docs::ground::Grounding;
 use crate::proto::{self as wire, Request};
-use crate::request::{Intake, Origin, Rejection, check_id};
+use crate::request::{Intake, Origin, Rejection, check_id, wants_docs};
 use crate::scheduler::{Code, Job, Transport};
 use crate::transport::wire::refusal;
 
@@ -150,6 +151,16 @@ pub enum Action {
         /// Where its answer goes.
         to: ReplyTo,
     },
+    /// Search the documents for this request (`docs: true`), off the tokio workers, and pass
+    /// the result to [`Inbox::grounded`] before the next message: nothing overtakes it.
+    Ground {
+        /// The request, its own rules checked by the search.
+        req: Box<Request>,
+        /// Where its answer goes.
+        to: ReplyTo,
+        /// When it arrived.
+        received: Instant,
+    },
     /// Cancel the job with this id.
     Cancel(String),
     /// Answer a refused request with this error.
@@ -232,15 +243,51 @@ impl Inbox {
             tracing::info!(request_id = %id, transport = "mqtt", dup = m.dup, "request id accepted before: dropped as a redelivery");
             return Action::Ignore;
         }
-        match self.intake.job(req, Origin::new(Transport::Mqtt), received) {
-            Ok(job) => {
-                tracing::debug!(request_id = %id, transport = "mqtt", topic = %m.topic, "request");
-                Action::Submit {
-                    job,
-                    to: self.reply_to(m, &id, encoding),
+        let to = self.reply_to(m, &id, encoding);
+        if wants_docs(&req) {
+            return Action::Ground {
+                req: Box::new(req),
+                to,
+                received,
+            };
+        }
+        tracing::debug!(request_id = %id, transport = "mqtt", topic = %m.topic, "request");
+        self.decided(
+            id,
+            self.intake
+                .job(req, None, Origin::new(Transport::Mqtt), received),
+            to,
+        )
+    }
+
+    /// What a request that asked for documents calls for, once `grounding` (the document
+    /// search's result, or why there is none) is known.
+    pub fn grounded(
+        &mut self,
+        req: Request,
+        grounding: Result<Grounding, Rejection>,
+        to: ReplyTo,
+        received: Instant,
+    ) -> Action {
+        let id = req.id.clone();
+        tracing::debug!(request_id = %id, transport = "mqtt", "grounded request");
+        let job = grounding.and_then(|g| {
+            self.intake
+                .job(req, Some(g), Origin::new(Transport::Mqtt), received)
+        });
+        self.decided(id, job, to)
+    }
+
+    fn decided(&self, id: String, job: Result<Job, Rejection>, to: ReplyTo) -> Action {
+        match job {
+            Ok(job) => Action::Submit { job, to },
+            Err(r) => {
+                tracing::info!(request_id = %id, transport = "mqtt", code = ?r.code, reason = %r.message, "request refused");
+                Action::Refuse {
+                    to,
+                    error: refusal(&id, r),
                 }
             }
-            Err(r) => self.refuse(m, &id, encoding, r),
         }
     }
 
@@ -519,5 +566,46 @@ mod tests {
         assert_eq!(logged, [1, 2, 3, 4, 8]);
         b.connected();
         assert!(b.failed().0 < Backoff::FIRST * 2);
+    }
+
+    #[test]
+    fn a_request_for_documents_is_searched_before_it_becomes_a_job() {
+        let mut inbox = inbox();
+        let m = msg(
+            "p/n/req",
+            br#"{"id":"d1","prompt":"relief valve?","docs":true}"#,
+        );
+        let Action::Ground { req, to, received } = inbox.on_message(&m, Instant::now()) else {
+            panic!("no search")
+        };
+        assert_eq!((req.id.as_str(), to.topic.as_str()), ("d1", "p/n/resp/d1"));
+        // the search's refusal is the request's answer, on its topic
+        let r = Rejection {
+            code: Code::NotCovered,
+            message: "not covered".into(),
+        };
+        let (to, code) = refused(inbox.grounded(*req.clone(), Err(r), to, received));
+        assert_eq!(
+            (to.topic.as_str(), code),
+            ("p/n/resp/d1", ErrorCode::NotCovered)
+        );
+        // found passages make a job that cites them
+        let g = Grounding::Covered {
+            sources: Vec::new(),
+            key_sentence: String::new(),
+        };
+        match inbox.grounded(*req, Ok(g), to, received) {
+            Action::Submit { job, .. } => assert!(job.citations.is_some()),
+            other => panic!("{other:?}"),
+        }
+        // docs false or unset: a job at once
+        let m = msg(
+            "p/n/req",
+            br#"{"id":"d2","prompt":"relief valve?","docs":false}"#,
+        );
+        assert!(matches!(
+            inbox.on_message(&m, Instant::now()),
+            Action::Submit { .. }
+        ));
     }
 }

@@ -9,8 +9,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::SerialContext;
 use super::frame::{self, Feed, Frame, FrameError, Reader};
-use crate::proto::Status;
-use crate::request::{Origin, Rejection, check_id};
+use crate::docs::ground::Grounding;
+use crate::proto::{Request, Status};
+use crate::request::{Origin, Rejection, check_id, wants_docs};
 use crate::scheduler::{Code, Priority, Reply, Transport};
 use crate::transport::wire;
 
@@ -65,7 +66,17 @@ pub async fn serve<P: AsyncRead + AsyncWrite>(
                     let (found, rest) = reader.feed(input);
                     input = rest;
                     let Some(found) = found else { break };
-                    if let Some(reply) = handle(found, name, &ctx, priority, &tx, &mut mine)
+                    let reply = match found {
+                        // searched in place: a cancel that follows finds the job submitted
+                        Feed::Frame(Frame::Request(req)) if wants_docs(&req) => {
+                            let received = Instant::now();
+                            let grounding = ctx.info.intake.ground(&req).await;
+                            let port = Port { name, ctx: &ctx, priority, tx: &tx };
+                            request(req, Some(grounding), received, &port, &mut mine)
+                        }
+                        found => handle(found, name, &ctx, priority, &tx, &mut mine),
+                    };
+                    if let Some(reply) = reply
                         && let Err(e) = write(&mut wr, &reply).await
                     {
                         return finish(e, &ctx, &mine);
@@ -97,6 +108,49 @@ fn finish(e: std::io::Error, ctx: &SerialContext, mine: &HashSet<String>) -> std
     Err(e)
 }
 
+/// The port a request came on.
+struct Port<'a> {
+    name: &'a str,
+    ctx: &'a SerialContext,
+    priority: Priority,
+    tx: &'a mpsc::UnboundedSender<Reply>,
+}
+
+/// Submits a request (with its document search's result when it asked for one), or the
+/// frame that refuses it.
+fn request(
+    req: Request,
+    grounding: Option<Result<Grounding, Rejection>>,
+    received: Instant,
+    port: &Port<'_>,
+    mine: &mut HashSet<String>,
+) -> Option<Frame> {
+    let id = req.id.clone();
+    let name = port.name;
+    // the port's priority, whatever the request says
+    let origin = Origin::new(Transport::Framed).at(port.priority);
+    let job = match grounding {
+        Some(g) => g.and_then(|g| port.ctx.info.intake.job(req, Some(g), origin, received)),
+        None => port.ctx.info.intake.job(req, None, origin, received),
+    };
+    let job = match job {
+        Ok(job) => job,
+        Err(r) => {
+            let id = if check_id(&id).is_ok() {
+                id
+            } else {
+                String::new()
+            };
+            tracing::info!(transport = "framed", request_id = %id, port = %name, code = ?r.code, reason = %r.message, "framed request refused");
+            return Some(Frame::Error(wire::refusal(&id, r)));
+        }
+    };
+    tracing::info!(transport = "framed", request_id = %id, port = %name, "framed request");
+    mine.insert(id);
+    port.ctx.scheduler.submit(job, port.tx.clone());
+    None
+}
+
 fn handle(
     found: Feed,
     name: &str,
@@ -119,25 +173,13 @@ fn handle(
     };
     match f {
         Frame::Request(req) => {
-            let id = req.id.clone();
-            // the port's priority, whatever the request says
-            let origin = Origin::new(Transport::Framed).at(priority);
-            let job = match ctx.info.intake.job(req, origin, received) {
-                Ok(job) => job,
-                Err(r) => {
-                    let id = if check_id(&id).is_ok() {
-                        id
-                    } else {
-                        String::new()
-                    };
-                    tracing::info!(transport = "framed", request_id = %id, port = %name, code = ?r.code, reason = %r.message, "framed request refused");
-                    return Some(Frame::Error(wire::refusal(&id, r)));
-                }
+            let port = Port {
+                name,
+                ctx,
+                priority,
+                tx,
             };
-            tracing::info!(transport = "framed", request_id = %id, port = %name, "framed request");
-            mine.insert(id);
-            ctx.scheduler.submit(job, tx.clone());
-            None
+            request(req, None, received, &port, mine)
         }
         Frame::Cancel(c) => {
             let found = ctx.scheduler.cancel(&c.id);

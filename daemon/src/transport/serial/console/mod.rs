@@ -5,6 +5,7 @@
 //! comes out — bytes to write and what to ask of the scheduler (submit a job, cancel one).
 //! [`serve`] is the thin loop that does both over a port. It never touches the model.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::line::{LineEditor, LineEvent, MAX_LINE};
 use super::{PortInfo, SerialContext};
+use crate::docs::ground::{Citations, Grounding};
 use crate::proto::{Request, v1};
 use crate::request::{Origin, Rejection};
 use crate::scheduler::{Code, Conversation, Finish, Job, Priority, Reply, Stats, Transport};
@@ -37,6 +39,8 @@ Follow-up questions continue the conversation.
   /set KEY VALUE     temperature, top_p, top_k, min_p, max_tokens, seed, system
   /set               show the settings
   /reset             start a new conversation
+  /docs [on|off]     answer from the installed documents, citing them (on when an index exists)
+  /sources           the passages the last answer came from, with their text
 ";
 
 /// What the console asks of the scheduler.
@@ -44,6 +48,9 @@ Follow-up questions continue the conversation.
 pub enum Action {
     /// Submit this job; its replies come back through [`Console::response`].
     Submit(Job),
+    /// Search the documents for this request (the question alone) and hand the result to
+    /// [`Console::grounded`].
+    Ground(Box<Request>),
     /// Cancel the job with this id.
     Cancel(String),
 }
@@ -72,9 +79,15 @@ pub struct Console {
     running: Option<Running>,
     /// The daemon's own terminal: Ctrl-D on an empty line stops the daemon.
     local: bool,
+    /// Questions are answered from the document library (`/docs on|off`).
+    docs: bool,
+    /// What the last answer cited (`/sources`).
+    last_citations: Option<Arc<Citations>>,
 }
 
 struct Running {
+    /// The documents are being searched; the job is not submitted yet.
+    searching: bool,
     id: String,
     question: String,
     answer: String,
@@ -97,7 +110,6 @@ impl Console {
     /// A console on `port` submitting at `priority`.
     pub fn new(info: PortInfo, port: &str, priority: Priority) -> Console {
         Console {
-            info,
             port: port.to_string(),
             priority,
             editor: LineEditor::new(),
@@ -107,6 +119,9 @@ impl Console {
             system: None,
             running: None,
             local: false,
+            docs: info.intake.library().is_some_and(|l| l.exists()),
+            last_citations: None,
+            info,
         }
     }
 
@@ -133,6 +148,12 @@ impl Console {
             ),
             &mut out,
         );
+        if self.docs {
+            crlf(
+                "Answers come from the installed documents and cite them (/docs off: the model alone).\n",
+                &mut out,
+            );
+        }
         if self.local {
             crlf(
                 "This is the daemon's own terminal: Ctrl-D on an empty line stops it.\n",
@@ -215,10 +236,59 @@ impl Console {
     fn ask(&mut self, question: &str, fresh: bool, step: &mut Step) -> bool {
         let n = QUESTIONS.fetch_add(1, Ordering::Relaxed) + 1;
         let id = format!("console-{}-{n}", self.port_tag());
-        let job = match self.job(&id, question, !fresh) {
+        if self.docs {
+            // the search checks the question and settings alone; the conversation is added
+            // when the job is made
+            let req = Request {
+                id: id.clone(),
+                prompt: question.to_string(),
+                docs: Some(true),
+                ..self.settings.clone()
+            };
+            self.running = Some(Running {
+                searching: true,
+                id,
+                question: question.to_string(),
+                answer: String::new(),
+                fresh,
+            });
+            step.actions.push(Action::Ground(Box::new(req)));
+            return true;
+        }
+        self.ask_with(id, question, fresh, None, step)
+    }
+
+    /// The document search's result for the question waiting on it.
+    pub fn grounded(&mut self, result: Result<Grounding, Rejection>) -> Step {
+        let mut step = Step::default();
+        let Some(run) = self.running.take_if(|r| r.searching) else {
+            return step;
+        };
+        let asked = match result {
+            Ok(g) => self.ask_with(run.id, &run.question, run.fresh, Some(g), &mut step),
+            Err(r) => {
+                refused(&r, &mut step.out);
+                false
+            }
+        };
+        if !asked {
+            step.out.extend_from_slice(PROMPT);
+        }
+        step
+    }
+
+    fn ask_with(
+        &mut self,
+        id: String,
+        question: &str,
+        fresh: bool,
+        grounding: Option<Grounding>,
+        step: &mut Step,
+    ) -> bool {
+        let job = match self.job(&id, question, !fresh, grounding.clone()) {
             Ok(job) => job,
             Err(r) if r.code == Code::TooLarge && !self.history.is_empty() && !fresh => {
-                match self.job(&id, question, false) {
+                match self.job(&id, question, false, grounding) {
                     Ok(job) => {
                         crlf(
                             "[the conversation filled the model's context: starting a new one]\n",
@@ -228,13 +298,13 @@ impl Console {
                         return self.submit(id, question, job, true, step);
                     }
                     Err(alone) => {
-                        crlf(&format!("Not asked: {}\n", alone.message), &mut step.out);
+                        refused(&alone, &mut step.out);
                         return false;
                     }
                 }
             }
             Err(r) => {
-                crlf(&format!("Not asked: {}\n", r.message), &mut step.out);
+                refused(&r, &mut step.out);
                 return false;
             }
         };
@@ -242,7 +312,13 @@ impl Console {
     }
 
     /// The job for `question`, after the conversation so far when `with_history`.
-    fn job(&self, id: &str, question: &str, with_history: bool) -> Result<Job, Rejection> {
+    fn job(
+        &self,
+        id: &str,
+        question: &str,
+        with_history: bool,
+        grounding: Option<Grounding>,
+    ) -> Result<Job, Rejection> {
         let mut messages = Vec::new();
         if let Some(s) = &self.system {
             messages.push(v1::Message {
@@ -261,12 +337,13 @@ impl Console {
             id: id.to_string(),
             messages,
             stream: Some(true),
+            docs: Some(grounding.is_some()),
             ..self.settings.clone()
         };
         let origin = Origin::new(Transport::Console)
             .at(self.priority)
             .in_conversation(self.conversation.clone());
-        self.info.intake.job(req, origin, Instant::now())
+        self.info.intake.job(req, grounding, origin, Instant::now())
     }
 
     /// Marks `job` running and asks the loop to submit it.
@@ -280,6 +357,7 @@ impl Console {
     ) -> bool {
         tracing::info!(transport = "console", request_id = %id, port = %self.port, "console question");
         self.running = Some(Running {
+            searching: false,
             id,
             question: question.to_string(),
             answer: String::new(),
@@ -332,6 +410,10 @@ impl Console {
                 if let Some(note) = note {
                     crlf(note, &mut step.out);
                 }
+                if let Some(c) = &d.citations {
+                    crlf(&cited(c), &mut step.out);
+                }
+                self.last_citations = d.citations;
                 self.history.push(v1::Message {
                     role: "user".into(),
                     content: run.question,
@@ -409,7 +491,46 @@ impl Console {
                 "New conversation.\n".into()
             }
             "set" => self.set(&rest),
+            "docs" => self.docs_command(&rest),
+            "sources" => match &self.last_citations {
+                Some(c) => c
+                    .sources
+                    .iter()
+                    .map(|s| format!("{}\n{}\n\n", s.line(), s.text.trim()))
+                    .collect(),
+                None => "The last answer cited no documents.\n".into(),
+            },
             _ => format!("Unknown command /{name}. Type /help.\n"),
+        }
+    }
+
+    fn docs_command(&mut self, args: &[&str]) -> String {
+        let Some(library) = self.info.intake.library() else {
+            return "This daemon answers from no documents ([docs] enabled = false).\n".into();
+        };
+        let index = library.config().index.display().to_string();
+        match args {
+            [] => format!(
+                "Answers from documents: {} (index {index}{}).\n",
+                if self.docs { "on" } else { "off" },
+                if library.exists() {
+                    ""
+                } else {
+                    ", not made yet"
+                }
+            ),
+            ["on"] if !library.exists() => format!(
+                "There is no document index at {index} yet: add documents with `fieldllmd docs add`.\n"
+            ),
+            ["on"] => {
+                self.docs = true;
+                "Answers now come from the installed documents and cite them.\n".into()
+            }
+            ["off"] => {
+                self.docs = false;
+                "Answers now come from the model alone.\n".into()
+            }
+            _ => "Usage: /docs [on|off]\n".into(),
         }
     }
 
@@ -459,6 +580,31 @@ impl Console {
     }
 }
 
+/// What a grounded answer cites, printed under it: the key sentence of [1] (a small model's
+/// wording can miss the fact; the manual's does not), then one line per source.
+fn cited(c: &Citations) -> String {
+    let mut s = String::new();
+    if !c.key_sentence.is_empty() {
+        s.push_str(&format!("From [1]: \"{}\"\n", c.key_sentence));
+    }
+    s.push_str("Sources:\n");
+    for src in &c.sources {
+        s.push_str(&src.line());
+        s.push('\n');
+    }
+    s
+}
+
+/// A question that was not asked, and why ("the documents do not cover it" is an answer, said
+/// as one).
+fn refused(r: &Rejection, out: &mut Vec<u8>) {
+    if r.code == Code::NotCovered {
+        crlf(&format!("{}\n", r.message), out);
+    } else {
+        crlf(&format!("Not asked: {}\n", r.message), out);
+    }
+}
+
 /// Serves one opened port until it fails (returned) or `stop` turns true (`Ok`).
 pub async fn serve<P: AsyncRead + AsyncWrite>(
     port: P,
@@ -482,18 +628,37 @@ pub async fn serve_local<P: AsyncRead + AsyncWrite>(
     run(port, console, &ctx, stop).await
 }
 
-/// Does what a step asks of the scheduler.
-fn act(step: &mut Step, ctx: &SerialContext, sink: &mpsc::UnboundedSender<Reply>) {
-    for action in step.actions.drain(..) {
-        match action {
-            Action::Submit(job) => {
-                ctx.scheduler.submit(job, sink.clone());
-            }
-            Action::Cancel(id) => {
-                ctx.scheduler.cancel(&id);
+/// Writes what a step says and does what it asks of the scheduler (a document search's
+/// result is a step of its own); true when the daemon's own terminal asked to stop it.
+async fn act<W: AsyncWrite + Unpin>(
+    step: Step,
+    console: &mut Console,
+    ctx: &SerialContext,
+    sink: &mpsc::UnboundedSender<Reply>,
+    wr: &mut W,
+) -> std::io::Result<bool> {
+    let mut steps = vec![step];
+    while let Some(step) = steps.pop() {
+        wr.write_all(&step.out).await?;
+        for action in step.actions {
+            match action {
+                Action::Submit(job) => {
+                    ctx.scheduler.submit(job, sink.clone());
+                }
+                Action::Cancel(id) => {
+                    ctx.scheduler.cancel(&id);
+                }
+                Action::Ground(req) => {
+                    let grounding = ctx.info.intake.ground(&req).await;
+                    steps.push(console.grounded(grounding));
+                }
             }
         }
+        if step.quit {
+            return Ok(true);
+        }
     }
+    Ok(false)
 }
 
 async fn run<P: AsyncRead + AsyncWrite>(
@@ -508,7 +673,7 @@ async fn run<P: AsyncRead + AsyncWrite>(
         wr.write_all(&console.banner()).await?;
         let mut buf = [0u8; 1024];
         loop {
-            let mut step = tokio::select! {
+            let step = tokio::select! {
                 n = rd.read(&mut buf) => {
                     let n = n?;
                     if n == 0 {
@@ -525,9 +690,7 @@ async fn run<P: AsyncRead + AsyncWrite>(
                     return Ok(());
                 }
             };
-            act(&mut step, ctx, &tx);
-            wr.write_all(&step.out).await?;
-            if step.quit {
+            if act(step, &mut console, ctx, &tx, &mut wr).await? {
                 return Ok(());
             }
         }

@@ -46,6 +46,7 @@ fn ask(c: &mut Console, line: &str) -> (Step, Job) {
 
 fn done(id: &str) -> Reply {
     Reply::Done(Done {
+        citations: None,
         id: id.into(),
         seq: 1,
         finish: Finish::Stop,
@@ -197,4 +198,116 @@ fn a_reopened_port_never_reuses_a_question_id() {
     assert_ne!(first.id, again.id);
     assert_ne!(again.id, next.id);
     assert_ne!(first.id, next.id);
+}
+
+/// A console whose daemon has a document index (an index directory that exists; the search
+/// itself is the loop's, so its result is handed in).
+fn console_with_docs(index: &std::path::Path) -> Console {
+    use crate::docs::library::{Library, LibraryConfig};
+    std::fs::write(index.join("meta.json"), "{}").unwrap();
+    let library = Arc::new(Library::new(LibraryConfig {
+        index: index.to_path_buf(),
+        embedder: "/nonexistent".into(),
+        settings: crate::docs::ground::Settings::default(),
+        threads: 1,
+    }));
+    let mut c = console(8192);
+    c.info.intake = c.info.intake.clone().with_library(library);
+    c.docs = c.info.intake.library().is_some_and(|l| l.exists());
+    c
+}
+
+fn covered() -> Grounding {
+    Grounding::Covered {
+        sources: vec![crate::docs::ground::Source {
+            n: 1,
+            doc: "hpu.md".into(),
+            section: "HPU › 4 Valves › 4.1 Main relief valve".into(),
+            page: None,
+            score: 0.03,
+            similarity: 0.6,
+            text: "Set the main relief valve to 230 bar. Lock nut 25 Nm.".into(),
+        }],
+        key_sentence: "Set the main relief valve to 230 bar.".into(),
+    }
+}
+
+#[test]
+fn with_documents_a_question_is_searched_asked_and_cited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = console_with_docs(dir.path());
+    assert!(String::from_utf8_lossy(&c.banner()).contains("installed documents"));
+    let mut step = c.input(b"relief valve setting?\r", Stats::default());
+    let Some(Action::Ground(req)) = step.actions.pop() else {
+        panic!("no search: {}", text(&step))
+    };
+    assert_eq!(
+        (req.docs, req.prompt.as_str()),
+        (Some(true), "relief valve setting?")
+    );
+    assert!(c.busy(), "typing waits for the search too");
+    let mut step = c.grounded(Ok(covered()));
+    let Some(Action::Submit(job)) = step.actions.pop() else {
+        panic!("no job: {}", text(&step))
+    };
+    assert!(job.citations.is_some());
+    let id = job.id.clone();
+    c.response(chunk(&id, "It is 230 bar."));
+    let step = c.response(Reply::Done(Done {
+        citations: job.citations.clone(),
+        id: id.clone(),
+        seq: 1,
+        finish: Finish::Stop,
+        usage: Usage::default(),
+        timings: Timings::default(),
+    }));
+    let out = text(&step);
+    assert!(
+        out.contains("From [1]: \"Set the main relief valve to 230 bar.\"\r\nSources:\r\n[1] hpu.md §4.1 Main relief valve\r\n"),
+        "{out}"
+    );
+    let step = c.input(b"/sources\r", Stats::default());
+    assert!(text(&step).contains("[1] hpu.md §4.1 Main relief valve\r\nSet the main relief valve to 230 bar. Lock nut 25 Nm."), "{}", text(&step));
+
+    // not covered: said as the answer, not as an error, and the prompt comes back
+    let mut step = c.input(b"capital of France?\r", Stats::default());
+    assert!(matches!(step.actions.pop(), Some(Action::Ground(_))));
+    let r = Rejection {
+        code: Code::NotCovered,
+        message: crate::docs::ground::NOT_COVERED.into(),
+    };
+    let step = c.grounded(Err(r));
+    let out = text(&step);
+    assert!(
+        out.starts_with(crate::docs::ground::NOT_COVERED) && out.ends_with("fieldllm> "),
+        "{out}"
+    );
+    assert!(!c.busy() && step.actions.is_empty());
+
+    // off: the model alone
+    let step = c.input(b"/docs off\r", Stats::default());
+    assert!(text(&step).contains("model alone"));
+    let (_, job) = ask(&mut c, "relief valve setting?");
+    assert!(job.citations.is_none());
+}
+
+#[test]
+fn docs_cannot_be_turned_on_without_an_index() {
+    let mut c = console(8192);
+    let step = c.input(b"/docs on\r", Stats::default());
+    assert!(text(&step).contains("enabled = false"), "{}", text(&step));
+    let step = c.input(b"/sources\r", Stats::default());
+    assert!(text(&step).contains("cited no documents"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = console_with_docs(dir.path());
+    std::fs::remove_file(dir.path().join("meta.json")).unwrap();
+    c.docs = false;
+    let step = c.input(b"/docs on\r", Stats::default());
+    assert!(
+        text(&step).contains("fieldllmd docs add"),
+        "{}",
+        text(&step)
+    );
+    let (_, job) = ask(&mut c, "still asks the model");
+    assert!(job.citations.is_none());
 }
