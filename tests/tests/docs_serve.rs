@@ -94,6 +94,31 @@ async fn answers_cite_the_documents_over_mqtt_and_see_a_changed_index() {
     // the passages went into the prompt: far more tokens than the question alone
     let grounded_tokens = dn.usage.unwrap().prompt_tokens;
 
+    // `ask --via --docs`: the same citations, printed as local `ask --docs` prints them
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let o = tokio::task::spawn_blocking(move || {
+        fieldllm_tests::run(&[
+            "ask",
+            "--via",
+            &url,
+            "--node",
+            "dq",
+            "--docs",
+            "--max-tokens",
+            "8",
+            "How tight should the relief valve lock nut be?",
+        ])
+    })
+    .await
+    .unwrap();
+    let out = ok(&o);
+    assert!(
+        out.contains("From [1]: \"")
+            && out
+                .contains("Sources:\n[1] hpu-220-service-manual.md §4.1 Main relief valve RV-1\n"),
+        "{out}"
+    );
+
     // the same question without docs: the model alone, no sources
     let q = r#""prompt":"What is the setting of the main relief valve?","maxTokens":8"#;
     let (_, last) = ask(&mut c, "dq", "g2", q).await;

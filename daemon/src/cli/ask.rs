@@ -68,20 +68,21 @@ pub struct AskArgs {
     /// With --via: the daemons' topic prefix.
     #[arg(long, default_value = "fieldllm/v1", requires = "via")]
     prefix: String,
-    /// Answer from the document index (`fieldllmd docs add`), then list the sources used.
-    #[arg(long, conflicts_with_all = ["via", "system"])]
+    /// Answer from the document index (`fieldllmd docs add`; with --via, the daemon's), then
+    /// list the sources used.
+    #[arg(long, conflicts_with = "system")]
     docs: bool,
     /// With --docs: the index directory [default: as `docs`].
-    #[arg(long, value_name = "DIR", requires = "docs")]
+    #[arg(long, value_name = "DIR", requires = "docs", conflicts_with = "via")]
     index: Option<PathBuf>,
     /// With --docs: the sentence-embedding model package [default: as `docs`].
-    #[arg(long, value_name = "DIR", requires = "docs")]
+    #[arg(long, value_name = "DIR", requires = "docs", conflicts_with = "via")]
     embedder: Option<PathBuf>,
     /// With --docs: passages in the prompt, at most.
-    #[arg(long, default_value_t = Settings::default().passages, requires = "docs")]
+    #[arg(long, default_value_t = Settings::default().passages, requires = "docs", conflicts_with = "via")]
     passages: usize,
     /// With --docs: how the passages are put to the model.
-    #[arg(long, value_enum, default_value_t = Settings::default().style, requires = "docs")]
+    #[arg(long, value_enum, default_value_t = Settings::default().style, requires = "docs", conflicts_with = "via")]
     docs_style: Style,
 }
 
@@ -142,6 +143,7 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
             seed: Some(a.seed),
             stop: a.stop.clone(),
             logprobs: a.logprobs.unwrap_or(0) as u32,
+            docs: a.docs.then_some(true),
             ..Default::default()
         };
         return super::via::ask(url, &a.prefix, a.node.as_deref(), req, a.logprobs.is_some());

@@ -14,6 +14,33 @@ use fieldllmd::proto::{ErrorCode, Request, Response};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
+/// A grounded answer's citations as `ask --docs` prints them: the quote, then one line per
+/// source (`[1] doc §section p.N`); nothing for an answer from the model alone.
+fn cited(d: &v1::Done) -> String {
+    if d.sources.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    if !d.quote.is_empty() {
+        s.push_str(&format!("From [1]: \"{}\"\n", d.quote));
+    }
+    s.push_str("Sources:\n");
+    for (i, src) in d.sources.iter().enumerate() {
+        let source = fieldllmd::docs::ground::Source {
+            n: i + 1,
+            doc: src.doc.clone(),
+            section: src.section.clone(),
+            page: src.page,
+            score: src.score,
+            similarity: src.similarity,
+            text: String::new(),
+        };
+        s.push_str(&source.line());
+        s.push('\n');
+    }
+    s
+}
+
 /// Longest silence before giving up on an answer.
 const SILENCE: Duration = Duration::from_secs(60);
 
@@ -82,9 +109,11 @@ pub fn ask(
                         Some(Kind::Done(d)) => {
                             let finish = v1::FinishReason::try_from(d.finish_reason).map(|f| f.as_str_name()).unwrap_or("?");
                             if json_lines {
-                                writeln!(out, "{}", json!({"finish_reason": finish, "usage": d.usage.map(|u| json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}))}))?;
+                                let sources: Vec<_> = d.sources.iter().map(|s| json!({"doc": s.doc, "section": s.section, "page": s.page, "score": s.score, "similarity": s.similarity})).collect();
+                                writeln!(out, "{}", json!({"finish_reason": finish, "usage": d.usage.map(|u| json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens})), "sources": sources, "quote": d.quote}))?;
                             } else {
                                 writeln!(out)?;
+                                write!(out, "{}", cited(&d))?;
                             }
                             let _ = client.disconnect().await;
                             return Ok(());
