@@ -184,8 +184,8 @@ impl Intake {
 
     /// The document search for a request that asks for it (see [`wants_docs`]): the request's
     /// own rules are checked first, so a bad request costs no search; the search (an
-    /// embedding and the index, tens of ms) runs on tokio's blocking threads, never on a
-    /// worker. Pass the result to [`Intake::job`].
+    /// embedding and the index, tens of ms) runs on the library's own thread, never on a
+    /// tokio worker. Pass the result to [`Intake::job`].
     pub async fn ground(&self, req: &Request) -> Result<Grounding, Rejection> {
         check_id(&req.id)?;
         let messages = messages(req, &self.limits)?;
@@ -198,12 +198,7 @@ impl Intake {
             .map(|m| m.content.clone())
             .unwrap_or_default();
         let started = Instant::now();
-        let found = tokio::task::spawn_blocking(move || library.ground(&question))
-            .await
-            .map_err(|e| Rejection {
-                code: Code::Internal,
-                message: format!("the document search failed: {e}"),
-            })?;
+        let found = library.search(question).await;
         tracing::debug!(request_id = %req.id, ms = started.elapsed().as_secs_f64() * 1e3, "document search");
         found.map_err(|e| match e {
             LibraryError::NoIndex(_) => bad(e.to_string()),

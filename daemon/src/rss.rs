@@ -10,6 +10,19 @@ pub fn rss_bytes() -> Option<u64> {
     status_kb("VmRSS:").map(|kb| kb * 1024)
 }
 
+/// Hands the heap's free pages back to the kernel (glibc keeps what a large load freed, the
+/// parse buffers of a model file, as resident memory of the process); a no-op where the C
+/// library has no `malloc_trim`.
+#[allow(unsafe_code)] // one FFI call: no crate wraps malloc_trim
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims glibc's own arenas under their locks; it takes
+    // no pointer from us and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;

@@ -60,18 +60,18 @@ fn hostname() -> String {
 /// The document library of `[docs]`, opened now when its index exists (so the first grounded
 /// question does not wait for the embedding model); else it opens when the first question
 /// asks for it, as `docs add` may make the index while the daemon runs.
-fn library(config: &Config) -> Option<Arc<Library>> {
+fn library(config: &Config) -> anyhow::Result<Option<Arc<Library>>> {
     let d = &config.docs;
     if !d.enabled {
         tracing::info!("answers from documents are off ([docs] enabled = false)");
-        return None;
+        return Ok(None);
     }
     let library = Arc::new(Library::new(LibraryConfig {
         index: fieldllmd::paths::default_docs_index(d.index.clone()),
         embedder: fieldllmd::paths::default_embedder_dir(d.embedder.clone()),
         settings: d.settings(),
         threads: config.model.threads,
-    }));
+    })?);
     if library.exists() {
         // a library that does not open now is said now, and tried again per question
         if let Err(e) = library.open() {
@@ -80,7 +80,7 @@ fn library(config: &Config) -> Option<Arc<Library>> {
     } else {
         tracing::info!(index = %library.config().index.display(), "no document index yet: questions that ask for documents are refused until `fieldllmd docs add` makes one");
     }
-    Some(library)
+    Ok(Some(library))
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -98,9 +98,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))?;
+    // what the load parsed and dropped goes back to the kernel, not to the heap's free lists
+    fieldllmd::rss::release_freed_memory();
     let engine = Arc::new(ModelEngine(model.clone()));
     let mut intake = Intake::new(Limits::from(&config.limits), engine.clone());
-    if let Some(library) = library(&config) {
+    if let Some(library) = library(&config).context("starting the document search thread")? {
         intake = intake.with_library(library);
     }
     let scheduler = Scheduler::start(

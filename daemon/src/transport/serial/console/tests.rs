@@ -205,12 +205,15 @@ fn a_reopened_port_never_reuses_a_question_id() {
 fn console_with_docs(index: &std::path::Path) -> Console {
     use crate::docs::library::{Library, LibraryConfig};
     std::fs::write(index.join("meta.json"), "{}").unwrap();
-    let library = Arc::new(Library::new(LibraryConfig {
-        index: index.to_path_buf(),
-        embedder: "/nonexistent".into(),
-        settings: crate::docs::ground::Settings::default(),
-        threads: 1,
-    }));
+    let library = Arc::new(
+        Library::new(LibraryConfig {
+            index: index.to_path_buf(),
+            embedder: "/nonexistent".into(),
+            settings: crate::docs::ground::Settings::default(),
+            threads: 1,
+        })
+        .unwrap(),
+    );
     let mut c = console(8192);
     c.info.intake = c.info.intake.clone().with_library(library);
     c.docs = c.info.intake.library().is_some_and(|l| l.exists());
