@@ -5,6 +5,9 @@
 #   - the unit reaches active (running) only after the daemon's READY=1,
 #   - a question over MQTT (the embedded broker, mosquitto_pub inside) gets its answer, and the
 #     journal has it with structured fields (REQUEST_ID, TRANSPORT),
+#   - a manual added by `fieldllmd docs add` as the service's user while the daemon runs (the
+#     CLI's and the daemon's default index, the installed embedding model) answers a question
+#     that asks for documents, with its sources, inside the unit's sandbox,
 #   - SIGSTOP to the daemon leads to a watchdog restart,
 #   - systemctl stop ends it cleanly within the stop timeout.
 # Needs root, debootstrap and systemd-container (.ci/run installs them).
@@ -14,9 +17,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bin=${1:-${FIELDLLMD_BIN:-$PWD/target/debug/fieldllmd}}
 cache=${FIELDLLM_BOOT_CACHE:-/var/cache/fieldllm-boot}
-model=models/build/tiny-llama
+model=models/build/smollm2-135m-instruct.gguf
+embedder=models/build/all-minilm-l6-v2
 [ -x "$bin" ] || { echo "boot test: no fieldllmd at $bin" >&2; exit 1; }
-[ -f "$model/manifest.toml" ] || { echo "boot test: no $model (models/setup.sh makes it)" >&2; exit 1; }
+for m in "$model" "$embedder"; do
+  [ -f "$m/manifest.toml" ] || { echo "boot test: no $m (models/setup.sh makes it)" >&2; exit 1; }
+done
 
 say() { echo "boot test: $*"; }
 fail() { echo "boot test FAILED: $*" >&2; exit 1; }
@@ -46,11 +52,14 @@ install -D -m 0755 "$bin" "$root/usr/bin/fieldllmd"
 install -D -m 0644 systemd/fieldllmd.service "$root/usr/lib/systemd/system/fieldllmd.service"
 install -D -m 0644 systemd/fieldllm.sysusers "$root/usr/lib/sysusers.d/fieldllm.conf"
 mkdir -p "$root/usr/share/fieldllm/models"
-cp -a "$model" "$root/usr/share/fieldllm/models/tiny-llama"
+cp -a "$model" "$root/usr/share/fieldllm/models/smollm2-135m-instruct"
+cp -a "$embedder" "$root/usr/share/fieldllm/models/all-minilm-l6-v2"
+install -D -m 0644 tests/corpus/hpu-220-service-manual.md \
+  "$root/usr/share/doc/fieldllm/manuals/hpu-220-service-manual.md"
 install -d -m 0755 "$root/etc/fieldllm"
 cat >"$root/etc/fieldllm/fieldllmd.toml" <<'TOML'
 [model]
-path = "/usr/share/fieldllm/models/tiny-llama"
+path = "/usr/share/fieldllm/models/smollm2-135m-instruct"
 threads = 1
 
 [limits]
@@ -127,6 +136,20 @@ grep -q '"done"' "$work/answer" || { cat "$work/answer"; fail "no answer over MQ
 say "answered over MQTT: $(grep -c chunk "$work/answer") chunks and a done"
 inside journalctl -u fieldllmd REQUEST_ID=q1 TRANSPORT=mqtt --no-pager -o cat | grep -q . \
   || fail "the journal has no entry with REQUEST_ID=q1 TRANSPORT=mqtt"
+
+# 5b. documents: the index does not exist at start; `docs add` as the service's user makes it
+# (the CLI's default index is the daemon's, the embedding model the installed one), and the
+# running daemon answers from it, citing it
+inside runuser -u fieldllm -- fieldllmd docs add /usr/share/doc/fieldllm/manuals >"$work/docs-add" 2>&1 \
+  || { cat "$work/docs-add"; fail "docs add as the fieldllm user"; }
+inside sh -c 'node=$(uname -n); timeout 60 mosquitto_sub -h 127.0.0.1 -t "fieldllm/v1/$node/resp/q2" -t boot/probe2 -v > /tmp/grounded &
+  for i in $(seq 100); do mosquitto_pub -h 127.0.0.1 -t boot/probe2 -m live; grep -q "^boot/probe2" /tmp/grounded && break; sleep 0.1; done
+  mosquitto_pub -h 127.0.0.1 -t fieldllm/v1/$node/req -m "{\"id\":\"q2\",\"prompt\":\"What is the setting of the main relief valve?\",\"docs\":true,\"maxTokens\":8}";
+  for i in $(seq 250); do grep -qE "\"(done|error)\"" /tmp/grounded && break; sleep 0.2; done; cat /tmp/grounded' \
+  >"$work/grounded"
+grep -q '"sources":\[{"doc":"hpu-220-service-manual.md"' "$work/grounded" \
+  || { cat "$work/grounded"; inside journalctl -u fieldllmd --no-pager | tail -20; fail "no grounded answer citing the manual"; }
+say "answered from the manual added while it ran: $(grep -o '"quote":"[^"]*"' "$work/grounded")"
 
 # 6. SIGSTOP: the watchdog restarts it
 pid=$(prop MainPID)
