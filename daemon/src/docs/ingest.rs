@@ -332,4 +332,39 @@ mod tests {
         assert!(lines[1].contains("gone.md"), "{lines:?}");
         assert!(bm25(&idx, "torque")[0].text.contains("45 Nm"));
     }
+
+    #[test]
+    fn a_file_that_vanishes_during_ingestion_is_named_and_the_rest_go_in() {
+        let docs = tempfile::tempdir().unwrap();
+        let d = docs.path();
+        for (name, text) in [
+            ("a.md", "Oil 500 h."),
+            ("b.md", "Belt 300 h."),
+            ("c.md", "Fuse 10 A."),
+        ] {
+            std::fs::write(d.join(name), format!("# {name}\n{text}\n")).unwrap();
+        }
+        let idx_dir = tempfile::tempdir().unwrap();
+        let idx = DocIndex::open(idx_dir.path()).unwrap();
+        let mut lines = Vec::new();
+        // the folder is listed first; b.md goes away while a.md is being indexed
+        let s = add(
+            &idx,
+            crate::docs::testing::embedder(),
+            &[d.to_path_buf()],
+            Limits::default(),
+            |o| {
+                let _ = std::fs::remove_file(d.join("b.md"));
+                lines.push(format!("{o:?}"));
+            },
+        )
+        .unwrap();
+        assert_eq!((s.added, s.failed), (2, 1), "{lines:?}");
+        assert!(
+            lines[1].contains("b.md") && lines[1].contains("No such file"),
+            "{lines:?}"
+        );
+        let names: Vec<String> = idx.list().unwrap().into_iter().map(|d| d.name).collect();
+        assert_eq!(names, ["a.md", "c.md"]);
+    }
 }
