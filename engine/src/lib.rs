@@ -13,6 +13,7 @@ pub mod embed;
 pub mod generate;
 pub mod ggml;
 pub mod graph;
+pub mod import;
 pub mod package;
 pub mod quality;
 pub mod sampler;

@@ -1,0 +1,156 @@
+//! A GGUF's tokenizer (`tokenizer.ggml.*`) as an HF `tokenizer.json`, which the `tokenizers`
+//! crate runs: byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names. The same JSON
+//! as the Python converter's (`models/fieldllm_convert/tokenizer.py`) for the names both know.
+
+use serde_json::{Value, json};
+
+use super::{Gguf, ImportError};
+
+/// ggml's token types (`llama_token_type`).
+const TOKEN_TYPE_NORMAL: i64 = 1;
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// Llama 3's pre-tokenizer split (its `tokenizer.json`; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How text is split before BPE, by llama.cpp's pre-tokenizer name, and whether a whole
+/// pre-token found in the vocabulary skips the merges (Llama 3's `ignore_merges`, as llama.cpp
+/// does for it: without it, one of llama.cpp's 46 test texts, "Cửa Việt", comes out in other
+/// tokens).
+fn pre_tokenizer(pre: &str) -> Option<(Vec<Value>, bool)> {
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    Some(match pre {
+        // each digit alone, then GPT-2's regex
+        "smollm" | "starcoder" | "refact" => (
+            vec![
+                json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ],
+            false,
+        ),
+        "gpt-2" | "default" => (vec![byte_level(true)], false),
+        "llama-bpe" | "llama3" | "llama-v3" => (
+            vec![
+                json!({"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false}),
+                byte_level(false),
+            ],
+            true,
+        ),
+        _ => return None,
+    })
+}
+
+/// The pre-tokenizer names [`tokenizer_json`] knows.
+pub const KNOWN_PRE: [&str; 8] = [
+    "default",
+    "gpt-2",
+    "smollm",
+    "starcoder",
+    "refact",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+];
+
+/// The HF `tokenizer.json` of `g`'s tokenizer; refuses, by name, what it cannot express.
+pub fn tokenizer_json(g: &Gguf) -> Result<Value, ImportError> {
+    let unsupported = |what: String| ImportError::Unsupported {
+        path: g.path.clone(),
+        what,
+    };
+    let invalid = |what: String| ImportError::Invalid {
+        path: g.path.clone(),
+        what,
+    };
+    match g.str("tokenizer.ggml.model")? {
+        "gpt2" => {}
+        "llama" => {
+            return Err(unsupported(
+                "its tokenizer is SentencePiece (tokenizer.ggml.model = \"llama\"), which the import does not read yet; byte-level BPE (\"gpt2\") is read".into(),
+            ));
+        }
+        other => {
+            return Err(unsupported(format!(
+                "its tokenizer.ggml.model is {other:?}; byte-level BPE (\"gpt2\") is read"
+            )));
+        }
+    }
+    let pre = match g.get("tokenizer.ggml.pre") {
+        None => "default",
+        Some(_) => g.str("tokenizer.ggml.pre")?,
+    };
+    let (pretokenizers, ignore_merges) = pre_tokenizer(pre).ok_or_else(|| {
+        unsupported(format!(
+            "its pre-tokenizer {pre:?} (tokenizer.ggml.pre) is not one fieldllm knows: {}",
+            KNOWN_PRE.join(", ")
+        ))
+    })?;
+    let tokens = g.strings("tokenizer.ggml.tokens")?;
+    let types = token_types(g, tokens.len())?;
+    let merges = g.strings("tokenizer.ggml.merges")?;
+    if tokens.is_empty() {
+        return Err(invalid("tokenizer.ggml.tokens is empty".into()));
+    }
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, t))| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+        .map(|(i, (text, t))| {
+            json!({"id": i, "content": text, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": *t == TOKEN_TYPE_CONTROL})
+        })
+        .collect();
+    // a token that appears twice keeps its last id, as a JSON object built in order would
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": ignore_merges,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
+}
+
+/// `tokenizer.ggml.token_type`, one per token (all normal when the file has none).
+fn token_types(g: &Gguf, n: usize) -> Result<Vec<i64>, ImportError> {
+    let Some(v) = g.get("tokenizer.ggml.token_type") else {
+        return Ok(vec![TOKEN_TYPE_NORMAL; n]);
+    };
+    let wrong = || ImportError::Invalid {
+        path: g.path.clone(),
+        what: format!(
+            "tokenizer.ggml.token_type is {}, expected an array of {n} integers (one per token)",
+            v.describe()
+        ),
+    };
+    let fieldllm_gguf::Value::Array(items) = v else {
+        return Err(wrong());
+    };
+    if items.len() != n {
+        return Err(wrong());
+    }
+    items
+        .iter()
+        .map(|i| match *i {
+            fieldllm_gguf::Value::Int(t, _) => Ok(t),
+            fieldllm_gguf::Value::Uint(t, _) => i64::try_from(t).map_err(|_| wrong()),
+            _ => Err(wrong()),
+        })
+        .collect()
+}

@@ -1,0 +1,112 @@
+//! The GGUF import's tokenizer: for SmolLM2, the same `tokenizer.json` as the Python
+//! converter's; for llama.cpp's test vocabularies (GPT-2, Llama 3), the token ids llama.cpp's
+//! own tokenizer tests expect (models/fetch-vocabs.sh fetches them).
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::path::{Path, PathBuf};
+
+use fieldllm_engine::import::ImportError;
+use fieldllm_engine::import::tokenizer::tokenizer_json;
+use tokenizers::Tokenizer;
+
+fn models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn need(p: &Path) -> &Path {
+    assert!(
+        p.exists(),
+        "{} is missing: run models/setup.sh (tests/run.sh does)",
+        p.display()
+    );
+    p
+}
+
+fn vocab(name: &str) -> PathBuf {
+    models()
+        .join("cache/llama-vocabs")
+        .join(format!("ggml-vocab-{name}.gguf"))
+}
+
+fn tokenizer(gguf: &Path) -> Tokenizer {
+    let g = fieldllm_gguf::read(need(gguf)).unwrap();
+    let json = tokenizer_json(&g).unwrap();
+    Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap()
+}
+
+#[test]
+fn smollm2s_tokenizer_is_the_python_converters() {
+    let gguf = models().join("cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let python = models().join("build/smollm2-135m-instruct/tokenizer.json");
+    let g = fieldllm_gguf::read(need(&gguf)).unwrap();
+    let ours = tokenizer_json(&g).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(need(&python)).unwrap()).unwrap();
+    // the Python converter predates "ignore_merges" in its output: the default, false
+    let mut ours_without = ours.clone();
+    ours_without["model"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ignore_merges");
+    let mut theirs_without = theirs.clone();
+    theirs_without["model"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ignore_merges");
+    assert_eq!(ours["model"]["ignore_merges"], false);
+    assert!(ours_without == theirs_without, "the tokenizer.json differs");
+}
+
+/// llama.cpp's test inputs and the ids it expects (`ggml-vocab-*.gguf.inp` / `.out`).
+fn cases(name: &str) -> Vec<(String, Vec<u32>)> {
+    let inp = std::fs::read_to_string(need(&vocab(name).with_extension("gguf.inp"))).unwrap();
+    let out = std::fs::read_to_string(need(&vocab(name).with_extension("gguf.out"))).unwrap();
+    let inputs: Vec<&str> = inp
+        .strip_suffix("\n__ggml_vocab_test__\n")
+        .unwrap_or(&inp)
+        .split("\n__ggml_vocab_test__\n")
+        .collect();
+    let outputs: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(inputs.len(), outputs.len(), "{name}");
+    inputs
+        .into_iter()
+        .map(str::to_string)
+        .zip(outputs)
+        .collect()
+}
+
+fn encodes_as_llama_cpp(name: &str) {
+    let t = tokenizer(&vocab(name));
+    let cases = cases(name);
+    assert!(cases.len() > 30, "{name}: {} cases", cases.len());
+    for (text, want) in cases {
+        let got = t.encode(text.as_str(), false).unwrap();
+        assert_eq!(got.get_ids(), want.as_slice(), "{name}: {text:?}");
+    }
+}
+
+#[test]
+fn llama_3s_tokenizer_encodes_as_llama_cpp_does() {
+    encodes_as_llama_cpp("llama-bpe");
+}
+
+#[test]
+fn gpt_2s_tokenizer_encodes_as_llama_cpp_does() {
+    encodes_as_llama_cpp("gpt-2");
+}
+
+#[test]
+fn what_cannot_be_imported_is_named() {
+    let g = fieldllm_gguf::read(need(&vocab("llama-spm"))).unwrap();
+    let e = tokenizer_json(&g).unwrap_err();
+    assert!(matches!(e, ImportError::Unsupported { .. }), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("ggml-vocab-llama-spm.gguf") && e.contains("SentencePiece"),
+        "{e}"
+    );
+}
