@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use fieldllm_engine::import::ImportError;
 use fieldllm_engine::import::tokenizer::tokenizer_json;
 use tokenizers::Tokenizer;
 
@@ -100,13 +99,47 @@ fn gpt_2s_tokenizer_encodes_as_llama_cpp_does() {
 }
 
 #[test]
+fn llama_2s_sentencepiece_tokenizer_encodes_as_llama_cpp_does() {
+    encodes_as_llama_cpp("llama-spm");
+}
+
+#[test]
 fn what_cannot_be_imported_is_named() {
-    let g = fieldllm_gguf::read(need(&vocab("llama-spm"))).unwrap();
-    let e = tokenizer_json(&g).unwrap_err();
-    assert!(matches!(e, ImportError::Unsupported { .. }), "{e}");
-    let e = e.to_string();
+    use fieldllm_gguf::{Value, ValueType};
+    let base = fieldllm_gguf::read(need(&vocab("gpt-2"))).unwrap();
+    let with = |key: &str, v: Option<Value>| {
+        let mut g = base.clone();
+        match v {
+            Some(v) => g.metadata.insert(key.into(), v),
+            None => g.metadata.remove(key),
+        };
+        tokenizer_json(&g).unwrap_err().to_string()
+    };
+    let e = with("tokenizer.ggml.pre", Some(Value::String("qwen2".into())));
     assert!(
-        e.contains("ggml-vocab-llama-spm.gguf") && e.contains("SentencePiece"),
+        e.contains("ggml-vocab-gpt-2.gguf") && e.contains("\"qwen2\"") && e.contains("llama-bpe"),
         "{e}"
     );
+    let e = with("tokenizer.ggml.model", Some(Value::String("bert".into())));
+    assert!(e.contains("\"bert\""), "{e}");
+    let e = with(
+        "tokenizer.ggml.token_type",
+        Some(Value::Array(vec![Value::Int(1, ValueType::I32)])),
+    );
+    assert!(
+        e.contains("token_type") && e.contains("one per token"),
+        "{e}"
+    );
+    let e = with("tokenizer.ggml.merges", None);
+    assert!(e.contains("tokenizer.ggml.merges is missing"), "{e}");
+    let e = with(
+        "tokenizer.ggml.tokens",
+        Some(Value::Uint(3, ValueType::U32)),
+    );
+    assert!(e.contains("expected an array of strings"), "{e}");
+    // a SentencePiece file without scores
+    let mut spm = fieldllm_gguf::read(need(&vocab("llama-spm"))).unwrap();
+    spm.metadata.remove("tokenizer.ggml.scores");
+    let e = tokenizer_json(&spm).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.ggml.scores is missing"), "{e}");
 }

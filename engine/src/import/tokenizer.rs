@@ -1,6 +1,9 @@
 //! A GGUF's tokenizer (`tokenizer.ggml.*`) as an HF `tokenizer.json`, which the `tokenizers`
-//! crate runs: byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names. The same JSON
-//! as the Python converter's (`models/fieldllm_convert/tokenizer.py`) for the names both know.
+//! crate runs: byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names (the same JSON
+//! as the Python converter's, `models/fieldllm_convert/tokenizer.py`, for the names both
+//! know), and SentencePiece (Llama 2 style files: pieces with scores, `▁` for spaces, `<0xNN>`
+//! byte pieces) as HF's own Llama conversion writes it: BPE whose merges are ranked by the
+//! merged piece's score, with byte fallback.
 
 use serde_json::{Value, json};
 
@@ -65,14 +68,10 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Value, ImportError> {
     };
     match g.str("tokenizer.ggml.model")? {
         "gpt2" => {}
-        "llama" => {
-            return Err(unsupported(
-                "its tokenizer is SentencePiece (tokenizer.ggml.model = \"llama\"), which the import does not read yet; byte-level BPE (\"gpt2\") is read".into(),
-            ));
-        }
+        "llama" => return sentencepiece_json(g),
         other => {
             return Err(unsupported(format!(
-                "its tokenizer.ggml.model is {other:?}; byte-level BPE (\"gpt2\") is read"
+                "its tokenizer.ggml.model is {other:?}; byte-level BPE (\"gpt2\") and SentencePiece (\"llama\") are read"
             )));
         }
     }
@@ -125,6 +124,133 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Value, ImportError> {
             "merges": merges,
         },
     }))
+}
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`) as HF's `LlamaConverter`
+/// writes it: `▁` prepended and for every space, BPE over the pieces with byte fallback, the
+/// merges every split of a piece into two pieces, ranked by the piece's score (llama.cpp's
+/// SentencePiece tokenizer merges the best-scoring pair first: the same order).
+fn sentencepiece_json(g: &Gguf) -> Result<Value, ImportError> {
+    let invalid = |what: String| ImportError::Invalid {
+        path: g.path.clone(),
+        what,
+    };
+    let tokens = g.strings("tokenizer.ggml.tokens")?;
+    if tokens.is_empty() {
+        return Err(invalid("tokenizer.ggml.tokens is empty".into()));
+    }
+    let types = token_types(g, tokens.len())?;
+    let scores = scores(g, tokens.len())?;
+    let unk = match g.get("tokenizer.ggml.unknown_token_id") {
+        None => None,
+        Some(_) => {
+            let id = g.u32("tokenizer.ggml.unknown_token_id")? as usize;
+            Some(*tokens.get(id).ok_or_else(|| {
+                invalid(format!(
+                    "tokenizer.ggml.unknown_token_id is {id}, past the {} tokens",
+                    tokens.len()
+                ))
+            })?)
+        }
+    };
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    // every split of a piece into two pieces, by the piece's score (best first), then as HF
+    // orders a piece's own splits: by the left piece's id, then the right's
+    let mut merges: Vec<(f32, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        let mut local: Vec<(usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*ids.get(&piece[..at])?, *ids.get(&piece[at..])?)))
+            .collect();
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| (scores[i], l, r)));
+    }
+    // stable: equal scores keep the order above
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<String> = merges
+        .into_iter()
+        .map(|(_, l, r)| format!("{} {}", tokens[l], tokens[r]))
+        .collect();
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, t))| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+        .map(|(i, (text, t))| {
+            json!({"id": i, "content": text, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": *t == TOKEN_TYPE_CONTROL})
+        })
+        .collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let add_space_prefix = !matches!(
+        g.get("tokenizer.ggml.add_space_prefix"),
+        Some(fieldllm_gguf::Value::Bool(false))
+    );
+    let mut normalizers = Vec::new();
+    if add_space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": usize::from(add_space_prefix), "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
+}
+
+/// `tokenizer.ggml.scores`, one finite float per token.
+fn scores(g: &Gguf, n: usize) -> Result<Vec<f32>, ImportError> {
+    let v = g
+        .get("tokenizer.ggml.scores")
+        .ok_or_else(|| fieldllm_gguf::GgufError::MissingKey {
+            path: g.path.clone(),
+            key: "tokenizer.ggml.scores".into(),
+        })?;
+    let wrong = || ImportError::Invalid {
+        path: g.path.clone(),
+        what: format!(
+            "tokenizer.ggml.scores is {}, expected an array of {n} numbers (one per token)",
+            v.describe()
+        ),
+    };
+    let fieldllm_gguf::Value::Array(items) = v else {
+        return Err(wrong());
+    };
+    if items.len() != n {
+        return Err(wrong());
+    }
+    items
+        .iter()
+        .map(|i| {
+            i.as_f64()
+                .map(|f| f as f32)
+                .filter(|f| f.is_finite())
+                .ok_or_else(wrong)
+        })
+        .collect()
 }
 
 /// `tokenizer.ggml.token_type`, one per token (all normal when the file has none).
