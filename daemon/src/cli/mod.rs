@@ -8,6 +8,7 @@ mod bench_service;
 mod docs;
 mod docs_answers;
 mod model;
+mod model_gguf;
 mod serve;
 mod thermal;
 mod via;

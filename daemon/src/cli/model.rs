@@ -20,9 +20,10 @@ pub enum ModelCommand {
         #[arg(long, default_value = "f16")]
         weights: WeightFormat,
     },
-    /// Describe a package or artifact.
+    /// Describe a package or artifact directory, or a GGUF file (what it holds, and whether
+    /// its tokenizer imports).
     Info {
-        /// The directory.
+        /// The directory, or the .gguf file.
         dir: PathBuf,
         /// Print the manifest as JSON.
         #[arg(long)]
@@ -52,6 +53,9 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 artifact.size_bytes() as f64 / 1e6,
                 start.elapsed().as_secs_f64()
             );
+        }
+        ModelCommand::Info { dir, json } if dir.is_file() => {
+            super::model_gguf::info(&dir, json)?;
         }
         ModelCommand::Info { dir, json } => {
             let p = Package::open(&dir)?;

@@ -6,6 +6,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
+pub use fieldllm_gguf as gguf;
 pub use fieldllm_gguf::{Gguf, GgufError};
 
 /// Why a GGUF cannot be imported.
