@@ -83,6 +83,8 @@ pub struct Message {
 pub enum LinkEvent {
     /// A CONNACK: (re)subscribe and announce.
     Connected,
+    /// A SUBACK granting every filter of one SUBSCRIBE: the broker routes them to us now.
+    Subscribed,
     /// A message on one of our subscriptions.
     Message(Message),
     /// Our DISCONNECT has been written.
@@ -351,7 +353,7 @@ impl Link {
                         .map(|c| format!("{c:?}"))
                         .collect();
                     Ok(if bad.is_empty() {
-                        LinkEvent::Other
+                        LinkEvent::Subscribed
                     } else {
                         LinkEvent::Refused(format!("subscription refused: {}", bad.join(", ")))
                     })
@@ -409,7 +411,7 @@ impl Link {
                     {
                         LinkEvent::Refused("subscription refused by the broker".into())
                     } else {
-                        LinkEvent::Other
+                        LinkEvent::Subscribed
                     },
                 ),
                 Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => Ok(LinkEvent::DisconnectSent),

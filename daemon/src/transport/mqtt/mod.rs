@@ -264,8 +264,17 @@ async fn event_loop(
     closing: Arc<AtomicBool>,
     started: Instant,
 ) {
-    let ready = Arc::new(std::sync::Mutex::new(Some(ready)));
+    let mut ready = Some(ready);
     let mut backoff = Backoff::default();
+    let subscriptions = [
+        topics.req.clone(),
+        topics.fleet.clone(),
+        topics.cancel.clone(),
+    ];
+    // SUBACKs still to come on this connection: READY and the `ready` status wait for all of
+    // them, since a subscribe call returns once the request is queued, before the broker
+    // routes anything to us (a request published in between would be dropped by the broker)
+    let mut unacked = 0;
     loop {
         match link.poll().await {
             // the DISCONNECT is only queued when this event comes: poll on until the broker
@@ -274,31 +283,36 @@ async fn event_loop(
             Ok(LinkEvent::Connected) => {
                 tracing::info!(broker = %svc.broker, protocol = ?svc.protocol, "connected to the broker");
                 backoff.connected();
-                let (c, t) = (client.clone(), topics.clone());
-                let status = svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
-                let ready = ready.clone();
+                unacked = subscriptions.len();
+                let (c, filters) = (client.clone(), subscriptions.clone());
                 tokio::spawn(async move {
-                    for topic in [&t.req, &t.fleet, &t.cancel] {
+                    for topic in filters {
                         if let Err(e) = c.subscribe(topic.clone()).await {
                             tracing::warn!(%topic, error = %e, "subscribe failed");
                         }
                     }
-                    let status = encode(&status, Encoding::Json);
-                    let _ = c
-                        .publish(
-                            t.status,
-                            Qos::AtLeastOnce,
-                            true,
-                            status,
-                            OutProps::default(),
-                        )
-                        .await;
-                    let first = ready.lock().ok().and_then(|mut r| r.take());
-                    if let Some(tx) = first {
-                        let _ = tx.send(());
-                    }
                 });
             }
+            Ok(LinkEvent::Subscribed) if unacked > 0 => {
+                unacked -= 1;
+                if unacked == 0 {
+                    tracing::debug!("subscribed");
+                    let c = client.clone();
+                    let topic = topics.status.clone();
+                    let status = svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
+                    let status = encode(&status, Encoding::Json);
+                    let first = ready.take();
+                    tokio::spawn(async move {
+                        let _ = c
+                            .publish(topic, Qos::AtLeastOnce, true, status, OutProps::default())
+                            .await;
+                        if let Some(tx) = first {
+                            let _ = tx.send(());
+                        }
+                    });
+                }
+            }
+            Ok(LinkEvent::Subscribed) => {}
             Ok(LinkEvent::Message(m)) => {
                 let _ = incoming.send(m);
             }
