@@ -46,124 +46,80 @@ pub enum GgmlType {
     BF16,
 }
 
+/// Each type: ggml's id, its name, weights per block and bytes per block (ggml-common.h).
+const TYPES: [(GgmlType, u32, &str, u64, u64); 20] = {
+    use GgmlType::*;
+    [
+        (F32, 0, "F32", 1, 4),
+        (F16, 1, "F16", 1, 2),
+        (Q4_0, 2, "Q4_0", 32, 18),
+        (Q4_1, 3, "Q4_1", 32, 20),
+        (Q5_0, 6, "Q5_0", 32, 22),
+        (Q5_1, 7, "Q5_1", 32, 24),
+        (Q8_0, 8, "Q8_0", 32, 34),
+        (Q8_1, 9, "Q8_1", 32, 36),
+        (Q2_K, 10, "Q2_K", 256, 84),
+        (Q3_K, 11, "Q3_K", 256, 110),
+        (Q4_K, 12, "Q4_K", 256, 144),
+        (Q5_K, 13, "Q5_K", 256, 176),
+        (Q6_K, 14, "Q6_K", 256, 210),
+        (Q8_K, 15, "Q8_K", 256, 292),
+        (I8, 24, "I8", 1, 1),
+        (I16, 25, "I16", 1, 2),
+        (I32, 26, "I32", 1, 4),
+        (I64, 27, "I64", 1, 8),
+        (F64, 28, "F64", 1, 8),
+        (BF16, 30, "BF16", 1, 2),
+    ]
+};
+
+/// ggml's ids this reader names but does not lay out.
+const NAMED_ONLY: [(u32, &str); 14] = [
+    (4, "Q4_2/Q4_3 (removed from ggml in 2023)"),
+    (5, "Q4_2/Q4_3 (removed from ggml in 2023)"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+];
+
 impl GgmlType {
     /// The type with ggml's id `id`; `Err` carries a name for the ids ggml has that this reader
     /// does not lay out (the i-quants, ternary and MX types), or `None` for an id ggml lacks.
     pub fn from_id(id: u32) -> Result<GgmlType, Option<&'static str>> {
-        use GgmlType::*;
-        Ok(match id {
-            0 => F32,
-            1 => F16,
-            2 => Q4_0,
-            3 => Q4_1,
-            6 => Q5_0,
-            7 => Q5_1,
-            8 => Q8_0,
-            9 => Q8_1,
-            10 => Q2_K,
-            11 => Q3_K,
-            12 => Q4_K,
-            13 => Q5_K,
-            14 => Q6_K,
-            15 => Q8_K,
-            24 => I8,
-            25 => I16,
-            26 => I32,
-            27 => I64,
-            28 => F64,
-            30 => BF16,
-            16 => return Err(Some("IQ2_XXS")),
-            17 => return Err(Some("IQ2_XS")),
-            18 => return Err(Some("IQ3_XXS")),
-            19 => return Err(Some("IQ1_S")),
-            20 => return Err(Some("IQ4_NL")),
-            21 => return Err(Some("IQ3_S")),
-            22 => return Err(Some("IQ2_S")),
-            23 => return Err(Some("IQ4_XS")),
-            29 => return Err(Some("IQ1_M")),
-            34 => return Err(Some("TQ1_0")),
-            35 => return Err(Some("TQ2_0")),
-            39 => return Err(Some("MXFP4")),
-            4 | 5 => return Err(Some("Q4_2/Q4_3 (removed from ggml in 2023)")),
-            _ => return Err(None),
-        })
+        if let Some(row) = TYPES.iter().find(|r| r.1 == id) {
+            return Ok(row.0);
+        }
+        Err(NAMED_ONLY.iter().find(|r| r.0 == id).map(|r| r.1))
+    }
+
+    fn row(self) -> &'static (GgmlType, u32, &'static str, u64, u64) {
+        // every variant has its row (the test below checks the table)
+        &TYPES[TYPES.iter().position(|r| r.0 == self).unwrap_or(0)]
     }
 
     /// ggml's id.
     pub fn id(self) -> u32 {
-        use GgmlType::*;
-        match self {
-            F32 => 0,
-            F16 => 1,
-            Q4_0 => 2,
-            Q4_1 => 3,
-            Q5_0 => 6,
-            Q5_1 => 7,
-            Q8_0 => 8,
-            Q8_1 => 9,
-            Q2_K => 10,
-            Q3_K => 11,
-            Q4_K => 12,
-            Q5_K => 13,
-            Q6_K => 14,
-            Q8_K => 15,
-            I8 => 24,
-            I16 => 25,
-            I32 => 26,
-            I64 => 27,
-            F64 => 28,
-            BF16 => 30,
-        }
+        self.row().1
     }
 
     /// Weights per block and bytes per block.
     pub fn block(self) -> (u64, u64) {
-        use GgmlType::*;
-        match self {
-            F32 | I32 => (1, 4),
-            F16 | BF16 | I16 => (1, 2),
-            I8 => (1, 1),
-            I64 | F64 => (1, 8),
-            Q4_0 => (32, 18),
-            Q4_1 => (32, 20),
-            Q5_0 => (32, 22),
-            Q5_1 => (32, 24),
-            Q8_0 => (32, 34),
-            Q8_1 => (32, 36),
-            Q2_K => (256, 84),
-            Q3_K => (256, 110),
-            Q4_K => (256, 144),
-            Q5_K => (256, 176),
-            Q6_K => (256, 210),
-            Q8_K => (256, 292),
-        }
+        let r = self.row();
+        (r.3, r.4)
     }
 
     /// ggml's name ("Q4_K").
     pub fn name(self) -> &'static str {
-        use GgmlType::*;
-        match self {
-            F32 => "F32",
-            F16 => "F16",
-            Q4_0 => "Q4_0",
-            Q4_1 => "Q4_1",
-            Q5_0 => "Q5_0",
-            Q5_1 => "Q5_1",
-            Q8_0 => "Q8_0",
-            Q8_1 => "Q8_1",
-            Q2_K => "Q2_K",
-            Q3_K => "Q3_K",
-            Q4_K => "Q4_K",
-            Q5_K => "Q5_K",
-            Q6_K => "Q6_K",
-            Q8_K => "Q8_K",
-            I8 => "I8",
-            I16 => "I16",
-            I32 => "I32",
-            I64 => "I64",
-            F64 => "F64",
-            BF16 => "BF16",
-        }
+        self.row().2
     }
 }
 
@@ -179,6 +135,15 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_blocks_are_ggmls() {
+        // one row per type, found by `row` (not the fallback to the first)
+        for (i, r) in TYPES.iter().enumerate() {
+            assert_eq!(r.0.row().1, r.1, "{}", r.2);
+            assert!(
+                TYPES[..i].iter().all(|o| o.0 != r.0 && o.1 != r.1),
+                "{}",
+                r.2
+            );
+        }
         for id in 0..64 {
             if let Ok(t) = GgmlType::from_id(id) {
                 assert_eq!(t.id(), id);

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fieldllmd::transport::serial::frame::{Feed, Frame, Reader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_serial::SerialPortBuilderExt;
 
@@ -203,4 +204,39 @@ impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.run(&["kill-server"]);
     }
+}
+
+/// Reads frames from the host end until `last` says a frame is the last wanted; returns the
+/// frames read, up to the end of that read (every byte read is fed, so none is lost between
+/// calls).
+pub async fn until_frame(
+    port: &mut tokio_serial::SerialStream,
+    reader: &mut Reader,
+    mut last: impl FnMut(&Frame) -> bool,
+) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut done = false;
+    while !done {
+        let n = tokio::time::timeout(crate::mqtt::WAIT, port.read(&mut buf))
+            .await
+            .expect("frames in time")
+            .unwrap();
+        let mut input = &buf[..n];
+        loop {
+            let (f, rest) = reader.feed(input);
+            input = rest;
+            match f {
+                Some(Feed::Frame(f)) => {
+                    done = done || last(&f);
+                    out.push(f);
+                }
+                Some(Feed::Error(e)) => {
+                    panic!("the daemon sent a bad frame: {e}")
+                }
+                None => break,
+            }
+        }
+    }
+    out
 }

@@ -8,13 +8,13 @@ use std::path::Path;
 
 use fieldllm_tests::corpus::{corpus, docs, indexed_corpus, ok};
 use fieldllm_tests::mqtt::{Client, WAIT, answer, code, daemon_config, finish, json};
-use fieldllm_tests::serial::{NullModem, Terminal};
+use fieldllm_tests::serial::{NullModem, Terminal, until_frame};
 use fieldllm_tests::{Daemon, Mosquitto, model_dir};
 use fieldllmd::proto::v1::{self, response::Kind};
 use fieldllmd::proto::{ErrorCode, Request, Response};
-use fieldllmd::transport::serial::frame::{self, Feed, Frame, Reader};
+use fieldllmd::transport::serial::frame::{self, Frame, Reader};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const PROMPT: &[u8] = b"fieldllm> ";
 
@@ -232,7 +232,12 @@ async fn framed_and_console_answers_cite_the_documents() {
         ..Request::default()
     });
     port.write_all(&frame::encode(&req).unwrap()).await.unwrap();
-    let last = final_frame(&mut port).await;
+    let mut reader = Reader::new();
+    let got = until_frame(&mut port, &mut reader, |f| {
+        matches!(f, Frame::Done(_) | Frame::Error(_))
+    })
+    .await;
+    let last = got.into_iter().last().unwrap();
     let Frame::Done(dn) = last else {
         panic!("{last:?}")
     };
@@ -278,27 +283,4 @@ async fn framed_and_console_answers_cite_the_documents() {
     let out = String::from_utf8_lossy(&t.until(PROMPT, WAIT).await).to_string();
     assert!(out.contains("Answers from documents: off"), "{out}");
     drop(d);
-}
-
-/// Frames from the host end until the first final one, which is returned.
-async fn final_frame(port: &mut tokio_serial::SerialStream) -> Frame {
-    let mut reader = Reader::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(WAIT, port.read(&mut buf))
-            .await
-            .expect("frames in time")
-            .unwrap();
-        let mut input = &buf[..n];
-        loop {
-            let (f, rest) = reader.feed(input);
-            input = rest;
-            match f {
-                Some(Feed::Frame(f @ (Frame::Done(_) | Frame::Error(_)))) => return f,
-                Some(Feed::Frame(_)) => {}
-                Some(Feed::Error(e)) => panic!("the daemon sent a bad frame: {e}"),
-                None => break,
-            }
-        }
-    }
 }

@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use fieldllm_tests::mqtt::{Client, WAIT, answer, finish, json};
-use fieldllm_tests::serial::{NullModem, Terminal, Tmux, find};
+use fieldllm_tests::serial::{NullModem, Terminal, Tmux, find, until_frame};
 use fieldllm_tests::{Daemon, Mosquitto, model_dir};
 use fieldllmd::proto::v1;
 use fieldllmd::proto::{Cancel, ErrorCode, Request};
@@ -198,39 +198,6 @@ async fn frames(
         seen == finals
     })
     .await
-}
-
-/// Reads frames from the host end until `last` says a frame is the last wanted; returns the
-/// frames read, up to the end of that read (every byte read is fed, so none is lost between
-/// calls).
-async fn until_frame(
-    port: &mut tokio_serial::SerialStream,
-    reader: &mut Reader,
-    mut last: impl FnMut(&Frame) -> bool,
-) -> Vec<Frame> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut done = false;
-    while !done {
-        let n = tokio::time::timeout(WAIT, port.read(&mut buf))
-            .await
-            .expect("frames in time")
-            .unwrap();
-        let mut input = &buf[..n];
-        loop {
-            let (f, rest) = reader.feed(input);
-            input = rest;
-            match f {
-                Some(Feed::Frame(f)) => {
-                    done = done || last(&f);
-                    out.push(f);
-                }
-                Some(Feed::Error(e)) => panic!("the daemon sent a bad frame: {e}"),
-                None => break,
-            }
-        }
-    }
-    out
 }
 
 fn req(id: &str, prompt: &str) -> Frame {

@@ -119,7 +119,7 @@ impl Library {
 
     /// Whether the index exists now.
     pub fn exists(&self) -> bool {
-        index_exists(&self.shelf.config.index)
+        self.shelf.exists()
     }
 
     /// Opens the index and loads the embedding model now, if not yet (blocking; start-up

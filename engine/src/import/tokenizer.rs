@@ -62,10 +62,6 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Value, ImportError> {
         path: g.path.clone(),
         what,
     };
-    let invalid = |what: String| ImportError::Invalid {
-        path: g.path.clone(),
-        what,
-    };
     match g.str("tokenizer.ggml.model")? {
         "gpt2" => {}
         "llama" => return sentencepiece_json(g),
@@ -85,28 +81,11 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Value, ImportError> {
             KNOWN_PRE.join(", ")
         ))
     })?;
-    let tokens = g.strings("tokenizer.ggml.tokens")?;
+    let tokens = tokens(g)?;
     let types = token_types(g, tokens.len())?;
     let merges = g.strings("tokenizer.ggml.merges")?;
-    if tokens.is_empty() {
-        return Err(invalid("tokenizer.ggml.tokens is empty".into()));
-    }
-    let added: Vec<Value> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (_, t))| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-        .map(|(i, (text, t))| {
-            json!({"id": i, "content": text, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": *t == TOKEN_TYPE_CONTROL})
-        })
-        .collect();
-    // a token that appears twice keeps its last id, as a JSON object built in order would
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
+    let added = added_tokens(&tokens, &types);
+    let vocab = vocab(&tokens);
     Ok(json!({
         "version": "1.0",
         "truncation": null,
@@ -135,10 +114,7 @@ fn sentencepiece_json(g: &Gguf) -> Result<Value, ImportError> {
         path: g.path.clone(),
         what,
     };
-    let tokens = g.strings("tokenizer.ggml.tokens")?;
-    if tokens.is_empty() {
-        return Err(invalid("tokenizer.ggml.tokens is empty".into()));
-    }
+    let tokens = tokens(g)?;
     let types = token_types(g, tokens.len())?;
     let scores = scores(g, tokens.len())?;
     let unk = match g.get("tokenizer.ggml.unknown_token_id") {
@@ -173,21 +149,8 @@ fn sentencepiece_json(g: &Gguf) -> Result<Value, ImportError> {
         .into_iter()
         .map(|(_, l, r)| format!("{} {}", tokens[l], tokens[r]))
         .collect();
-    let added: Vec<Value> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (_, t))| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-        .map(|(i, (text, t))| {
-            json!({"id": i, "content": text, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": *t == TOKEN_TYPE_CONTROL})
-        })
-        .collect();
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
+    let added = added_tokens(&tokens, &types);
+    let vocab = vocab(&tokens);
     let add_space_prefix = !matches!(
         g.get("tokenizer.ggml.add_space_prefix"),
         Some(fieldllm_gguf::Value::Bool(false))
@@ -219,6 +182,42 @@ fn sentencepiece_json(g: &Gguf) -> Result<Value, ImportError> {
             "merges": merges,
         },
     }))
+}
+
+/// `tokenizer.ggml.tokens`, not empty.
+fn tokens(g: &Gguf) -> Result<Vec<&str>, ImportError> {
+    let tokens = g.strings("tokenizer.ggml.tokens")?;
+    if tokens.is_empty() {
+        return Err(ImportError::Invalid {
+            path: g.path.clone(),
+            what: "tokenizer.ggml.tokens is empty".into(),
+        });
+    }
+    Ok(tokens)
+}
+
+/// The control and user-defined tokens, as HF's `added_tokens` (control ones special).
+fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, t))| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+        .map(|(i, (text, t))| {
+            json!({"id": i, "content": text, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": *t == TOKEN_TYPE_CONTROL})
+        })
+        .collect()
+}
+
+/// Token text -> id. A token that appears twice keeps its last id, as a JSON object built in
+/// order would (and the Python converter's dict does).
+fn vocab(tokens: &[&str]) -> serde_json::Map<String, Value> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect()
 }
 
 /// `tokenizer.ggml.scores`, one finite float per token.
