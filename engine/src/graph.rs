@@ -129,6 +129,32 @@ pub fn import(
         });
     }
     let model = typed_from_onnx(package, weights)?;
+    let mut manifest = package.manifest.clone();
+    manifest.graph.weights = weights;
+    let mut files = vec![];
+    for rel in ["tokenizer.json".to_string(), manifest.chat.template.clone()] {
+        let path = package.path(&rel);
+        let bytes = std::fs::read(&path).map_err(|source| EngineError::Io { path, source })?;
+        files.push((rel, bytes));
+    }
+    write_artifact(&model, manifest, &files, out)
+}
+
+/// Writes an artifact into `out` (which must not exist): `model` saved as NNEF (`model.nnef/`),
+/// `files` beside it, and `manifest` with `[graph]` pointing at the NNEF and the sha256 of
+/// every file. What `import` (ONNX packages) and `import::gguf` (GGUF files) both end with.
+pub(crate) fn write_artifact(
+    model: &TypedModel,
+    mut manifest: Manifest,
+    files: &[(String, Vec<u8>)],
+    out: &Path,
+) -> Result<Manifest, EngineError> {
+    if out.exists() {
+        return Err(EngineError::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
+        });
+    }
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
@@ -136,15 +162,15 @@ pub fn import(
     std::fs::create_dir_all(out).map_err(io(out))?;
     let graph_dir = "model.nnef";
     nnef()
-        .write_to_dir(&model, out.join(graph_dir))
+        .write_to_dir(model, out.join(graph_dir))
         .map_err(EngineError::graph)?;
-    let mut manifest = package.manifest.clone();
     manifest.files.clear();
-    for rel in ["tokenizer.json".to_string(), manifest.chat.template.clone()] {
-        std::fs::copy(package.path(&rel), out.join(&rel)).map_err(io(&out.join(&rel)))?;
+    for (rel, bytes) in files {
+        let path = out.join(rel);
+        std::fs::write(&path, bytes).map_err(io(&path))?;
         manifest
             .files
-            .insert(rel.clone(), super::package::sha256_file(&out.join(&rel))?);
+            .insert(rel.clone(), super::package::sha256_file(&path)?);
     }
     let mut graph_files: Vec<_> = std::fs::read_dir(out.join(graph_dir))
         .map_err(io(&out.join(graph_dir)))?
@@ -160,7 +186,6 @@ pub fn import(
     }
     manifest.graph.format = GraphFormat::Nnef;
     manifest.graph.file = graph_dir.into();
-    manifest.graph.weights = weights;
     let text = toml::to_string(&manifest).map_err(|e| EngineError::Manifest {
         path: out.join(super::package::MANIFEST),
         message: e.to_string(),

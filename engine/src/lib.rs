@@ -84,6 +84,9 @@ pub enum EngineError {
         /// Context length in tokens.
         context: usize,
     },
+    /// A GGUF file cannot be imported (named: the file, and what in it).
+    #[error(transparent)]
+    Import(#[from] import::ImportError),
 }
 
 impl EngineError {

@@ -4,21 +4,26 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use fieldllm_engine::graph::import;
+use fieldllm_engine::import::import_gguf;
 use fieldllm_engine::{Package, WeightFormat};
 
 /// Model package subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelCommand {
-    /// Compile an ONNX package into the artifact the daemon deploys (NNEF, run-time weights).
+    /// Make the artifact the daemon deploys (NNEF, run-time weights) from a GGUF file (read in
+    /// Rust, its blocks kept as they are) or from an ONNX package.
     Import {
-        /// Package directory written by models/ (ONNX graph).
+        /// A .gguf file, or a package directory written by models/ (ONNX graph).
         src: PathBuf,
         /// Artifact directory to create (must not exist).
         out: PathBuf,
-        /// Run-time weight format: f32, f16, or gguf (the GGUF's own blocks; a package converted
-        /// with them, as models/setup.sh makes the deployed SmolLM2).
-        #[arg(long, default_value = "f16")]
-        weights: WeightFormat,
+        /// Run-time weight format of a package: f32, f16 (the default), or gguf (the GGUF's own
+        /// blocks, a package converted with them). A GGUF file keeps its blocks: gguf only.
+        #[arg(long)]
+        weights: Option<WeightFormat>,
+        /// The model's name in the artifact (a GGUF's default: its general.name).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Describe a package or artifact directory, or a GGUF file (what it holds, and whether
     /// its tokenizer imports).
@@ -38,7 +43,37 @@ pub enum ModelCommand {
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
-        ModelCommand::Import { src, out, weights } => {
+        ModelCommand::Import {
+            src,
+            out,
+            weights,
+            name,
+        } if src.is_file() => {
+            if weights.is_some_and(|w| w != WeightFormat::Gguf) {
+                anyhow::bail!(
+                    "{}: a GGUF file is imported with its own blocks (--weights gguf); f32 and f16 \
+                     are for ONNX packages",
+                    src.display()
+                );
+            }
+            let start = std::time::Instant::now();
+            let m = import_gguf(&src, &out, name.as_deref())
+                .with_context(|| format!("importing {} into {}", src.display(), out.display()))?;
+            let artifact = Package::open(&out)?;
+            println!(
+                "imported {} -> {} ({} weights from {}, {:.1} MB, {:.1} s)",
+                m.model.name,
+                out.display(),
+                m.graph.weights,
+                m.source.get("quantization").map_or("?", |q| q.as_str()),
+                artifact.size_bytes() as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        ModelCommand::Import {
+            src, out, weights, ..
+        } => {
+            let weights = weights.unwrap_or(WeightFormat::F16);
             let package = Package::open(&src)?;
             package.verify().context("the source package is damaged")?;
             let start = std::time::Instant::now();

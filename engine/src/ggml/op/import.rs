@@ -109,7 +109,7 @@ pub fn install_blocks(model: &mut TypedModel, tensors: &[BlockTensor]) -> TractR
 
 /// The packed weights times a fixed activation row, through the kernels this CPU runs, must
 /// match the f32 product of the dequantized weights within what 8-bit activations cost.
-fn check_product(w: &OwnedWeights, bytes: &[u8], name: &str) -> TractResult<()> {
+pub(crate) fn check_product(w: &OwnedWeights, bytes: &[u8], name: &str) -> TractResult<()> {
     let x: Vec<f32> = (0..w.k)
         .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + (i % 7) as f32))
         .collect();
