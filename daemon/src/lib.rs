@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod docs;
+pub mod model_cache;
 pub mod paths;
 pub mod proto;
 pub mod request;

@@ -29,6 +29,12 @@ pub fn default_model_dir(explicit: Option<PathBuf>) -> PathBuf {
     package_dir(explicit, "FIELDLLM_MODEL", SYSTEM_MODEL_DIR, DEV_MODEL_DIR)
 }
 
+/// [`default_model_dir`], with a GGUF file resolved to its cached import
+/// ([`crate::model_cache`]).
+pub fn model_dir(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    crate::model_cache::artifact_dir(default_model_dir(explicit))
+}
+
 /// `explicit`, else the variable `env` when set, else `system` when a package is installed
 /// there, else `dev`.
 fn package_dir(explicit: Option<PathBuf>, env: &str, system: &str, dev: &str) -> PathBuf {

@@ -602,6 +602,7 @@ fn smollm2() -> Arc<Model> {
         &LoadOptions {
             verify: false,
             threads: 2,
+            context: None,
         },
     )
     .unwrap()

@@ -29,15 +29,35 @@ pub struct LoadOptions {
     pub verify: bool,
     /// Threads for tract's matrix products (1 = no thread pool).
     pub threads: usize,
+    /// The most tokens (prompt and answer) one session holds: what its KV cache may grow to.
+    /// `None`: the model's own context, capped at [`DEFAULT_CONTEXT`]; more than the model's
+    /// own is refused.
+    pub context: Option<usize>,
 }
+
+/// The context a model gets when nothing sets it, at most: Llama 3's 131,072 tokens would let
+/// one session's KV cache grow to gigabytes (`model info` says what a context costs).
+pub const DEFAULT_CONTEXT: usize = 8192;
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             verify: true,
             threads: 2,
+            context: None,
         }
     }
+}
+
+/// Bytes of KV cache one session holds at `tokens` positions (f32 keys and values).
+pub fn kv_bytes(a: &super::package::Architecture, tokens: usize) -> u64 {
+    kv_cache_bytes(a.layers, a.kv_heads * (a.hidden / a.heads.max(1)), tokens)
+}
+
+/// Bytes of f32 keys and values for `layers` layers of `kv_width` (key/value heads times head
+/// width) at `tokens` positions.
+pub fn kv_cache_bytes(layers: usize, kv_width: usize, tokens: usize) -> u64 {
+    2 * (layers * kv_width) as u64 * 4 * tokens as u64
 }
 
 /// A loaded model: immutable, shared by every [`super::Session`] through an `Arc`.
@@ -143,18 +163,66 @@ pub fn import(
 /// Writes an artifact into `out` (which must not exist): `model` saved as NNEF (`model.nnef/`),
 /// `files` beside it, and `manifest` with `[graph]` pointing at the NNEF and the sha256 of
 /// every file. What `import` (ONNX packages) and `import::gguf` (GGUF files) both end with.
+///
+/// Written into a sibling directory and renamed into place at the end (fsynced), so a crash or
+/// power cut mid-write leaves no half artifact at `out`; when another writer made `out` first,
+/// theirs is kept and this one's copy removed.
 pub(crate) fn write_artifact(
+    model: &TypedModel,
+    manifest: Manifest,
+    files: &[(String, Vec<u8>)],
+    out: &Path,
+) -> Result<Manifest, EngineError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    if out.exists() {
+        return Err(io(out)(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "already exists",
+        )));
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    let written = write_artifact_files(model, manifest, files, &partial).and_then(|m| {
+        sync_dir_tree(&partial).map_err(io(&partial))?;
+        std::fs::rename(&partial, out).map_err(io(out))?;
+        if let Some(parent) = out.parent() {
+            // the rename itself must reach the disk
+            let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+        }
+        Ok(m)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written
+}
+
+/// fsync of every file in `dir` (one level of subdirectories) and of the directories.
+fn sync_dir_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_dir_tree(&p)?;
+        } else {
+            std::fs::File::open(&p)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn write_artifact_files(
     model: &TypedModel,
     mut manifest: Manifest,
     files: &[(String, Vec<u8>)],
     out: &Path,
 ) -> Result<Manifest, EngineError> {
-    if out.exists() {
-        return Err(EngineError::Io {
-            path: out.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
-        });
-    }
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
@@ -248,7 +316,21 @@ impl Model {
                 tokenizer.vocab_size()
             )));
         }
-        let context_length = m.model.context_length;
+        let context_length = match options.context {
+            None => m.model.context_length.min(DEFAULT_CONTEXT),
+            Some(0) => {
+                return Err(EngineError::InvalidParam(
+                    "context must be at least 1".into(),
+                ));
+            }
+            Some(c) if c > m.model.context_length => {
+                return Err(EngineError::InvalidParam(format!(
+                    "context {c} is more than the model's own ({})",
+                    m.model.context_length
+                )));
+            }
+            Some(c) => c,
+        };
         tracing::info!(
             model = %m.model.name,
             weights = %m.graph.weights,

@@ -433,6 +433,7 @@ fn imported_artifact_gives_the_packages_logits() {
             &LoadOptions {
                 verify: true,
                 threads: 2,
+                context: None,
             },
         )
         .unwrap();

@@ -58,6 +58,7 @@ fn smollm2_imported_in_rust_gives_the_onnx_artifacts_logits_bit_for_bit() {
     let opts = LoadOptions {
         verify: true,
         threads: 1,
+        context: None,
     };
     let ours = Model::load(&out, &opts).unwrap();
     let theirs = Model::load(&model_dir(ARTIFACT), &opts).unwrap();
@@ -86,4 +87,150 @@ fn smollm2_imported_in_rust_gives_the_onnx_artifacts_logits_bit_for_bit() {
             max_rel_diff(x, y)
         );
     }
+}
+
+fn tiny_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/build/tiny-gguf");
+    assert!(
+        d.join("variants.json").exists(),
+        "{} is missing: run models/setup.sh (tests/run.sh does)",
+        d.display()
+    );
+    d
+}
+
+/// Each tiny GGUF (grouped-query attention 2:1 and 4:1 and 4:1 with one key/value head, tied
+/// and untied heads, Llama 3.1's rotary factors, F32 / F16 / BF16 / Q8_0 / Q4_1 tensors)
+/// imported in Rust and run by tract, against the NumPy forward pass of the same file: a
+/// prefill and 8 greedy decode steps.
+#[test]
+fn tiny_ggufs_match_numpy_for_a_prefill_and_8_decode_steps() {
+    let dir = tiny_dir();
+    let variants: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("variants.json")).unwrap()).unwrap();
+    assert!(variants.len() >= 3);
+    for v in variants {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join(&v);
+        import_gguf(&dir.join(format!("{v}.gguf")), &out, None).unwrap();
+        let model = Model::load(
+            &out,
+            &LoadOptions {
+                verify: true,
+                threads: 2,
+                context: None,
+            },
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{v}.reference.json"))).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let steps = doc["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 9, "{v}: a prefill and 8 decode steps");
+        let mut s = Session::new(&model).unwrap();
+        let never = AtomicBool::new(false);
+        // block-quantized products take 8-bit activations (15-bit in attention and the head)
+        let bound = if v.contains("blocks") { 2e-2 } else { 1e-5 };
+        for (i, step) in steps.iter().enumerate() {
+            let fed: Vec<u32> = step["fed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let want: Vec<f32> = step["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let got = s.feed(&fed, &never).unwrap();
+            let d = max_rel_diff(&got, &want);
+            eprintln!("{v} step {i}: max rel diff {d:.2e}");
+            assert!(
+                d <= bound,
+                "{v} step {i}: logits differ from NumPy by {d} (bound {bound})"
+            );
+        }
+    }
+}
+
+/// Files that cannot be built are refused before any model work, with a message naming what is
+/// wrong, and leave no artifact behind.
+#[test]
+fn bad_ggufs_are_refused_by_name() {
+    let dir = tiny_dir();
+    let cases = [
+        ("architecture", vec!["architecture \"qwen3\"", "llama"]),
+        (
+            "tensor-type",
+            vec!["blk.0.ffn_up.weight", "Q5_0", "Q4_1, Q8_0"],
+        ),
+        (
+            "vocabulary",
+            vec!["322 tokens", "token_embd.weight has 323 rows"],
+        ),
+        (
+            "tensor-shape",
+            vec!["blk.0.attn_q.weight", "[32, 64]", "[64, 64]"],
+        ),
+        ("missing-key", vec!["llama.attention.head_count", "missing"]),
+        ("key-type", vec!["llama.block_count", "integer"]),
+    ];
+    for (bad, words) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let path = dir.join(format!("bad-{bad}.gguf"));
+        let err = import_gguf(&path, &out, None).unwrap_err().to_string();
+        assert!(err.contains(&*path.to_string_lossy()), "{bad}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{bad}: {err:?} does not say {w:?}");
+        }
+        assert!(!out.exists(), "{bad}: an artifact was left behind");
+    }
+    // not a GGUF at all, and a truncated one
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, b"GGML this is not it").unwrap();
+    let err = import_gguf(&junk, &tmp.path().join("o"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a GGUF file"), "{err}");
+    let whole = std::fs::read(dir.join("tiny-blocks.gguf")).unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &whole[..whole.len() - 100]).unwrap();
+    let err = import_gguf(&cut, &tmp.path().join("o"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("output_norm.weight"),
+        "a cut file names the tensor past its end: {err}"
+    );
+    assert!(!tmp.path().join("o").exists());
+}
+
+/// `LoadOptions::context`: the context a session holds, never more than the model's own.
+#[test]
+fn the_context_is_a_setting_bounded_by_the_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    import_gguf(&tiny_dir().join("tiny-gqa-f32.gguf"), &out, None).unwrap();
+    let load = |context| {
+        Model::load(
+            &out,
+            &LoadOptions {
+                verify: false,
+                threads: 1,
+                context,
+            },
+        )
+    };
+    assert_eq!(load(None).unwrap().context_length, 256, "the model's own");
+    let m = load(Some(16)).unwrap();
+    assert_eq!(m.context_length, 16);
+    let mut s = Session::new(&m).unwrap();
+    let never = AtomicBool::new(false);
+    let err = s.feed(&[5; 17], &never).unwrap_err();
+    assert!(format!("{err:?}").contains("16"), "{err:?}");
+    let err = load(Some(257)).unwrap_err().to_string();
+    assert!(err.contains("257") && err.contains("256"), "{err}");
 }

@@ -69,6 +69,11 @@ def cmd_embedder(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_tiny_gguf(args: argparse.Namespace) -> None:
+    from .tiny_gguf import cmd_tiny_gguf as run
+    run(args.out, args.decode_steps, args.seed)
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="fieldllm_convert")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -85,6 +90,11 @@ def main(argv: list[str]) -> None:
     t.add_argument("--reference")
     t.add_argument("--decode-steps", type=int, default=8)
     t.set_defaults(func=cmd_tiny)
+    tg = sub.add_parser("tiny-gguf", help="write tiny random-weight llama GGUFs and their NumPy logits")
+    tg.add_argument("out", help="folder: NAME.gguf and NAME.reference.json per variant")
+    tg.add_argument("--seed", type=int, default=20261203)
+    tg.add_argument("--decode-steps", type=int, default=8)
+    tg.set_defaults(func=cmd_tiny_gguf)
     e = sub.add_parser("embedder", help="convert a sentence-transformers BERT (safetensors) into a package")
     e.add_argument("src", help="the model folder: config.json, model.safetensors, tokenizer.json, 1_Pooling/")
     e.add_argument("out")

@@ -15,10 +15,14 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps) * w).astype(np.float32)
 
 
-def _rope_interleaved(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
-    """x: [seq, heads, head_dim]; rotates adjacent pairs (GGUF's layout for llama)."""
+def _rope_interleaved(x: np.ndarray, positions: np.ndarray, base: float,
+                      factors: np.ndarray | None = None) -> np.ndarray:
+    """x: [seq, heads, head_dim]; rotates adjacent pairs (GGUF's layout for llama). `factors`:
+    Llama 3.1's rope_freqs, dividing each frequency (ggml's `freq_factors`)."""
     hd = x.shape[-1]
     inv = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    if factors is not None:
+        inv = inv / factors.astype(np.float64)
     ang = positions[:, None].astype(np.float64) * inv[None, :]  # [seq, hd/2]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     x0, x1 = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
@@ -48,14 +52,15 @@ class ReferenceModel:
         seq = len(tokens)
         pos = np.arange(self.n_past, self.n_past + seq)
         x = w.get("token_embd.weight")[np.array(tokens)]
+        factors = w.tensors.get("rope_freqs.weight")
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
             h = _rms_norm(x, w.get(p + "attn_norm.weight"), cfg.rms_eps)
             q = (h @ w.get(p + "attn_q.weight").T).reshape(seq, nh, hd)
             k = (h @ w.get(p + "attn_k.weight").T).reshape(seq, nkv, hd)
             v = (h @ w.get(p + "attn_v.weight").T).reshape(seq, nkv, hd)
-            q = _rope_interleaved(q, pos, cfg.rope_base)
-            k = _rope_interleaved(k, pos, cfg.rope_base)
+            q = _rope_interleaved(q, pos, cfg.rope_base, factors)
+            k = _rope_interleaved(k, pos, cfg.rope_base, factors)
             self.k_cache[i] = np.concatenate([self.k_cache[i], k])
             self.v_cache[i] = np.concatenate([self.v_cache[i], v])
             kk, vv = self.k_cache[i], self.v_cache[i]

@@ -207,12 +207,13 @@ pub fn run(a: AskArgs) -> anyhow::Result<()> {
 }
 
 fn load_model(a: &AskArgs) -> anyhow::Result<std::sync::Arc<Model>> {
-    let dir = a.model.dir();
+    let dir = a.model.dir()?;
     Model::load(
         &dir,
         &LoadOptions {
             verify: true,
             threads: a.threads,
+            context: None,
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))

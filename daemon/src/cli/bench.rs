@@ -131,7 +131,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             max_tokens: a.max_tokens,
             threads: a.threads.first().copied().unwrap_or(1),
         };
-        return super::bench_service::run(b, &a.model.dir(), a.json);
+        return super::bench_service::run(b, &a.model.dir()?, a.json);
     }
     if let Some(dir) = &a.docs {
         let b = super::bench_docs::DocsBench {
@@ -144,13 +144,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             sizes: a.docs_chunks.clone(),
             queries: a.docs_queries.clone(),
             embedder: fieldllmd::paths::default_embedder_dir(a.embedder.clone()),
-            model: a.docs_ttft.then(|| a.model.dir()),
+            model: if a.docs_ttft {
+                Some(a.model.dir()?)
+            } else {
+                None
+            },
         };
         return super::bench_docs::run(b, a.json);
     }
     if let Some(text) = &a.perplexity {
         let q = super::bench_quality::QualityBench {
-            model: a.model.dir(),
+            model: a.model.dir()?,
             text: text.clone(),
             ctx: a.ctx,
             chunks: a.chunks,
@@ -168,7 +172,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         a.reps > 0 && a.prompt > 0 && a.generate > 0,
         "--reps, --prompt and --gen must be positive"
     );
-    let dir = a.model.dir();
+    let dir = a.model.dir()?;
     let never = AtomicBool::new(false);
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
@@ -180,6 +184,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             &LoadOptions {
                 verify: false,
                 threads: t,
+                context: None,
             },
         )
         .with_context(|| format!("loading {}", dir.display()))?;

@@ -261,6 +261,7 @@ fn ttft(
         &LoadOptions {
             verify: true,
             threads,
+            context: None,
         },
     )?;
     let grounder = Grounder::new(index, e, Settings::default())?;

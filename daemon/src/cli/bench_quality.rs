@@ -58,6 +58,7 @@ fn load(dir: &Path, threads: usize) -> anyhow::Result<Arc<Model>> {
         &LoadOptions {
             verify: false,
             threads,
+            context: None,
         },
     )
     .with_context(|| format!("loading {}", dir.display()))

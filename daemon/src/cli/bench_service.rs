@@ -205,6 +205,7 @@ pub fn run(b: ServiceBench, model_dir: &std::path::Path, json: bool) -> anyhow::
         &LoadOptions {
             verify: false,
             threads: b.threads,
+            context: None,
         },
     )
     .with_context(|| format!("loading {}", model_dir.display()))?;

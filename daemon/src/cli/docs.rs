@@ -123,10 +123,11 @@ pub fn run(args: DocsArgs) -> anyhow::Result<()> {
                 };
                 let grounder = fieldllmd::docs::ground::Grounder::new(index, e, settings)?;
                 let m = fieldllm_engine::Model::load(
-                    &model.dir(),
+                    &model.dir()?,
                     &fieldllm_engine::LoadOptions {
                         verify: true,
                         threads: args.threads,
+                        context: None,
                     },
                 )?;
                 let rows = super::docs_answers::run(

@@ -128,14 +128,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// `--model DIR`, shared by the subcommands that load one.
 #[derive(Debug, clap::Args)]
 pub struct ModelArg {
-    /// Model package or artifact directory [default: $FIELDLLM_MODEL, the installed model, or
+    /// Model artifact directory, or a .gguf file (imported into the cache on first use)
+    /// [default: $FIELDLLM_MODEL, the installed model, or
     /// models/build/smollm2-135m-instruct.gguf].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub model: Option<PathBuf>,
 }
 
 impl ModelArg {
-    fn dir(&self) -> PathBuf {
-        fieldllmd::paths::default_model_dir(self.model.clone())
+    /// The model directory; a GGUF file is imported into the cache on first use.
+    fn dir(&self) -> anyhow::Result<PathBuf> {
+        fieldllmd::paths::model_dir(self.model.clone())
     }
 }

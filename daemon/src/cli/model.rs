@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fieldllm_engine::graph::import;
+use fieldllm_engine::graph::{DEFAULT_CONTEXT, import, kv_bytes};
 use fieldllm_engine::import::import_gguf;
 use fieldllm_engine::{Package, WeightFormat};
 
@@ -33,6 +33,9 @@ pub enum ModelCommand {
         /// Print the manifest as JSON.
         #[arg(long)]
         json: bool,
+        /// Also say what one conversation's KV cache costs at this many tokens.
+        #[arg(long)]
+        context: Option<usize>,
     },
     /// Check every file of a package against its manifest's sha256.
     Verify {
@@ -89,10 +92,10 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
-        ModelCommand::Info { dir, json } if dir.is_file() => {
-            super::model_gguf::info(&dir, json)?;
+        ModelCommand::Info { dir, json, context } if dir.is_file() => {
+            super::model_gguf::info(&dir, json, context)?;
         }
-        ModelCommand::Info { dir, json } => {
+        ModelCommand::Info { dir, json, context } => {
             let p = Package::open(&dir)?;
             let m = &p.manifest;
             if json {
@@ -121,6 +124,16 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 m.tokens.bos, m.tokens.eos
             );
             println!("license         {}", m.model.license);
+            let mut at = vec![2048, DEFAULT_CONTEXT.min(m.model.context_length)];
+            at.extend(context);
+            at.sort_unstable();
+            at.dedup();
+            for t in at {
+                println!(
+                    "KV cache        {:.1} MB at {t} tokens (per conversation, grows with use)",
+                    kv_bytes(a, t) as f64 / 1e6
+                );
+            }
             println!(
                 "files           {} ({:.1} MB)",
                 m.files.len(),

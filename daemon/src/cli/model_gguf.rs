@@ -4,14 +4,28 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use fieldllm_engine::graph::DEFAULT_CONTEXT;
 use fieldllm_engine::import::gguf;
+use fieldllm_engine::import::llama::Hyper;
 use fieldllm_engine::import::tokenizer::tokenizer_json;
 use serde_json::json;
 
 /// Prints what `path` holds (as JSON with `json`); a file that is not a readable GGUF is an
 /// error naming what is wrong.
-pub fn info(path: &Path, json_out: bool) -> anyhow::Result<()> {
+pub fn info(path: &Path, json_out: bool, context: Option<usize>) -> anyhow::Result<()> {
     let g = gguf::read(path)?;
+    let built = Hyper::read(&g).and_then(|h| h.check_tensors(&g).map(|()| h));
+    // what one conversation's KV cache (f32 keys and values) costs at a few contexts
+    let kv: Vec<(usize, u64)> = match &built {
+        Ok(h) => {
+            let mut at = vec![2048, DEFAULT_CONTEXT.min(h.context), h.context];
+            at.extend(context);
+            at.sort_unstable();
+            at.dedup();
+            at.into_iter().map(|t| (t, h.kv_bytes(t))).collect()
+        }
+        Err(_) => vec![],
+    };
     let arch = g.architecture()?.to_string();
     let hyper = |key: &str| g.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64());
     let mut types: BTreeMap<String, (usize, u64)> = BTreeMap::new();
@@ -36,6 +50,8 @@ pub fn info(path: &Path, json_out: bool) -> anyhow::Result<()> {
             "tensors": types.iter().map(|(k, (n, b))| (k.clone(), json!({"count": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
             "tokenizer_model": model, "pre_tokenizer": pre, "vocabulary": vocab, "chat_template": g.get("tokenizer.chat_template").is_some(),
             "tokenizer": match &tokenizer { Ok(()) => json!("imports"), Err(e) => json!(e) },
+            "builds": match &built { Ok(_) => json!(true), Err(e) => json!(e.to_string()) },
+            "kv_cache_bytes": kv.iter().map(|(t, b)| (t.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -83,5 +99,15 @@ pub fn info(path: &Path, json_out: bool) -> anyhow::Result<()> {
             "no"
         }
     );
+    match &built {
+        Ok(_) => println!("graph           builds (fieldllmd model import, or --model FILE.gguf)"),
+        Err(e) => println!("graph           does not build: {e}"),
+    }
+    for (t, bytes) in &kv {
+        println!(
+            "KV cache        {:.1} MB at {t} tokens (per conversation, grows with use)",
+            *bytes as f64 / 1e6
+        );
+    }
     Ok(())
 }

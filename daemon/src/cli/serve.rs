@@ -88,13 +88,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let dir =
-        fieldllmd::paths::default_model_dir(a.model.model.clone().or(config.model.path.clone()));
+    let dir = fieldllmd::paths::model_dir(a.model.model.clone().or(config.model.path.clone()))?;
     let model = Model::load(
         &dir,
         &LoadOptions {
             verify: true,
             threads: config.model.threads,
+            context: config.model.context,
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))?;

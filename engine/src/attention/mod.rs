@@ -123,6 +123,9 @@ pub struct KvAttentionState {
     d: usize,
 }
 
+/// Positions a KV cache grows by when it is full.
+pub const GROW_POSITIONS: usize = 256;
+
 impl KvAttentionState {
     /// Positions in the cache.
     pub fn len(&self) -> usize {
@@ -144,9 +147,15 @@ impl KvAttentionState {
         }
     }
 
-    /// Appends `[1, kv heads, s, d]` to the position-major `cache`.
+    /// Appends `[1, kv heads, s, d]` to the position-major `cache`, which grows with use in
+    /// steps of [`GROW_POSITIONS`] (not doubling: a long answer's cache would otherwise hold up
+    /// to twice what it uses).
     fn append(cache: &mut Vec<f32>, new: &[f32], kv_heads: usize, s: usize, d: usize) {
-        cache.reserve(new.len());
+        let want = cache.len() + new.len();
+        if want > cache.capacity() {
+            let step = GROW_POSITIONS * kv_heads * d;
+            cache.reserve_exact(want.div_ceil(step) * step - cache.len());
+        }
         for pos in 0..s {
             for g in 0..kv_heads {
                 let at = (g * s + pos) * d;

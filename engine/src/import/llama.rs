@@ -180,20 +180,46 @@ impl Hyper {
         })
     }
 
-    /// Parameters the graph's weights hold.
-    pub fn parameters(&self) -> u64 {
-        let (h, f, kv) = (
-            self.hidden as u64,
-            self.ffn as u64,
-            (self.kv_heads * self.head_dim) as u64,
-        );
-        let layer = 2 * h + h * h * 2 + 2 * h * kv + 3 * h * f;
-        let head = if self.untied_head {
-            self.vocab as u64 * h
-        } else {
-            0
-        };
-        self.vocab as u64 * h + self.layers as u64 * layer + h + head
+    /// Bytes of one conversation's KV cache at `tokens` positions (f32 keys and values).
+    pub fn kv_bytes(&self, tokens: usize) -> u64 {
+        crate::graph::kv_cache_bytes(self.layers, self.kv_heads * self.head_dim, tokens)
+    }
+
+    /// Checks every tensor the graph reads (present, the shape the metadata gives it, a type
+    /// it can hold) before any is read: a file is refused whole, by the first bad tensor.
+    pub fn check_tensors(&self, g: &Gguf) -> Result<(), ImportError> {
+        let (h, f, kv) = (self.hidden, self.ffn, self.kv_heads * self.head_dim);
+        let mut matrices = vec![("token_embd.weight".to_string(), [h, self.vocab])];
+        let mut vectors = vec![("output_norm.weight".to_string(), h)];
+        if self.untied_head {
+            matrices.push(("output.weight".into(), [h, self.vocab]));
+        }
+        if self.rope_freqs {
+            vectors.push(("rope_freqs.weight".into(), self.head_dim / 2));
+        }
+        for i in 0..self.layers {
+            let p = format!("blk.{i}.");
+            for (t, dims) in [
+                ("attn_q", [h, h]),
+                ("attn_k", [h, kv]),
+                ("attn_v", [h, kv]),
+                ("attn_output", [h, h]),
+                ("ffn_gate", [h, f]),
+                ("ffn_up", [h, f]),
+                ("ffn_down", [f, h]),
+            ] {
+                matrices.push((format!("{p}{t}.weight"), dims));
+            }
+            vectors.push((format!("{p}attn_norm.weight"), h));
+            vectors.push((format!("{p}ffn_norm.weight"), h));
+        }
+        for (name, dims) in &matrices {
+            super::weights::check(g, name, dims, true)?;
+        }
+        for (name, len) in &vectors {
+            super::weights::check(g, name, &[*len], false)?;
+        }
+        Ok(())
     }
 }
 

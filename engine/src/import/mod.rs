@@ -48,10 +48,11 @@ const END_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"];
 /// Imports the GGUF at `path` into a deployable artifact in `out` (which must not exist):
 /// metadata, tokenizer, chat template and tensors read in Rust, the graph built in code, the
 /// weights kept in the file's blocks. `name` names the model (default: the file's
-/// `general.name`). Everything that can be refused is refused before the weights are read.
+/// file's name). Everything that can be refused is refused before the weights are read.
 pub fn import_gguf(path: &Path, out: &Path, name: Option<&str>) -> Result<Manifest, EngineError> {
     let g = gguf::read(path).map_err(ImportError::from)?;
     let h = llama::Hyper::read(&g)?;
+    h.check_tensors(&g)?;
     let tokenizer = tokenizer::tokenizer_json(&g)?;
     let template = g
         .str("tokenizer.chat_template")
@@ -100,17 +101,15 @@ fn manifest(g: &Gguf, h: &llama::Hyper, name: Option<&str>) -> Result<Manifest, 
             });
         }
     }
+    // the file's name, as ollama and llama.cpp show it (`general.name` is often a training
+    // run's: SmolLM2's says "smollm2-135m-8k-lc100k-mix1-ep2")
     let name = match name {
         Some(n) => n.to_string(),
         None => g
-            .str("general.name")
-            .map(|n| n.to_lowercase().replace(' ', "-"))
-            .unwrap_or_else(|_| {
-                g.path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "model".into())
-            }),
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_lowercase())
+            .unwrap_or_else(|| "model".into()),
     };
     let types: std::collections::BTreeSet<&str> = g.tensors.iter().map(|t| t.ty.name()).collect();
     let file = g

@@ -144,6 +144,32 @@ impl TensorReader {
     }
 }
 
+/// Checks, without reading its data, that the tensor `name` exists with the dims `want`
+/// (innermost first) and a type the graph can hold: a matrix's blocks or floats, a vector's
+/// floats.
+pub(crate) fn check(g: &Gguf, name: &str, want: &[usize], matrix: bool) -> Result<(), ImportError> {
+    let t = tensor(g, name)?;
+    check_dims(g, t, want)?;
+    let float = matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+    if float || (matrix && block_kind(t.ty).is_some()) {
+        return Ok(());
+    }
+    Err(ImportError::Unsupported {
+        path: g.path.clone(),
+        what: if matrix {
+            format!(
+                "tensor {name} is {}, which fieldllm's kernels do not run yet ({RUN_TYPES} do)",
+                t.ty
+            )
+        } else {
+            format!(
+                "tensor {name} is {}; a vector must be F32, F16 or BF16",
+                t.ty
+            )
+        },
+    })
+}
+
 /// The tensor `name`, or an error naming it.
 pub(crate) fn tensor<'g>(g: &'g Gguf, name: &str) -> Result<&'g TensorInfo, ImportError> {
     g.tensor(name).ok_or_else(|| ImportError::Invalid {

@@ -26,6 +26,7 @@ pub fn load(name: &str) -> Arc<Model> {
         &LoadOptions {
             verify: true,
             threads: 1,
+            context: None,
         },
     )
     .expect("model loads")
