@@ -9,7 +9,6 @@ use super::EngineError;
 use super::sampler::{Sampler, SamplingParams, logprob_of, top_logprobs};
 use super::session::{FeedError, Session};
 use super::stop::StopMatcher;
-use super::tokenizer::Utf8Stream;
 
 /// Most candidates a request may ask for per token.
 pub const MAX_LOGPROBS: usize = 20;
@@ -182,7 +181,7 @@ pub fn generate(
     outcome.timings.prompt_tok_s = per_s(prompt.len(), prompt_time);
 
     let mut sampler = Sampler::new(params.sampling.clone());
-    let mut utf8 = Utf8Stream::default();
+    let mut utf8 = model.tokenizer.answer_stream();
     let mut stops = StopMatcher::new(&params.stop);
     let mut history: Vec<u32> = session.tokens().to_vec();
     let mut first_token_at = None;

@@ -3,6 +3,9 @@
 //! Byte-level BPE tokens stand for raw bytes, and one character may span two tokens. So the
 //! stream is decoded byte-wise: each token adds its bytes to a [`Utf8Stream`], which releases
 //! only complete characters (DESIGN.md section 2: incremental UTF-8-safe detokenization).
+//! SentencePiece vocabularies (Llama 2 style, as `import::tokenizer` writes them) are decoded
+//! the same way: a piece's `▁` is a space, a byte piece `<0xNN>` the byte itself, and the
+//! space the tokenizer put before the text is dropped from an answer's start (HF's `Strip`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +22,55 @@ pub struct TokenText {
     bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
     special_text: Vec<String>,
+    /// An answer's first space is the tokenizer's prefix, not text (SentencePiece).
+    strip_first_space: bool,
+}
+
+/// How a vocabulary's pieces stand for bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pieces {
+    /// GPT-2's printable characters for bytes.
+    ByteLevel,
+    /// SentencePiece: `▁` for a space, `<0xNN>` for a byte, other text as itself.
+    SentencePiece,
+}
+
+/// The decoder of a `tokenizer.json`: byte-level, or SentencePiece's Replace + ByteFallback
+/// (with whether it strips the prefix space).
+fn pieces_of(json: &serde_json::Value) -> Option<(Pieces, bool)> {
+    let decoder = json.get("decoder")?;
+    match decoder.get("type")?.as_str()? {
+        "ByteLevel" => Some((Pieces::ByteLevel, false)),
+        "Sequence" => {
+            let steps = decoder.get("decoders")?.as_array()?;
+            let has = |t: &str| {
+                steps
+                    .iter()
+                    .any(|d| d.get("type").and_then(|v| v.as_str()) == Some(t))
+            };
+            let replaces_space = steps.iter().any(|d| {
+                d.get("type").and_then(|v| v.as_str()) == Some("Replace")
+                    && d.pointer("/pattern/String").and_then(|v| v.as_str()) == Some("▁")
+            });
+            let strip = steps.iter().any(|d| {
+                d.get("type").and_then(|v| v.as_str()) == Some("Strip")
+                    && d.get("start").and_then(|v| v.as_u64()).unwrap_or(0) > 0
+            });
+            (has("ByteFallback") && replaces_space).then_some((Pieces::SentencePiece, strip))
+        }
+        _ => None,
+    }
+}
+
+/// The bytes a SentencePiece piece stands for.
+fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>'))
+        && hex.len() == 2
+        && let Ok(b) = u8::from_str_radix(hex, 16)
+    {
+        return vec![b];
+    }
+    piece.replace('▁', " ").into_bytes()
 }
 
 /// GPT-2's printable-character -> byte map, the inverse of what byte-level vocabularies use.
@@ -51,12 +103,12 @@ impl TokenText {
         })?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
-        if json.pointer("/decoder/type").and_then(|v| v.as_str()) != Some("ByteLevel") {
+        let Some((pieces, strip_first_space)) = pieces_of(&json) else {
             return Err(EngineError::Tokenizer(format!(
-                "{}: only byte-level BPE tokenizers are supported (decoder type ByteLevel)",
+                "{}: only byte-level BPE and SentencePiece (byte fallback) tokenizers are supported",
                 path.display()
             )));
-        }
+        };
         let tokenizer = Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         let n = tokenizer.get_vocab_size(true);
@@ -79,6 +131,10 @@ impl TokenText {
                     path.display()
                 )));
             };
+            if pieces == Pieces::SentencePiece {
+                *slot = sentencepiece_bytes(&piece);
+                continue;
+            }
             *slot = piece
                 .chars()
                 .map(|c| table.get(&c).copied())
@@ -103,7 +159,16 @@ impl TokenText {
             bytes,
             special,
             special_text,
+            strip_first_space,
         })
+    }
+
+    /// A stream for one answer's tokens (dropping a SentencePiece prefix space at its start).
+    pub fn answer_stream(&self) -> Utf8Stream {
+        Utf8Stream {
+            pending: Vec::new(),
+            strip_first_space: self.strip_first_space,
+        }
     }
 
     /// Number of ids, special tokens included.
@@ -161,11 +226,28 @@ impl TokenText {
 #[derive(Debug, Default, Clone)]
 pub struct Utf8Stream {
     pending: Vec<u8>,
+    /// Drop one space at the start of the text (until any text has been released).
+    strip_first_space: bool,
 }
 
 impl Utf8Stream {
     /// Adds bytes; returns the text that is now complete. Invalid sequences become U+FFFD.
     pub fn push(&mut self, bytes: &[u8]) -> String {
+        let out = self.push_raw(bytes);
+        self.strip(out)
+    }
+
+    fn strip(&mut self, mut out: String) -> String {
+        if self.strip_first_space && !out.is_empty() {
+            self.strip_first_space = false;
+            if out.starts_with(' ') {
+                out.remove(0);
+            }
+        }
+        out
+    }
+
+    fn push_raw(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         loop {
@@ -199,7 +281,7 @@ impl Utf8Stream {
     pub fn finish(&mut self) -> String {
         let out = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
-        out
+        self.strip(out)
     }
 }
 
@@ -229,6 +311,29 @@ mod tests {
         assert_eq!(s.push(b"a\xffb"), "a\u{fffd}b");
         assert_eq!(s.push(b"\xe2\x82"), "");
         assert_eq!(s.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn sentencepiece_pieces_are_spaces_bytes_and_text() {
+        assert_eq!(sentencepiece_bytes("▁Paris"), b" Paris");
+        assert_eq!(sentencepiece_bytes("<0x0A>"), b"\n");
+        assert_eq!(sentencepiece_bytes("<0xE2>"), [0xe2]);
+        assert_eq!(sentencepiece_bytes("<0xZZ>"), b"<0xZZ>");
+        assert_eq!(sentencepiece_bytes("é▁▁"), "é  ".as_bytes());
+        let mut s = Utf8Stream {
+            strip_first_space: true,
+            ..Default::default()
+        };
+        // a split character first: nothing released, so the space rule waits for text
+        assert_eq!(s.push(&[0xe2]), "");
+        assert_eq!(s.push(&[0x82, 0xac]), "€");
+        assert_eq!(s.push(b" x"), " x", "only the answer's first space goes");
+        let mut s = Utf8Stream {
+            strip_first_space: true,
+            ..Default::default()
+        };
+        assert_eq!(s.push(b" The"), "The");
+        assert_eq!(s.push(b" end"), " end");
     }
 
     #[test]

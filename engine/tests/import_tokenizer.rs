@@ -143,3 +143,30 @@ fn what_cannot_be_imported_is_named() {
     let e = tokenizer_json(&spm).unwrap_err().to_string();
     assert!(e.contains("tokenizer.ggml.scores is missing"), "{e}");
 }
+
+/// The engine's streaming decode (`TokenText`: the byte table and an answer's stream) turns
+/// llama.cpp's ids for each test text back into the text, token by token: byte-level pieces,
+/// and SentencePiece's `▁` spaces, `<0xNN>` byte pieces and prefix space.
+#[test]
+fn streaming_decode_gives_back_llama_cpps_test_texts() {
+    for name in ["llama-spm", "llama-bpe", "gpt-2"] {
+        let g = fieldllm_gguf::read(need(&vocab(name))).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&tokenizer_json(&g).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let t = fieldllm_engine::tokenizer::TokenText::load(&path).unwrap();
+        for (text, ids) in cases(name) {
+            let mut s = t.answer_stream();
+            let mut got = String::new();
+            for id in ids {
+                got.push_str(&s.push(t.token_bytes(id)));
+            }
+            got.push_str(&s.finish());
+            assert_eq!(got, text, "{name}");
+        }
+    }
+}
