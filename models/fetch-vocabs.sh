@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches llama.cpp's tokenizer test vocabularies (MIT) from the llama-cpp-python 0.3.36 sdist
-# on PyPI (sha256-pinned): vocab-only GGUFs of GPT-2, Llama 3 (llama-bpe) and Llama 2
-# (llama-spm), each with its test inputs (.inp) and the token ids llama.cpp and HF give them
+# on PyPI (sha256-pinned): vocab-only GGUFs of GPT-2, Llama 3 (llama-bpe), Llama 2
+# (llama-spm) and Qwen2, each with its test inputs (.inp) and the token ids llama.cpp and HF give them
 # (.out). The Rust GGUF import's tokenizer is checked against them. Idempotent. Prints the
 # folder's path.
 set -euo pipefail
@@ -11,12 +11,13 @@ version=0.3.36
 sdist=llama_cpp_python-$version.tar.gz
 sdist_sha=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 out="$cache/llama-vocabs"
-names=(gpt-2 llama-bpe llama-spm)
+names=(gpt-2 llama-bpe llama-spm qwen2)
 
 # shellcheck source=wheel.sh
 . "$here/wheel.sh"
 
-if [ -f "$out/.unpacked" ]; then
+# the stamp names what was unpacked: a list grown since is unpacked again
+if [ -f "$out/.unpacked" ] && [ "$(cat "$out/.unpacked")" = "${names[*]}" ]; then
   echo "$out"
   exit 0
 fi
@@ -39,6 +40,6 @@ tar -xzf "$cache/$sdist" -C "$out.part" --strip-components=4 "${members[@]}"
 tar -xzf "$cache/$sdist" -O "llama_cpp_python-$version/vendor/llama.cpp/LICENSE" >"$out.part/LICENSE"
 # the big sdist is not needed once the vocabularies are out
 rm -f "$cache/$sdist"
-touch "$out.part/.unpacked"
+echo "${names[*]}" > "$out.part/.unpacked"
 mv "$out.part" "$out"
 echo "$out"

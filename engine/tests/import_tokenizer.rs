@@ -99,6 +99,11 @@ fn gpt_2s_tokenizer_encodes_as_llama_cpp_does() {
 }
 
 #[test]
+fn qwen2s_tokenizer_encodes_as_llama_cpp_does() {
+    encodes_as_llama_cpp("qwen2");
+}
+
+#[test]
 fn llama_2s_sentencepiece_tokenizer_encodes_as_llama_cpp_does() {
     encodes_as_llama_cpp("llama-spm");
 }
@@ -115,9 +120,14 @@ fn what_cannot_be_imported_is_named() {
         };
         tokenizer_json(&g).unwrap_err().to_string()
     };
-    let e = with("tokenizer.ggml.pre", Some(Value::String("qwen2".into())));
+    let e = with(
+        "tokenizer.ggml.pre",
+        Some(Value::String("deepseek-llm".into())),
+    );
     assert!(
-        e.contains("ggml-vocab-gpt-2.gguf") && e.contains("\"qwen2\"") && e.contains("llama-bpe"),
+        e.contains("ggml-vocab-gpt-2.gguf")
+            && e.contains("\"deepseek-llm\"")
+            && e.contains("llama-bpe"),
         "{e}"
     );
     let e = with("tokenizer.ggml.model", Some(Value::String("bert".into())));
@@ -149,7 +159,7 @@ fn what_cannot_be_imported_is_named() {
 /// and SentencePiece's `▁` spaces, `<0xNN>` byte pieces and prefix space.
 #[test]
 fn streaming_decode_gives_back_llama_cpps_test_texts() {
-    for name in ["llama-spm", "llama-bpe", "gpt-2"] {
+    for name in ["llama-spm", "llama-bpe", "gpt-2", "qwen2"] {
         let g = fieldllm_gguf::read(need(&vocab(name))).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");

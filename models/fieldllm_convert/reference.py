@@ -32,6 +32,16 @@ def _rope_interleaved(x: np.ndarray, positions: np.ndarray, base: float,
     return out.astype(np.float32)
 
 
+def _rope_neox(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+    """x: [seq, heads, head_dim]; rotates the two halves (Qwen2's layout, llama.cpp's NEOX)."""
+    hd = x.shape[-1]
+    inv = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = positions[:, None].astype(np.float64) * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x0, x1 = x[..., : hd // 2].astype(np.float64), x[..., hd // 2:].astype(np.float64)
+    return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).astype(np.float32)
+
+
 class ReferenceModel:
     """Keeps a KV cache so decode steps reuse earlier positions, like the engine does."""
 
@@ -56,11 +66,15 @@ class ReferenceModel:
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
             h = _rms_norm(x, w.get(p + "attn_norm.weight"), cfg.rms_eps)
-            q = (h @ w.get(p + "attn_q.weight").T).reshape(seq, nh, hd)
-            k = (h @ w.get(p + "attn_k.weight").T).reshape(seq, nkv, hd)
-            v = (h @ w.get(p + "attn_v.weight").T).reshape(seq, nkv, hd)
-            q = _rope_interleaved(q, pos, cfg.rope_base, factors)
-            k = _rope_interleaved(k, pos, cfg.rope_base, factors)
+            q, k, v = (h @ w.get(p + f"attn_{t}.weight").T for t in "qkv")
+            if cfg.arch == "qwen2":
+                q, k, v = (y + w.get(p + f"attn_{t}.bias") for y, t in zip((q, k, v), "qkv"))
+            q, k, v = q.reshape(seq, nh, hd), k.reshape(seq, nkv, hd), v.reshape(seq, nkv, hd)
+            if cfg.arch == "qwen2":
+                q, k = _rope_neox(q, pos, cfg.rope_base), _rope_neox(k, pos, cfg.rope_base)
+            else:
+                q = _rope_interleaved(q, pos, cfg.rope_base, factors)
+                k = _rope_interleaved(k, pos, cfg.rope_base, factors)
             self.k_cache[i] = np.concatenate([self.k_cache[i], k])
             self.v_cache[i] = np.concatenate([self.v_cache[i], v])
             kk, vv = self.k_cache[i], self.v_cache[i]

@@ -26,7 +26,8 @@ TINY_TEMPLATE = (
 )
 Q = gguf.GGMLQuantizationType
 
-# name -> (heads, kv heads, tensor type by role, untied head, Llama 3.1 rotary factors)
+# name -> (heads, kv heads, tensor type by role, untied head, Llama 3.1 rotary factors); roles
+# "down" (ffn_down) and "v" (attn_v) default to "ffn" and "attn"; a K-quant needs rows of 256
 VARIANTS: dict[str, tuple[int, int, dict[str, Q], bool, bool]] = {
     # SmolLM2's shape: grouped-query attention, the head tied to the embedding, f32
     "tiny-gqa-f32": (4, 2, {"embd": Q.F32, "attn": Q.F32, "ffn": Q.F32, "output": Q.F32}, False, False),
@@ -34,7 +35,16 @@ VARIANTS: dict[str, tuple[int, int, dict[str, Q], bool, bool]] = {
     "tiny-llama3": (8, 2, {"embd": Q.BF16, "attn": Q.F16, "ffn": Q.F16, "output": Q.F16}, True, True),
     # the file's own blocks, mixed: Q8_0 attention and embedding, Q4_1 MLP, tied head
     "tiny-blocks": (4, 1, {"embd": Q.Q8_0, "attn": Q.Q8_0, "ffn": Q.Q4_1, "output": Q.Q8_0}, False, False),
+    # the legacy 32-weight types people download: Q4_0, Q5_0, Q5_1
+    "tiny-legacy": (4, 2, {"embd": Q.Q5_0, "attn": Q.Q4_0, "v": Q.Q5_1, "ffn": Q.Q5_1, "down": Q.Q5_0,
+                           "output": Q.Q4_0}, True, False),
+    # a Q4_K_M file's mix: Q4_K, Q6_K for ffn_down, attn_v and the (tied) embedding, Q5_K
+    "tiny-kquants": (4, 2, {"embd": Q.Q6_K, "attn": Q.Q4_K, "v": Q.Q6_K, "ffn": Q.Q5_K, "down": Q.Q6_K,
+                            "output": Q.Q6_K}, False, True),
+    # Qwen2 / Qwen2.5: Q/K/V biases, Q/K rows in the half-split rotary order (NEOX), tied head
+    "tiny-qwen2": (4, 2, {"embd": Q.Q8_0, "attn": Q.F16, "ffn": Q.Q4_0, "output": Q.Q8_0}, False, False),
 }
+QWEN2 = {"tiny-qwen2"}
 
 
 def llama3_factors(head_dim: int, base: float, factor: float = 8.0, low: float = 1.0, high: float = 4.0,
@@ -60,20 +70,43 @@ def llama3_factors(head_dim: int, base: float, factor: float = 8.0, low: float =
 BAD = ["architecture", "tensor-type", "vocabulary", "tensor-shape", "missing-key", "key-type"]
 
 
+def random_kquant(rng: np.random.Generator, rows: int, cols: int, qtype: Q) -> np.ndarray:
+    """Random but valid K-quant blocks (gguf cannot quantize to K-quants; its dequantizer, which
+    the reference uses, reads them), scaled so a weight is about 1/sqrt(cols) like `mat`'s."""
+    nb = cols // 256
+    u8 = lambda n: rng.integers(0, 256, size=(rows, nb, n), dtype=np.uint8)  # noqa: E731
+    f16 = lambda v: np.full((rows, nb, 1), v, np.float16).view(np.uint8)  # noqa: E731
+    unit = 1.0 / np.sqrt(cols)
+    if qtype == Q.Q4_K:
+        parts = [f16(2 * unit / (63 * 15)), f16(unit / 63), u8(12), u8(128)]
+    elif qtype == Q.Q5_K:
+        parts = [f16(2 * unit / (63 * 31)), f16(unit / 63), u8(12), u8(32), u8(128)]
+    elif qtype == Q.Q6_K:
+        scales = rng.integers(-64, 64, size=(rows, nb, 16)).astype(np.int8).view(np.uint8)
+        parts = [u8(128), u8(64), scales, f16(unit / (64 * 32))]
+    else:
+        raise ValueError(qtype)
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
+
+
 def write_tiny_gguf(path: str, variant: str, seed: int, bad: str | None = None) -> None:
     """`bad` makes one thing wrong: another architecture, a tensor type without a kernel, a
     vocabulary one token short of the embedding, a product of the wrong shape, a missing or a
     mistyped hyper-parameter."""
     heads, kv_heads, types, untied, rope_freqs = VARIANTS[variant]
     tokens, token_types, merges = tiny_vocab(n_merges=64)
-    cfg = LlamaConfig(n_layers=2, hidden=64, ffn=128, n_heads=heads, n_kv_heads=kv_heads, vocab=len(tokens),
+    wide = variant == "tiny-kquants"
+    types = {"down": types["ffn"], "v": types["attn"], **types}
+    cfg = LlamaConfig(n_layers=2, hidden=256 if wide else 64, ffn=512 if wide else 128, n_heads=heads,
+                      n_kv_heads=kv_heads, vocab=len(tokens),
                       context_length=256, rope_base=10000.0, rms_eps=1e-5)
     rng = np.random.default_rng(seed)
     hd = cfg.head_dim
-    w = gguf.GGUFWriter(path, "qwen3" if bad == "architecture" else "llama")
+    arch = "qwen3" if bad == "architecture" else "qwen2" if variant in QWEN2 else "llama"
+    w = gguf.GGUFWriter(path, arch)
     w.add_name(variant)
     if bad == "key-type":
-        w.add_string("llama.block_count", str(cfg.n_layers))
+        w.add_string(f"{arch}.block_count", str(cfg.n_layers))
     else:
         w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.context_length)
@@ -86,7 +119,7 @@ def write_tiny_gguf(path: str, variant: str, seed: int, bad: str | None = None) 
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_rope_dimension_count(hd)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "gpt-2")
     if bad == "vocabulary":
         tokens, token_types = tokens[:-1], token_types[:-1]
         merges = merges[:-1]
@@ -101,8 +134,12 @@ def write_tiny_gguf(path: str, variant: str, seed: int, bad: str | None = None) 
         arr = arr.astype(np.float32)
         if qtype == Q.F32:
             w.add_tensor(name, arr)
+        elif qtype == Q.F64:
+            w.add_tensor(name, arr.astype(np.float64))
         elif qtype == Q.F16:
             w.add_tensor(name, arr.astype(np.float16))
+        elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            w.add_tensor(name, random_kquant(rng, arr.shape[0], arr.shape[1], qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
 
@@ -121,12 +158,15 @@ def write_tiny_gguf(path: str, variant: str, seed: int, bad: str | None = None) 
         q_in = cfg.hidden // 2 if bad == "tensor-shape" else cfg.hidden
         put(p + "attn_q.weight", mat(heads * hd, q_in), types["attn"])
         put(p + "attn_k.weight", mat(kv_heads * hd, cfg.hidden), types["attn"])
-        put(p + "attn_v.weight", mat(kv_heads * hd, cfg.hidden), types["attn"])
+        put(p + "attn_v.weight", mat(kv_heads * hd, cfg.hidden), types["v"])
         put(p + "attn_output.weight", mat(cfg.hidden, heads * hd), types["attn"])
+        if arch == "qwen2":
+            for t, n in (("q", heads * hd), ("k", kv_heads * hd), ("v", kv_heads * hd)):
+                put(p + f"attn_{t}.bias", 0.2 * rng.standard_normal(n), Q.F32)
         put(p + "ffn_norm.weight", norm(cfg.hidden), Q.F32)
         put(p + "ffn_gate.weight", mat(cfg.ffn, cfg.hidden), types["ffn"])
-        put(p + "ffn_up.weight", mat(cfg.ffn, cfg.hidden), Q.Q5_0 if bad == "tensor-type" else types["ffn"])
-        put(p + "ffn_down.weight", mat(cfg.hidden, cfg.ffn), types["ffn"])
+        put(p + "ffn_up.weight", mat(cfg.ffn, cfg.hidden), Q.F64 if bad == "tensor-type" else types["ffn"])
+        put(p + "ffn_down.weight", mat(cfg.hidden, cfg.ffn), types["down"])
     put("output_norm.weight", norm(cfg.hidden), Q.F32)
     if untied:
         put("output.weight", mat(cfg.vocab, cfg.hidden), types["output"])
@@ -143,6 +183,12 @@ def cmd_tiny_gguf(out_dir: str, decode_steps: int, seed: int) -> None:
         path = os.path.join(out_dir, variant + ".gguf")
         write_tiny_gguf(path, variant, seed + n)
         weights, _ = read_gguf(path)
+        # every block-quantized tensor as gguf dequantizes it, in the file's order, f32 LE:
+        # the Rust forms must give these values bit for bit
+        with open(os.path.join(out_dir, variant + ".dequant.f32"), "wb") as f:
+            for t in gguf.GGUFReader(path).tensors:
+                if t.tensor_type not in (Q.F32, Q.F16, Q.BF16):
+                    f.write(weights.tensors[t.name].astype("<f4").tobytes())
         run = reference_run(weights, TINY_PROMPT, decode_steps)
         write_reference(os.path.join(out_dir, variant + ".reference.json"), run, {"model": variant})
     for bad in BAD:

@@ -22,6 +22,9 @@ class LlamaConfig:
     context_length: int
     rope_base: float
     rms_eps: float
+    # "llama" (Q/K rows permuted for interleaved rotary) or "qwen2" (Q/K/V biases, rows in the
+    # half-split order: llama.cpp's NEOX rotary)
+    arch: str = "llama"
 
     @property
     def head_dim(self) -> int:
@@ -62,8 +65,8 @@ def read_gguf(path: str) -> tuple[LlamaWeights, dict]:
     reader = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items()}
     arch = meta["general.architecture"]
-    if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported (llama only)")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{path}: architecture {arch!r} is not supported (llama, qwen2)")
     cfg = LlamaConfig(
         n_layers=int(meta[f"{arch}.block_count"]),
         hidden=int(meta[f"{arch}.embedding_length"]),
@@ -74,6 +77,7 @@ def read_gguf(path: str) -> tuple[LlamaWeights, dict]:
         context_length=int(meta[f"{arch}.context_length"]),
         rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         rms_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        arch=arch,
     )
     w = LlamaWeights(cfg)
     for t in reader.tensors:

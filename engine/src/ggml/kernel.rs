@@ -16,9 +16,16 @@ use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use super::packed::{GROUP, Packed};
-use super::{BLOCK, QuantizedActs};
+use super::{BLOCK, BlockKind, QuantizedActs};
 pub use crate::cpu::Isa;
 use crate::cpu::{Team, part_of};
+
+/// The 8-bit kernels' `K`: Q8_0 (one scale).
+pub(crate) const EIGHT_BIT: u8 = 0;
+/// Q8_MIN: a scale and a minimum.
+pub(crate) const EIGHT_BIT_MIN: u8 = 1;
+/// Q8_HALF: a scale per 16 values.
+pub(crate) const EIGHT_BIT_HALF: u8 = 2;
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
@@ -165,11 +172,22 @@ fn scalar(w: &Packed<'_>, groups: Range<usize>, x: &QuantizedActs, out: Out) {
         for r in rows.clone() {
             let mut acc = 0f32;
             for b in 0..nb {
-                let (d, m, q) = w.block(r, b);
+                let blk = w.block(r, b);
                 let xi = c * nb + b;
                 let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
-                let sumi: i32 = q.iter().zip(xq).map(|(&a, &b)| a * b as i32).sum();
-                acc += d * x.d[xi] * sumi as f32 + m * x.s[xi];
+                let dot = |r: Range<usize>| -> i32 {
+                    blk.q[r.clone()]
+                        .iter()
+                        .zip(&xq[r])
+                        .map(|(&a, &b)| a * b as i32)
+                        .sum()
+                };
+                if w.kind == BlockKind::Q8Half {
+                    let (lo, hi) = (dot(0..16), dot(16..32));
+                    acc += blk.d[0] * x.d[xi] * lo as f32 + blk.d[1] * x.d[xi] * hi as f32;
+                } else {
+                    acc += blk.d[0] * x.d[xi] * dot(0..32) as f32 + blk.m * x.s[xi];
+                }
             }
             // SAFETY: in bounds (asserted by the caller), column r is this caller's
             unsafe { out.write(c, r, acc) };
@@ -206,23 +224,31 @@ impl Out {
 }
 
 /// Walks row groups `groups` and all activation rows, 4 activation rows at a time while there
-/// are, then 2, then 1, calling `tile::<C>(g, c0)`. Shared by every SIMD kernel.
+/// are, then 2, then 1, calling `tile::<C>(g, c0)` (or `tile::<C, K>`). Shared by every SIMD
+/// kernel.
 macro_rules! drive_tiles {
-    ($tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
+    ($tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {
+        drive_tiles!(@go [], $tile, $w, $groups, $x, $out)
+    };
+    // a kernel with one more const parameter after the tile's rows: `tile::<C, K>`
+    ($tile:ident :: <$k:ident>, $w:expr, $groups:expr, $x:expr, $out:expr) => {
+        drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out)
+    };
+    (@go [$($k:ident)?], $tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
         let (w, x, out) = ($w, $x, $out);
         let groups: std::ops::Range<usize> = $groups;
         for g in groups {
             let mut c = 0;
             while c + 4 <= x.rows {
-                $tile::<4>(w, g, x, c, out);
+                $tile::<4 $(, $k)?>(w, g, x, c, out);
                 c += 4;
             }
             if c + 2 <= x.rows {
-                $tile::<2>(w, g, x, c, out);
+                $tile::<2 $(, $k)?>(w, g, x, c, out);
                 c += 2;
             }
             while c < x.rows {
-                $tile::<1>(w, g, x, c, out);
+                $tile::<1 $(, $k)?>(w, g, x, c, out);
                 c += 1;
             }
         }

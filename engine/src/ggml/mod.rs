@@ -12,6 +12,7 @@
 //! tests and the import checks use), then packed for the kernels ([`packed`]: rows interleaved
 //! in groups of 8). Neither step changes a quantized value.
 
+pub mod convert;
 pub mod kernel;
 pub mod op;
 pub mod packed;
@@ -19,47 +20,73 @@ pub mod packed;
 /// Values per quantization block (every GGUF type used here).
 pub const BLOCK: usize = 32;
 
-/// The GGUF block types the kernels run.
+/// The run-time block forms the kernels run. Two are GGUF's own; the others hold, value for
+/// value, the GGUF types whose values do not fit them ([`convert`]): every weight dequantizes
+/// to exactly what ggml's dequantization gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockKind {
     /// 4-bit unsigned `q` with a scale and a minimum: `x = d * q + m`, 16 bytes of nibbles per
-    /// block (low nibbles are values 0..16, high nibbles 16..32).
+    /// block (low nibbles are values 0..16, high nibbles 16..32). Holds Q4_1, and Q4_0 and
+    /// Q4_K exactly (Q4_0: `m = -8 d`; Q4_K: each 32-value sub-block's scale and minimum).
     Q4_1,
-    /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block.
+    /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block. Holds Q8_0, and Q5_0
+    /// exactly (`q - 16`).
     Q8_0,
+    /// 8-bit `q` (0..=31) with a scale and a minimum: `x = d * q + m`. Holds Q5_1 and Q5_K.
+    Q8Min,
+    /// 8-bit signed `q` (-32..=31) with a scale per 16 values: `x = d[j / 16] * q`. Holds Q6_K
+    /// (each 16-value sub-block's scale times the super-block's).
+    Q8Half,
 }
 
 impl BlockKind {
-    /// The GGUF type name.
+    /// Every form.
+    pub const ALL: [BlockKind; 4] = [
+        BlockKind::Q4_1,
+        BlockKind::Q8_0,
+        BlockKind::Q8Min,
+        BlockKind::Q8Half,
+    ];
+
+    /// The form's name (the GGUF type's, for GGUF's own forms).
     pub fn name(self) -> &'static str {
         match self {
             BlockKind::Q4_1 => "Q4_1",
             BlockKind::Q8_0 => "Q8_0",
+            BlockKind::Q8Min => "Q8_MIN",
+            BlockKind::Q8Half => "Q8_HALF",
         }
     }
 
-    /// Parses a GGUF type name.
+    /// Parses a name of [`Self::name`].
     pub fn parse(s: &str) -> Option<BlockKind> {
-        match s {
-            "Q4_1" => Some(BlockKind::Q4_1),
-            "Q8_0" => Some(BlockKind::Q8_0),
-            _ => None,
-        }
+        BlockKind::ALL.into_iter().find(|k| k.name() == s)
     }
 
     /// Bytes of quantized values per block (scales excluded).
     pub fn qs_bytes(self) -> usize {
         match self {
             BlockKind::Q4_1 => BLOCK / 2,
-            BlockKind::Q8_0 => BLOCK,
+            _ => BLOCK,
         }
     }
 
-    /// Bytes per block in the GGUF file (f16 scale, f16 minimum for Q4_1, then the values).
+    /// Whether blocks carry a minimum (`x = d * q + m`).
+    pub fn has_min(self) -> bool {
+        matches!(self, BlockKind::Q4_1 | BlockKind::Q8Min)
+    }
+
+    /// Scales per 32-value block (two for [`BlockKind::Q8Half`]).
+    pub fn scales_per_block(self) -> usize {
+        if self == BlockKind::Q8Half { 2 } else { 1 }
+    }
+
+    /// Bytes per block in the GGUF file, for GGUF's own forms (f16 scale, f16 minimum for
+    /// Q4_1, then the values).
     pub fn gguf_block_bytes(self) -> usize {
         match self {
             BlockKind::Q4_1 => 4 + BLOCK / 2,
-            BlockKind::Q8_0 => 2 + BLOCK,
+            _ => 2 + BLOCK,
         }
     }
 }
@@ -75,9 +102,9 @@ pub struct Weights<'a> {
     pub k: usize,
     /// `n * k / 32` blocks of [`BlockKind::qs_bytes`] bytes, row-major.
     pub qs: &'a [u8],
-    /// One scale per block.
+    /// One scale per block ([`BlockKind::scales_per_block`]: two for `Q8Half`).
     pub d: &'a [f32],
-    /// One minimum per block (Q4_1), empty for Q8_0.
+    /// One minimum per block ([`BlockKind::has_min`]), else empty.
     pub m: &'a [f32],
 }
 
@@ -115,6 +142,18 @@ impl Weights<'_> {
                 BlockKind::Q8_0 => {
                     for j in 0..BLOCK {
                         o[j] = d * (q[j] as i8) as f32;
+                    }
+                }
+                BlockKind::Q8Min => {
+                    let m = self.m[i];
+                    for j in 0..BLOCK {
+                        o[j] = d * (q[j] as i8) as f32 + m;
+                    }
+                }
+                BlockKind::Q8Half => {
+                    let dd = [self.d[2 * i], self.d[2 * i + 1]];
+                    for j in 0..BLOCK {
+                        o[j] = dd[j / 16] * (q[j] as i8) as f32;
                     }
                 }
             }
@@ -159,6 +198,12 @@ impl OwnedWeights {
         bytes: &[u8],
     ) -> Result<OwnedWeights, LayoutError> {
         check_k(k)?;
+        if !matches!(kind, BlockKind::Q4_1 | BlockKind::Q8_0) {
+            return Err(LayoutError::Shape(format!(
+                "{} is not a GGUF type: see convert::from_gguf",
+                kind.name()
+            )));
+        }
         let blocks = n * (k / BLOCK);
         let bb = kind.gguf_block_bytes();
         if bytes.len() != blocks * bb {
@@ -186,7 +231,7 @@ impl OwnedWeights {
                     w.m.push(f16_at(blk, 2));
                     w.qs.extend_from_slice(&blk[4..]);
                 }
-                BlockKind::Q8_0 => w.qs.extend_from_slice(&blk[2..]),
+                _ => w.qs.extend_from_slice(&blk[2..]),
             }
         }
         Ok(w)

@@ -5,11 +5,14 @@
 //! weight matrix as one sequential stream, and needs no horizontal sums.
 //!
 //! Per group of 8 rows and per 32-value block, little-endian:
-//! - `d`: 8 x f32, the rows' scales (the GGUF's f16, widened exactly);
-//! - `m`: 8 x f32, the rows' minimums (Q4_1 only);
+//! - `d`: 8 x f32, the rows' scales (the GGUF's f16, widened exactly); for Q8_HALF, the scales
+//!   of values 0..16;
+//! - a second plane of 8 x f32: the rows' minimums (Q4_1, Q8_MIN), or the scales of values
+//!   16..32 (Q8_HALF); Q8_0 has none;
 //! - Q4_1: 4 vectors of 32 bytes; vector `v`, row `r`, byte `t` (0..4) holds value `8v + t`
 //!   of row `r` in its low nibble and value `8v + 4 + t` in its high nibble;
-//! - Q8_0: 8 vectors of 32 bytes; vector `c`, row `r`, byte `t` is value `4c + t` of row `r`.
+//! - the 8-bit forms: 8 vectors of 32 bytes; vector `c`, row `r`, byte `t` is value `4c + t`
+//!   of row `r`.
 //!
 //! Rows past `n` (the last group's padding) are zero and never written out. Values are the
 //! GGUF's quantized values moved, never re-quantized.
@@ -19,20 +22,30 @@ use super::{BLOCK, BlockKind, LayoutError, OwnedWeights};
 /// Rows per group.
 pub const GROUP: usize = 8;
 
+/// f32 planes (of 8 rows) before the values: scales, then minimums or second scales.
+fn planes(kind: BlockKind) -> usize {
+    if kind == BlockKind::Q8_0 { 1 } else { 2 }
+}
+
 /// Bytes of one group's block: scales (and minimums) then values.
 pub fn group_block_bytes(kind: BlockKind) -> usize {
-    match kind {
-        BlockKind::Q4_1 => 2 * GROUP * 4 + GROUP * BLOCK / 2,
-        BlockKind::Q8_0 => GROUP * 4 + GROUP * BLOCK,
-    }
+    values_offset(kind) + GROUP * kind.qs_bytes()
 }
 
 /// Byte offset of the values in a group's block.
 pub fn values_offset(kind: BlockKind) -> usize {
-    match kind {
-        BlockKind::Q4_1 => 2 * GROUP * 4,
-        BlockKind::Q8_0 => GROUP * 4,
-    }
+    planes(kind) * GROUP * 4
+}
+
+/// One row's block, unpacked: what the scalar kernel and the lookup use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowBlock {
+    /// Scales of values 0..16 and 16..32 (equal but for Q8_HALF).
+    pub d: [f32; 2],
+    /// Minimum (0 for forms without).
+    pub m: f32,
+    /// The 32 quantized values.
+    pub q: [i32; BLOCK],
 }
 
 /// A packed weight matrix, borrowed.
@@ -83,39 +96,58 @@ impl<'a> Packed<'a> {
         &self.bytes[i * gbb..(i + 1) * gbb]
     }
 
-    /// Row `r`'s scale, minimum (0 for Q8_0) and 32 quantized values in block `b`.
-    pub fn block(&self, r: usize, b: usize) -> (f32, f32, [i32; BLOCK]) {
+    /// Row `r`'s block `b`: scales, minimum and values.
+    pub fn block(&self, r: usize, b: usize) -> RowBlock {
         let blk = self.group_block(r / GROUP, b);
         let lane = r % GROUP;
         let f = |o: usize| f32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
         let d = f(lane * 4);
+        let second = f(GROUP * 4 + lane * 4);
         let vo = values_offset(self.kind);
         let mut q = [0i32; BLOCK];
-        let m = match self.kind {
-            BlockKind::Q4_1 => {
-                for (j, qj) in q.iter_mut().enumerate() {
-                    let (v, hi, t) = (j / 8, (j / 4) % 2 == 1, j % 4);
-                    let byte = blk[vo + v * 32 + lane * 4 + t];
-                    *qj = if hi { byte >> 4 } else { byte & 0x0f } as i32;
-                }
-                f(GROUP * 4 + lane * 4)
+        if self.kind == BlockKind::Q4_1 {
+            for (j, qj) in q.iter_mut().enumerate() {
+                let (v, hi, t) = (j / 8, (j / 4) % 2 == 1, j % 4);
+                let byte = blk[vo + v * 32 + lane * 4 + t];
+                *qj = if hi { byte >> 4 } else { byte & 0x0f } as i32;
             }
-            BlockKind::Q8_0 => {
-                for (j, qj) in q.iter_mut().enumerate() {
-                    *qj = blk[vo + (j / 4) * 32 + lane * 4 + j % 4] as i8 as i32;
-                }
-                0.0
+        } else {
+            for (j, qj) in q.iter_mut().enumerate() {
+                *qj = blk[vo + (j / 4) * 32 + lane * 4 + j % 4] as i8 as i32;
             }
-        };
-        (d, m, q)
+        }
+        match self.kind {
+            BlockKind::Q8Half => RowBlock {
+                d: [d, second],
+                m: 0.0,
+                q,
+            },
+            k if k.has_min() => RowBlock {
+                d: [d, d],
+                m: second,
+                q,
+            },
+            _ => RowBlock {
+                d: [d, d],
+                m: 0.0,
+                q,
+            },
+        }
     }
 
     /// Row `r` dequantized into `out` (`k` values): the embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         for b in 0..self.blocks_per_row() {
-            let (d, m, q) = self.block(r, b);
-            for (o, q) in out[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(q) {
-                *o = d * q as f32 + m;
+            let blk = self.block(r, b);
+            let min = self.kind.has_min();
+            for (j, (o, q)) in out[b * BLOCK..(b + 1) * BLOCK]
+                .iter_mut()
+                .zip(blk.q)
+                .enumerate()
+            {
+                // no `+ 0.0` without a minimum: it would turn ggml's -0.0 into 0.0
+                let v = blk.d[j / 16] * q as f32;
+                *o = if min { v + blk.m } else { v };
             }
         }
     }
@@ -128,38 +160,45 @@ pub fn pack(w: &OwnedWeights) -> Vec<u8> {
     let groups = w.n.div_ceil(GROUP);
     let mut out = vec![0u8; groups * nb * gbb];
     let qb = w.kind.qs_bytes();
+    let spb = w.kind.scales_per_block();
+    let vo = values_offset(w.kind);
     for g in 0..groups {
         for b in 0..nb {
             let blk = &mut out[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
-            let vo = values_offset(w.kind);
             for lane in 0..GROUP {
                 let r = g * GROUP + lane;
                 if r >= w.n {
                     break;
                 }
                 let i = r * nb + b;
-                blk[lane * 4..lane * 4 + 4].copy_from_slice(&w.d[i].to_le_bytes());
+                blk[lane * 4..lane * 4 + 4].copy_from_slice(&w.d[i * spb].to_le_bytes());
+                let second = if spb == 2 {
+                    Some(w.d[i * 2 + 1])
+                } else if w.kind.has_min() {
+                    Some(w.m[i])
+                } else {
+                    None
+                };
+                if let Some(v) = second {
+                    let o = GROUP * 4 + lane * 4;
+                    blk[o..o + 4].copy_from_slice(&v.to_le_bytes());
+                }
                 let q = &w.qs[i * qb..(i + 1) * qb];
-                match w.kind {
-                    BlockKind::Q4_1 => {
-                        let o = GROUP * 4 + lane * 4;
-                        blk[o..o + 4].copy_from_slice(&w.m[i].to_le_bytes());
-                        // GGUF: byte j holds value j (low nibble) and j + 16 (high)
-                        let val = |j: usize| {
-                            if j < 16 { q[j] & 0x0f } else { q[j - 16] >> 4 }
-                        };
-                        for v in 0..4 {
-                            for t in 0..4 {
-                                blk[vo + v * 32 + lane * 4 + t] =
-                                    val(8 * v + t) | (val(8 * v + 4 + t) << 4);
-                            }
+                if w.kind == BlockKind::Q4_1 {
+                    // GGUF: byte j holds value j (low nibble) and j + 16 (high)
+                    let val = |j: usize| {
+                        if j < 16 { q[j] & 0x0f } else { q[j - 16] >> 4 }
+                    };
+                    for v in 0..4 {
+                        for t in 0..4 {
+                            blk[vo + v * 32 + lane * 4 + t] =
+                                val(8 * v + t) | (val(8 * v + 4 + t) << 4);
                         }
                     }
-                    BlockKind::Q8_0 => {
-                        for c in 0..8 {
-                            for t in 0..4 {
-                                blk[vo + c * 32 + lane * 4 + t] = q[4 * c + t];
-                            }
+                } else {
+                    for c in 0..8 {
+                        for t in 0..4 {
+                            blk[vo + c * 32 + lane * 4 + t] = q[4 * c + t];
                         }
                     }
                 }

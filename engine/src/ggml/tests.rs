@@ -31,6 +31,43 @@ fn random_gguf(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> Vec
     bytes
 }
 
+/// Every run-time form.
+const KINDS: [BlockKind; 4] = BlockKind::ALL;
+
+/// Random weights of `kind`: GGUF blocks for GGUF's own forms; for the others, the values the
+/// GGUF types they hold make (Q5_1 / Q5_K: 0..=31 with a minimum; Q6_K: -32..=31, two scales).
+fn random_weights(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> OwnedWeights {
+    let blocks = n * k / BLOCK;
+    let scale = |rng: &mut ChaCha8Rng| f16::from_f32(0.01 + 0.05 * uniform(rng).abs()).to_f32();
+    match kind {
+        BlockKind::Q4_1 | BlockKind::Q8_0 => {
+            OwnedWeights::from_gguf(kind, n, k, &random_gguf(rng, kind, n, k)).unwrap()
+        }
+        BlockKind::Q8Min => OwnedWeights {
+            kind,
+            n,
+            k,
+            qs: (0..blocks * BLOCK)
+                .map(|_| (rng.next_u32() % 32) as u8)
+                .collect(),
+            d: (0..blocks).map(|_| scale(rng)).collect(),
+            m: (0..blocks).map(|_| -0.2 * uniform(rng).abs()).collect(),
+        },
+        BlockKind::Q8Half => OwnedWeights {
+            kind,
+            n,
+            k,
+            qs: (0..blocks * BLOCK)
+                .map(|_| ((rng.next_u32() % 64) as i8 - 32) as u8)
+                .collect(),
+            d: (0..2 * blocks)
+                .map(|_| scale(rng) * (1 + rng.next_u32() % 127) as f32 / 64.0)
+                .collect(),
+            m: vec![],
+        },
+    }
+}
+
 fn random_acts(rng: &mut ChaCha8Rng, rows: usize, k: usize) -> Vec<f32> {
     (0..rows * k)
         .map(|i| uniform(rng) * if i % 7 == 0 { 4.0 } else { 1.0 })
@@ -59,11 +96,22 @@ fn reference(w: &Weights<'_>, x: &QuantizedActs) -> Vec<f32> {
                         }
                         acc += w.d[wi] * x.d[xi] * sumi as f32 + w.m[wi] * x.s[xi];
                     }
-                    BlockKind::Q8_0 => {
+                    BlockKind::Q8_0 | BlockKind::Q8Min => {
                         for j in 0..BLOCK {
                             sumi += (q[j] as i8) as i32 * xq[j] as i32;
                         }
                         acc += w.d[wi] * x.d[xi] * sumi as f32;
+                        if w.kind == BlockKind::Q8Min {
+                            acc += w.m[wi] * x.s[xi];
+                        }
+                    }
+                    BlockKind::Q8Half => {
+                        let mut half = [0i32; 2];
+                        for j in 0..BLOCK {
+                            half[j / 16] += (q[j] as i8) as i32 * xq[j] as i32;
+                        }
+                        acc += w.d[2 * wi] * x.d[xi] * half[0] as f32
+                            + w.d[2 * wi + 1] * x.d[xi] * half[1] as f32;
                     }
                 }
             }
@@ -76,9 +124,9 @@ fn reference(w: &Weights<'_>, x: &QuantizedActs) -> Vec<f32> {
 #[test]
 fn the_reference_is_the_f32_product_of_the_dequantized_operands() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+    for kind in KINDS {
         let (n, k, rows) = (5, 96, 3);
-        let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k)).unwrap();
+        let w = random_weights(&mut rng, kind, n, k);
         let x = random_acts(&mut rng, rows, k);
         let mut q = QuantizedActs::default();
         q.quantize(&x, rows, k);
@@ -171,7 +219,7 @@ fn a_remainder_row_brings_the_activations_to_15_bits() {
 fn every_kernel_matches_the_reference_on_awkward_sizes() {
     let isas = crate::cpu::tested_isas();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+    for kind in KINDS {
         for (n, k) in [
             (1, 32),
             (3, 64),
@@ -183,8 +231,7 @@ fn every_kernel_matches_the_reference_on_awkward_sizes() {
         ] {
             // every way to cut rows into tiles of 4, 2 and 1
             for rows in [1, 2, 3, 4, 5, 6, 7, 9, 37] {
-                let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k))
-                    .unwrap();
+                let w = random_weights(&mut rng, kind, n, k);
                 let mut q = QuantizedActs::default();
                 q.quantize(&random_acts(&mut rng, rows, k), rows, k);
                 let want = reference(&w.view(), &q);
@@ -218,8 +265,7 @@ fn every_kernel_matches_the_reference_on_awkward_sizes() {
 
 /// Random weights of `kind`, `[n, k]`, packed for the kernels.
 fn random_packed(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> Vec<u8> {
-    let w = OwnedWeights::from_gguf(kind, n, k, &random_gguf(rng, kind, n, k)).unwrap();
-    packed::pack(&w)
+    packed::pack(&random_weights(rng, kind, n, k))
 }
 
 #[test]
@@ -278,10 +324,9 @@ fn planes_check_their_sizes() {
 #[test]
 fn packing_moves_every_value_and_scale_unchanged() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+    for kind in KINDS {
         for (n, k) in [(1, 32), (8, 64), (13, 96)] {
-            let w =
-                OwnedWeights::from_gguf(kind, n, k, &random_gguf(&mut rng, kind, n, k)).unwrap();
+            let w = random_weights(&mut rng, kind, n, k);
             let bytes = packed::pack(&w);
             let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
             let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);

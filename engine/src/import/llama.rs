@@ -26,8 +26,10 @@ use crate::ggml::op::{GgmlGather, GgmlMatMul};
 use crate::ggml::packed::{GROUP, group_block_bytes, pack};
 use crate::ggml::{BLOCK, BlockKind, OwnedWeights};
 
-/// The architectures this builder makes, by `general.architecture`.
-pub const ARCHITECTURES: [&str; 1] = ["llama"];
+/// The architectures this builder makes, by `general.architecture`: Llama (1, 2, 3, 3.1, 3.2,
+/// SmolLM2) and Qwen2 / Qwen2.5, whose only differences are biases on the Q/K/V products and
+/// rows kept in the rotary's half-split order (llama.cpp runs it as NEOX rotary).
+pub const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
 
 /// The hyper-parameters the graph is built from, read from the metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +60,9 @@ pub struct Hyper {
     pub rope_freqs: bool,
     /// Whether the LM head is its own tensor (`output.weight`) or the embedding's (tied).
     pub untied_head: bool,
+    /// Qwen2: the Q/K/V products have biases, and Q/K rows are stored in the half-split
+    /// rotary order already (Llama's are permuted to llama.cpp's interleaved one).
+    pub qkv_bias: bool,
 }
 
 impl Hyper {
@@ -176,6 +181,7 @@ impl Hyper {
             rms_eps,
             rope_freqs: g.tensor("rope_freqs.weight").is_some(),
             untied_head,
+            qkv_bias: arch == "qwen2",
             arch,
         })
     }
@@ -211,6 +217,11 @@ impl Hyper {
                 matrices.push((format!("{p}{t}.weight"), dims));
             }
             vectors.push((format!("{p}attn_norm.weight"), h));
+            if self.qkv_bias {
+                vectors.push((format!("{p}attn_q.bias"), h));
+                vectors.push((format!("{p}attn_k.bias"), kv));
+                vectors.push((format!("{p}attn_v.bias"), kv));
+            }
             vectors.push((format!("{p}ffn_norm.weight"), h));
         }
         for (name, dims) in &matrices {
@@ -382,37 +393,13 @@ impl Builder<'_> {
     ) -> TractResult<OutletId> {
         let h = self.h.clone();
         let (l, p) = (format!("l{i}"), format!("blk.{i}."));
-        let kv = h.kv_heads * h.head_dim;
         let a = self.norm(
             &format!("{l}.attn_in"),
             &format!("{p}attn_norm.weight"),
             x,
             2,
         )?;
-        let q = self.product(
-            &format!("{l}.q"),
-            &format!("{p}attn_q.weight"),
-            "wq",
-            a,
-            [h.hidden, h.hidden],
-            Some(h.heads),
-        )?;
-        let k = self.product(
-            &format!("{l}.k"),
-            &format!("{p}attn_k.weight"),
-            "wk",
-            a,
-            [kv, h.hidden],
-            Some(h.kv_heads),
-        )?;
-        let v = self.product(
-            &format!("{l}.v"),
-            &format!("{p}attn_v.weight"),
-            "wv",
-            a,
-            [kv, h.hidden],
-            None,
-        )?;
+        let (q, k, v) = self.qkv(i, a)?;
         let q = self.rope(&format!("{l}.q_rot"), q, h.heads, cos, sin)?;
         let k = self.rope(&format!("{l}.k_rot"), k, h.kv_heads, cos, sin)?;
         let q = self.wire(format!("{l}.q_t"), AxisOp::Move(1, 2), &[q])?;
@@ -475,6 +462,35 @@ impl Builder<'_> {
             None,
         )?;
         self.wire(format!("{l}.out"), math::add(), &[r, d])
+    }
+
+    /// Layer `i`'s query, key and value products of `a` (Qwen2's with their biases).
+    fn qkv(&mut self, i: usize, a: OutletId) -> TractResult<(OutletId, OutletId, OutletId)> {
+        let h = self.h.clone();
+        let kv = h.kv_heads * h.head_dim;
+        let mut out = vec![];
+        for (t, role, rows, heads) in [
+            ("q", "wq", h.hidden, h.heads),
+            ("k", "wk", kv, h.kv_heads),
+            ("v", "wv", kv, 0),
+        ] {
+            // Llama's Q/K rows come back from llama.cpp's rotary order; Qwen2's are in ours
+            let permuted = (heads > 0 && !h.qkv_bias).then_some(heads);
+            let (name, w) = (format!("l{i}.{t}"), format!("blk.{i}.attn_{t}.weight"));
+            let mut y = self.product(&name, &w, role, a, [rows, h.hidden], permuted)?;
+            if h.qkv_bias {
+                y = self.bias(&name, &format!("blk.{i}.attn_{t}.bias"), y, rows)?;
+            }
+            out.push(y);
+        }
+        Ok((out[0], out[1], out[2]))
+    }
+
+    /// `x[1, S, n] + b[n]`, the file's bias.
+    fn bias(&mut self, name: &str, tensor: &str, x: OutletId, n: usize) -> TractResult<OutletId> {
+        let b = self.reader.vector(self.g, tensor, n)?;
+        let b = self.konst(&format!("{name}.bias"), Tensor::from_shape(&[1, 1, n], &b)?)?;
+        self.wire(format!("{name}.biased"), math::add(), &[x, b])
     }
 
     /// RMS norm over `axis` (the last), times the file's weight.

@@ -17,6 +17,9 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// Llama 3's pre-tokenizer split (its `tokenizer.json`; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's: Llama 3's with one digit per pre-token (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// How text is split before BPE, by llama.cpp's pre-tokenizer name, and whether a whole
 /// pre-token found in the vocabulary skips the merges (Llama 3's `ignore_merges`, as llama.cpp
 /// does for it: without it, one of llama.cpp's 46 test texts, "Cửa Việt", comes out in other
@@ -40,12 +43,19 @@ fn pre_tokenizer(pre: &str) -> Option<(Vec<Value>, bool)> {
             ],
             true,
         ),
+        "qwen2" => (
+            vec![
+                json!({"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false}),
+                byte_level(false),
+            ],
+            false,
+        ),
         _ => return None,
     })
 }
 
 /// The pre-tokenizer names [`tokenizer_json`] knows.
-pub const KNOWN_PRE: [&str; 8] = [
+pub const KNOWN_PRE: [&str; 9] = [
     "default",
     "gpt-2",
     "smollm",
@@ -54,6 +64,7 @@ pub const KNOWN_PRE: [&str; 8] = [
     "llama-bpe",
     "llama3",
     "llama-v3",
+    "qwen2",
 ];
 
 /// The HF `tokenizer.json` of `g`'s tokenizer; refuses, by name, what it cannot express.

@@ -1,5 +1,6 @@
 //! A GGUF tensor's bytes read from the file and put in the form the graph holds: quantized
-//! blocks as they are (rows reordered only), floats widened exactly to f32.
+//! blocks value for value in their run-time form (`ggml::convert`; rows reordered only),
+//! floats widened exactly to f32.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -10,7 +11,8 @@ use tract_core::prelude::f16;
 
 use super::gguf::{GgmlType, TensorInfo};
 use super::{Gguf, ImportError};
-use crate::ggml::{BlockKind, OwnedWeights};
+use crate::ggml::OwnedWeights;
+use crate::ggml::convert::{self, form_of};
 
 /// Reads tensors' data from the file the directory came from.
 pub(crate) struct TensorReader {
@@ -33,17 +35,9 @@ pub(crate) enum Matrix {
     },
 }
 
-/// The block kind the kernels run for a GGUF type, if any.
-fn block_kind(ty: GgmlType) -> Option<BlockKind> {
-    match ty {
-        GgmlType::Q4_1 => Some(BlockKind::Q4_1),
-        GgmlType::Q8_0 => Some(BlockKind::Q8_0),
-        _ => None,
-    }
-}
-
 /// The tensor types a matrix may have, for messages.
-pub(crate) const RUN_TYPES: &str = "Q4_1, Q8_0, F32, F16 and BF16";
+pub(crate) const RUN_TYPES: &str =
+    "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16 and BF16";
 
 impl TensorReader {
     pub(crate) fn open(g: &Gguf) -> Result<TensorReader, ImportError> {
@@ -108,8 +102,8 @@ impl TensorReader {
             }
             bytes = unpermute_rows(&bytes, n, heads);
         }
-        if let Some(kind) = block_kind(t.ty) {
-            let w = OwnedWeights::from_gguf(kind, n, k, &bytes)
+        if form_of(t.ty).is_some() {
+            let w = convert::from_gguf(t.ty, n, k, &bytes)
                 .map_err(|e| self.invalid(name, &e.to_string()))?;
             return Ok(Matrix::Blocks(Arc::new(w)));
         }
@@ -151,7 +145,7 @@ pub(crate) fn check(g: &Gguf, name: &str, want: &[usize], matrix: bool) -> Resul
     let t = tensor(g, name)?;
     check_dims(g, t, want)?;
     let float = matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    if float || (matrix && block_kind(t.ty).is_some()) {
+    if float || (matrix && form_of(t.ty).is_some()) {
         return Ok(());
     }
     Err(ImportError::Unsupported {

@@ -2,7 +2,7 @@
 //! lane; a group of 8 rows is two registers), multiplied by 4 activation bytes broadcast to
 //! every lane: with the dot-product extension one `sdot`, without it `smull` + pairwise adds.
 //!
-//! Q4_1's nibbles (0..=15) fit an i8, so both weight types take the signed x signed form.
+//! Q4_1's nibbles (0..=15) fit an i8, so every weight form takes the signed x signed form.
 //! `sdot` is written as inline assembly: its intrinsic (`vdotq_s32`) is not stable Rust. With
 //! i8mm, pairs of activation rows go to [`super::i8mm`] instead.
 
@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
-use super::{Out, drive_tiles};
+use super::{EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, Out, drive_tiles};
 
 /// `acc + sum of the 4 i8 x i8 products of each 32-bit lane`, plain NEON.
 #[target_feature(enable = "neon")]
@@ -110,9 +110,9 @@ macro_rules! kernels {
             }
         }
 
-        /// One group of 8 Q8_0 rows x C activation rows.
+        /// One group of 8 rows of an 8-bit form (`K`, see `EIGHT_BIT*`) x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q80<const C: usize>(
+        unsafe fn $q80<const C: usize, const K: u8>(
             w: &Packed<'_>,
             g: usize,
             x: &QuantizedActs,
@@ -121,11 +121,14 @@ macro_rules! kernels {
         ) {
             let nb = w.blocks_per_row();
             let mut acc = [[vdupq_n_f32(0.0); 2]; C];
-            let vo = values_offset(BlockKind::Q8_0);
+            let vo = values_offset(w.kind);
+            let (half, min) = (K == EIGHT_BIT_HALF, K == EIGHT_BIT_MIN);
             for b in 0..nb {
                 let blk = w.group_block(g, b).as_ptr();
-                let mut sum = [[vdupq_n_s32(0); 2]; C];
+                // [values 0..16, values 16..32] (one sum unless the form has two scales)
+                let mut sum = [[[vdupq_n_s32(0); 2]; 2]; C];
                 for ch in 0..8 {
+                    let s = usize::from(half && ch >= 4);
                     for h in 0..2 {
                         // SAFETY: a group block holds 8 vectors of 32 bytes after the scales
                         let wv = unsafe { vld1q_s8(blk.add(vo + ch * 32 + h * 16) as *const i8) };
@@ -134,17 +137,33 @@ macro_rules! kernels {
                             let xb = unsafe {
                                 bcast4(x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + ch * 4))
                             };
-                            sum[c][h] = $dp(sum[c][h], wv, xb);
+                            sum[c][s][h] = $dp(sum[c][s][h], wv, xb);
                         }
                     }
                 }
                 for h in 0..2 {
-                    // SAFETY: the scales open the block
-                    let d = unsafe { vld1q_f32(blk.add(h * 16) as *const f32) };
+                    // SAFETY: the scales open the block; the second plane (minimums or second
+                    // scales) follows when the form has one
+                    let (d, second) = unsafe {
+                        (
+                            vld1q_f32(blk.add(h * 16) as *const f32),
+                            if half || min {
+                                vld1q_f32(blk.add(GROUP * 4 + h * 16) as *const f32)
+                            } else {
+                                vdupq_n_f32(0.0)
+                            },
+                        )
+                    };
                     for c in 0..C {
                         let xi = (c0 + c) * nb + b;
                         let dd = vmulq_n_f32(d, x.d[xi]);
-                        acc[c][h] = vfmaq_f32(acc[c][h], dd, vcvtq_f32_s32(sum[c][h]));
+                        acc[c][h] = vfmaq_f32(acc[c][h], dd, vcvtq_f32_s32(sum[c][0][h]));
+                        if half {
+                            let d1 = vmulq_n_f32(second, x.d[xi]);
+                            acc[c][h] = vfmaq_f32(acc[c][h], d1, vcvtq_f32_s32(sum[c][1][h]));
+                        } else if min {
+                            acc[c][h] = vfmaq_n_f32(acc[c][h], second, x.s[xi]);
+                        }
                     }
                 }
             }
@@ -173,7 +192,9 @@ macro_rules! kernels {
             unsafe {
                 match w.kind {
                     BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
-                    BlockKind::Q8_0 => drive_tiles!($q80, w, groups, x, out),
+                    BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
+                    BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
+                    BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
                 }
             }
         }
@@ -201,7 +222,9 @@ pub(super) unsafe fn single_row_dot(
     unsafe {
         match w.kind {
             BlockKind::Q4_1 => q41_dot::<1>(w, g, x, c, out),
-            BlockKind::Q8_0 => q80_dot::<1>(w, g, x, c, out),
+            BlockKind::Q8_0 => q80_dot::<1, EIGHT_BIT>(w, g, x, c, out),
+            BlockKind::Q8Min => q80_dot::<1, EIGHT_BIT_MIN>(w, g, x, c, out),
+            BlockKind::Q8Half => q80_dot::<1, EIGHT_BIT_HALF>(w, g, x, c, out),
         }
     }
 }

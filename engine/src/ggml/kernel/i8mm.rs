@@ -209,6 +209,9 @@ pub(super) unsafe fn gemm_i8mm(w: &Packed<'_>, groups: Range<usize>, x: &Quantiz
         match w.kind {
             BlockKind::Q4_1 => drive::<true>(w, groups, x, out),
             BlockKind::Q8_0 => drive::<false>(w, groups, x, out),
+            // the forms holding Q5_1, Q5_K and Q6_K: the dot-product kernel (i8mm's 2x8
+            // tiles for them are not written yet)
+            BlockKind::Q8Min | BlockKind::Q8Half => super::arm::gemm_dot(w, groups, x, out),
         }
     }
 }

@@ -4,14 +4,15 @@
 //!
 //! Q4_1's nibbles are unsigned, the activations signed: exactly the u8 x i8 form both
 //! instructions take. Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
-//! the activation (`vpsignb`) and multiplies by the weight's magnitude.
+//! the activation (`vpsignb`) and multiplies by the weight's magnitude; the other 8-bit forms
+//! take the same path.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
-use super::{Out, drive_tiles};
+use super::{EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, Out, drive_tiles};
 
 /// `acc + sum of u8 x i8 products of each 32-bit lane`.
 #[target_feature(enable = "avx2")]
@@ -102,9 +103,9 @@ macro_rules! kernels {
             }
         }
 
-        /// One group of 8 Q8_0 rows x C activation rows.
+        /// One group of 8 rows of an 8-bit form (`K`, see `EIGHT_BIT*`) x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q80<const C: usize>(
+        unsafe fn $q80<const C: usize, const K: u8>(
             w: &Packed<'_>,
             g: usize,
             x: &QuantizedActs,
@@ -113,7 +114,8 @@ macro_rules! kernels {
         ) {
             let nb = w.blocks_per_row();
             let mut acc = [_mm256_setzero_ps(); C];
-            let vo = values_offset(BlockKind::Q8_0);
+            let vo = values_offset(w.kind);
+            let (half, min) = (K == EIGHT_BIT_HALF, K == EIGHT_BIT_MIN);
             for b in 0..nb {
                 let blk = w.group_block(g, b).as_ptr();
                 let mut even = [_mm256_setzero_si256(); C];
@@ -128,20 +130,42 @@ macro_rules! kernels {
                             bcast4(x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + ch * 4))
                         };
                         let xs = _mm256_sign_epi8(xb, wv);
-                        if C == 1 && ch % 2 == 1 {
+                        // two scales: values 16..32 (chunks 4..8) sum apart; one: two chains
+                        // for one activation row, so the dot products overlap
+                        if (half && ch >= 4) || (!half && C == 1 && ch % 2 == 1) {
                             odd[c] = $dp(odd[c], wabs, xs);
                         } else {
                             even[c] = $dp(even[c], wabs, xs);
                         }
                     }
                 }
-                // SAFETY: the scales are the block's first 32 bytes
-                let d = unsafe { _mm256_loadu_ps(blk as *const f32) };
+                // SAFETY: the scales are the block's first 32 bytes, the second plane (the
+                // minimums or second scales) the next 32 when the form has one
+                let (d, second) = unsafe {
+                    (
+                        _mm256_loadu_ps(blk as *const f32),
+                        if half || min {
+                            _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32)
+                        } else {
+                            _mm256_setzero_ps()
+                        },
+                    )
+                };
                 for c in 0..C {
                     let xi = (c0 + c) * nb + b;
+                    let xd = _mm256_set1_ps(x.d[xi]);
+                    if half {
+                        let (d0, d1) = (_mm256_mul_ps(d, xd), _mm256_mul_ps(second, xd));
+                        acc[c] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(even[c]), acc[c]);
+                        acc[c] = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(odd[c]), acc[c]);
+                        continue;
+                    }
                     let sum = _mm256_add_epi32(even[c], odd[c]);
-                    let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
+                    let dd = _mm256_mul_ps(d, xd);
                     acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
+                    if min {
+                        acc[c] = _mm256_fmadd_ps(second, _mm256_set1_ps(x.s[xi]), acc[c]);
+                    }
                 }
             }
             for c in 0..C {
@@ -167,7 +191,9 @@ macro_rules! kernels {
             unsafe {
                 match w.kind {
                     BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
-                    BlockKind::Q8_0 => drive_tiles!($q80, w, groups, x, out),
+                    BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
+                    BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
+                    BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
                 }
             }
         }

@@ -9,8 +9,9 @@ use tract_nnef::internal as nnef;
 use super::{GgmlGather, GgmlMatMul};
 use crate::ggml::BlockKind;
 
-/// The NNEF extension `fieldllm`: `fieldllm_matmul_q4_1(input, w, rows = N)`,
-/// `fieldllm_matmul_q8_0(...)`, and `fieldllm_gather_*` likewise (`input` the token ids).
+/// The NNEF extension `fieldllm`: `fieldllm_matmul_FORM(input, w, rows = N)` for each
+/// [`BlockKind`] (`q4_1`, `q8_0`, `q8_min`, `q8_half`), and `fieldllm_gather_FORM` likewise
+/// (`input` the token ids).
 pub fn registry() -> nnef::Registry {
     let mut reg = nnef::Registry::new("fieldllm")
         .with_doc("Extension `fieldllm`: matrix products and lookups on GGUF weight blocks");
@@ -21,22 +22,13 @@ pub fn registry() -> nnef::Registry {
         nnef::TypeName::Logical.named("precise").default(false),
     ];
     let out = [("output", nnef::TypeName::Scalar.tensor())];
-    let prims: [(&str, nnef::ToTract); 4] = [
-        ("fieldllm_matmul_q4_1", |b, i| {
-            deser(b, i, BlockKind::Q4_1, false)
-        }),
-        ("fieldllm_gather_q4_1", |b, i| {
-            deser(b, i, BlockKind::Q4_1, true)
-        }),
-        ("fieldllm_matmul_q8_0", |b, i| {
-            deser(b, i, BlockKind::Q8_0, false)
-        }),
-        ("fieldllm_gather_q8_0", |b, i| {
-            deser(b, i, BlockKind::Q8_0, true)
-        }),
-    ];
-    for (name, f) in prims {
-        reg.register_primitive(name, &params, &out, f);
+    // one primitive per op and form; the loader takes the form from the name
+    for kind in BlockKind::ALL {
+        let form = kind.name().to_lowercase();
+        let matmul: nnef::ToTract = |b, i| deser(b, i, false);
+        let gather: nnef::ToTract = |b, i| deser(b, i, true);
+        reg.register_primitive(format!("fieldllm_matmul_{form}"), &params, &out, matmul);
+        reg.register_primitive(format!("fieldllm_gather_{form}"), &params, &out, gather);
     }
     reg.register_dumper(|ast, node, op: &GgmlMatMul| {
         dump(
@@ -77,9 +69,18 @@ fn dump(
 fn deser(
     builder: &mut nnef::ModelBuilder<'_>,
     invocation: &nnef::ResolvedInvocation<'_>,
-    kind: BlockKind,
     gather: bool,
 ) -> TractResult<nnef::Value> {
+    let prim = invocation.invocation.id.0.as_str();
+    let form = prim
+        .strip_prefix(if gather {
+            "fieldllm_gather_"
+        } else {
+            "fieldllm_matmul_"
+        })
+        .unwrap_or_default()
+        .to_uppercase();
+    let kind = BlockKind::parse(&form).with_context(|| format!("{prim}: no such block form"))?;
     let input: OutletId = invocation.named_arg_as(builder, "input")?;
     let w: OutletId = invocation.named_arg_as(builder, "w")?;
     let n: i64 = invocation.named_arg_as(builder, "rows")?;
