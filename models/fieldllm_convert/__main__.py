@@ -74,6 +74,12 @@ def cmd_tiny_gguf(args: argparse.Namespace) -> None:
     run(args.out, args.decode_steps, args.seed)
 
 
+def cmd_shaped_gguf(args: argparse.Namespace) -> None:
+    from .tiny_gguf import write_shaped_gguf
+    write_shaped_gguf(args.out)
+    print(f"wrote {args.out}")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="fieldllm_convert")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -95,6 +101,9 @@ def main(argv: list[str]) -> None:
     tg.add_argument("--seed", type=int, default=20261203)
     tg.add_argument("--decode-steps", type=int, default=8)
     tg.set_defaults(func=cmd_tiny_gguf)
+    sg = sub.add_parser("shaped-gguf", help="write a random-weight GGUF of Llama 3.2 1B's shape (Q4_K_M types)")
+    sg.add_argument("out")
+    sg.set_defaults(func=cmd_shaped_gguf)
     e = sub.add_parser("embedder", help="convert a sentence-transformers BERT (safetensors) into a package")
     e.add_argument("src", help="the model folder: config.json, model.safetensors, tokenizer.json, 1_Pooling/")
     e.add_argument("out")

@@ -196,3 +196,54 @@ def cmd_tiny_gguf(out_dir: str, decode_steps: int, seed: int) -> None:
     with open(os.path.join(out_dir, "variants.json"), "w") as f:
         json.dump(sorted(VARIANTS), f)
     print(f"wrote {out_dir}")
+
+
+def write_shaped_gguf(path: str, seed: int = 1) -> None:
+    """A random-weight GGUF of Llama 3.2 1B's shape (16 layers, hidden 2048, ffn 8192, 32/8
+    heads, 128,256 tokens, 131,072 context, rope_freqs, tied head) in a Q4_K_M file's types
+    (Q4_K, Q6_K for ffn_down and the embedding): for memory measurements at the size users
+    run, without downloading Meta's weights. Random K-quant blocks, so nothing is quantized."""
+    from .tokenizer import bytes_to_unicode
+    rng = np.random.default_rng(seed)
+    layers, hidden, ffn, heads, kv, vocab, hd = 16, 2048, 8192, 32, 8, 128256, 64
+    b2u = bytes_to_unicode()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tokens = [b2u[b] for b in range(256)]
+    # one merge ("Ġ t": a BPE vocabulary needs merges), the rest tokens no text reaches
+    tokens += ["Ġt"] + [f"Ġt{i}" for i in range(vocab - len(tokens) - len(specials) - 1)] + specials
+    types = [1] * (vocab - len(specials)) + [3] * len(specials)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("random-llama-3.2-1b-shape")
+    w.add_block_count(layers)
+    w.add_context_length(131072)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(vocab - 3)
+    w.add_eos_token_id(vocab - 1)
+    w.add_chat_template(TINY_TEMPLATE)
+    norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", random_kquant(rng, vocab, hidden, Q.Q6_K), raw_dtype=Q.Q6_K)
+    w.add_tensor("rope_freqs.weight", llama3_factors(hd, 500000.0, old_ctx=8192))
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", norm(hidden))
+        for t, rows in (("q", hidden), ("k", kv * hd), ("v", kv * hd), ("output", hidden)):
+            w.add_tensor(p + f"attn_{t}.weight", random_kquant(rng, rows, hidden, Q.Q4_K), raw_dtype=Q.Q4_K)
+        w.add_tensor(p + "ffn_norm.weight", norm(hidden))
+        for t in ("gate", "up"):
+            w.add_tensor(p + f"ffn_{t}.weight", random_kquant(rng, ffn, hidden, Q.Q4_K), raw_dtype=Q.Q4_K)
+        w.add_tensor(p + "ffn_down.weight", random_kquant(rng, hidden, ffn, Q.Q6_K), raw_dtype=Q.Q6_K)
+    w.add_tensor("output_norm.weight", norm(hidden))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
