@@ -1,8 +1,9 @@
 //! GGUF files imported in Rust (issue 18): what a user's GGUF holds, turned into the artifact
 //! the daemon deploys, with no Python and no f32 copy of the weights: the tokenizer
-//! ([`tokenizer`]), the graph ([`llama`], built in code from the metadata) and the weights
-//! ([`weights`]: the file's blocks as they are).
+//! ([`tokenizer`]), the graph ([`llama`], built in code from the metadata that `hyper` reads
+//! and checks) and the weights (`weights`: the file's blocks, value for value).
 
+mod hyper;
 pub mod llama;
 pub mod tokenizer;
 mod weights;
