@@ -142,12 +142,7 @@ pub fn import(
             message: "already an artifact (graph format nnef); import takes an ONNX package".into(),
         });
     }
-    if out.exists() {
-        return Err(EngineError::Io {
-            path: out.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
-        });
-    }
+    refuse_existing(out)?;
     let model = typed_from_onnx(package, weights)?;
     let mut manifest = package.manifest.clone();
     manifest.graph.weights = weights;
@@ -158,6 +153,24 @@ pub fn import(
         files.push((rel, bytes));
     }
     write_artifact(&model, manifest, &files, out)
+}
+
+/// The error of an I/O failure on `path`, for `map_err`.
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + use<> {
+    let path = path.to_path_buf();
+    move |source| EngineError::Io { path, source }
+}
+
+/// An artifact is never written over: `out` must not exist (checked before any model work,
+/// and again by [`write_artifact`]).
+pub(crate) fn refuse_existing(out: &Path) -> Result<(), EngineError> {
+    if out.exists() {
+        return Err(io_at(out)(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "already exists",
+        )));
+    }
+    Ok(())
 }
 
 /// Writes an artifact into `out` (which must not exist): `model` saved as NNEF (`model.nnef/`),
@@ -173,16 +186,7 @@ pub(crate) fn write_artifact(
     files: &[(String, Vec<u8>)],
     out: &Path,
 ) -> Result<Manifest, EngineError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| EngineError::Io { path, source }
-    };
-    if out.exists() {
-        return Err(io(out)(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "already exists",
-        )));
-    }
+    refuse_existing(out)?;
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -190,8 +194,8 @@ pub(crate) fn write_artifact(
     let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     let written = write_artifact_files(model, manifest, files, &partial).and_then(|m| {
-        sync_dir_tree(&partial).map_err(io(&partial))?;
-        std::fs::rename(&partial, out).map_err(io(out))?;
+        sync_dir_tree(&partial).map_err(io_at(&partial))?;
+        std::fs::rename(&partial, out).map_err(io_at(out))?;
         if let Some(parent) = out.parent() {
             // the rename itself must reach the disk
             let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
@@ -223,11 +227,7 @@ fn write_artifact_files(
     files: &[(String, Vec<u8>)],
     out: &Path,
 ) -> Result<Manifest, EngineError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| EngineError::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    std::fs::create_dir_all(out).map_err(io_at(out))?;
     let graph_dir = "model.nnef";
     nnef()
         .write_to_dir(model, out.join(graph_dir))
@@ -235,13 +235,13 @@ fn write_artifact_files(
     manifest.files.clear();
     for (rel, bytes) in files {
         let path = out.join(rel);
-        std::fs::write(&path, bytes).map_err(io(&path))?;
+        std::fs::write(&path, bytes).map_err(io_at(&path))?;
         manifest
             .files
             .insert(rel.clone(), super::package::sha256_file(&path)?);
     }
     let mut graph_files: Vec<_> = std::fs::read_dir(out.join(graph_dir))
-        .map_err(io(&out.join(graph_dir)))?
+        .map_err(io_at(&out.join(graph_dir)))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
@@ -259,7 +259,7 @@ fn write_artifact_files(
         message: e.to_string(),
     })?;
     let mpath = out.join(super::package::MANIFEST);
-    std::fs::write(&mpath, text).map_err(io(&mpath))?;
+    std::fs::write(&mpath, text).map_err(io_at(&mpath))?;
     Ok(manifest)
 }
 

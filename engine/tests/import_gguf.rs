@@ -122,9 +122,7 @@ fn tiny_ggufs_match_numpy_for_a_prefill_and_8_decode_steps() {
             },
         )
         .unwrap();
-        let text = std::fs::read_to_string(dir.join(format!("{v}.reference.json"))).unwrap();
-        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let steps = doc["steps"].as_array().unwrap();
+        let steps = reference_at(&dir.join(format!("{v}.reference.json")));
         assert_eq!(steps.len(), 9, "{v}: a prefill and 8 decode steps");
         let mut s = Session::new(&model).unwrap();
         let never = AtomicBool::new(false);
@@ -132,20 +130,9 @@ fn tiny_ggufs_match_numpy_for_a_prefill_and_8_decode_steps() {
         let floats_only = ["tiny-gqa-f32", "tiny-llama3"].contains(&v.as_str());
         let bound = if floats_only { 1e-5 } else { 2e-2 };
         for (i, step) in steps.iter().enumerate() {
-            let fed: Vec<u32> = step["fed"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
-            let want: Vec<f32> = step["logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            let got = s.feed(&fed, &never).unwrap();
-            let d = max_rel_diff(&got, &want);
+            let (fed, want) = (&step.fed, &step.logits);
+            let got = s.feed(fed, &never).unwrap();
+            let d = max_rel_diff(&got, want);
             eprintln!("{v} step {i}: max rel diff {d:.2e}");
             assert!(
                 d <= bound,

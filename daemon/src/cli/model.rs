@@ -44,6 +44,24 @@ pub enum ModelCommand {
     },
 }
 
+/// The line an import ends with: what was made, its size, how long it took.
+fn imported(
+    m: &fieldllm_engine::package::Manifest,
+    out: &std::path::Path,
+    weights: &str,
+    start: std::time::Instant,
+) -> anyhow::Result<()> {
+    let artifact = Package::open(out)?;
+    println!(
+        "imported {} -> {} ({weights}, {:.1} MB, {:.1} s)",
+        m.model.name,
+        out.display(),
+        artifact.size_bytes() as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Import {
@@ -62,16 +80,13 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             let start = std::time::Instant::now();
             let m = import_gguf(&src, &out, name.as_deref())
                 .with_context(|| format!("importing {} into {}", src.display(), out.display()))?;
-            let artifact = Package::open(&out)?;
-            println!(
-                "imported {} -> {} ({} weights from {}, {:.1} MB, {:.1} s)",
-                m.model.name,
-                out.display(),
-                m.graph.weights,
-                m.source.get("quantization").map_or("?", |q| q.as_str()),
-                artifact.size_bytes() as f64 / 1e6,
-                start.elapsed().as_secs_f64()
-            );
+            let from = m.source.get("quantization").map_or("?", |q| q.as_str());
+            imported(
+                &m,
+                &out,
+                &format!("{} weights from {from}", m.graph.weights),
+                start,
+            )?;
         }
         ModelCommand::Import {
             src, out, weights, ..
@@ -82,15 +97,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             let start = std::time::Instant::now();
             let m = import(&package, weights, &out)
                 .with_context(|| format!("importing {} into {}", src.display(), out.display()))?;
-            let artifact = Package::open(&out)?;
-            println!(
-                "imported {} -> {} ({} weights, {:.1} MB, {:.1} s)",
-                m.model.name,
-                out.display(),
-                weights,
-                artifact.size_bytes() as f64 / 1e6,
-                start.elapsed().as_secs_f64()
-            );
+            imported(&m, &out, &format!("{weights} weights"), start)?;
         }
         ModelCommand::Info { dir, json, context } if dir.is_file() => {
             super::model_gguf::info(&dir, json, context)?;

@@ -55,12 +55,6 @@ pub fn rope_tables(
     (cos, sin)
 }
 
-/// Whether products with a weight take 15-bit activations: the attention projections and the
-/// LM head (see `ggml::precise_activations`, the same rule by graph name).
-fn precise(role: &str) -> bool {
-    matches!(role, "wq" | "wk" | "wv" | "wo" | "lm_head")
-}
-
 struct Builder<'g> {
     g: &'g Gguf,
     h: &'g Hyper,
@@ -321,7 +315,7 @@ impl Builder<'_> {
                 let op = GgmlMatMul {
                     kind,
                     n: shape[0],
-                    precise: precise(role),
+                    precise: crate::ggml::precise_role(role),
                     team: None,
                 };
                 self.wire(name, op, &[x, w])

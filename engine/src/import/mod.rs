@@ -59,12 +59,7 @@ pub fn import_gguf(path: &Path, out: &Path, name: Option<&str>) -> Result<Manife
         .str("tokenizer.chat_template")
         .map_err(ImportError::from)?;
     let manifest = manifest(&g, &h, name)?;
-    if out.exists() {
-        return Err(EngineError::Io {
-            path: out.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
-        });
-    }
+    crate::graph::refuse_existing(out)?;
     let model = llama::build(&g, &h)?;
     let files = [
         (

@@ -63,13 +63,10 @@ impl TensorReader {
         };
         let len = usize::try_from(t.bytes).map_err(|_| self.invalid(&t.name, "too large"))?;
         let mut buf = vec![0u8; len];
-        self.file.seek(SeekFrom::Start(t.offset)).map_err(io)?;
-        self.file.read_exact(&mut buf).map_err(|source| {
-            ImportError::Gguf(super::GgufError::Io {
-                path: self.path.clone(),
-                source,
-            })
-        })?;
+        self.file
+            .seek(SeekFrom::Start(t.offset))
+            .and_then(|_| self.file.read_exact(&mut buf))
+            .map_err(io)?;
         Ok(buf)
     }
 

@@ -39,10 +39,16 @@ pub struct RefStep {
 }
 
 pub fn reference(name: &str) -> Vec<RefStep> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/build")
-        .join(format!("{name}.reference.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    reference_at(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/build")
+            .join(format!("{name}.reference.json")),
+    )
+}
+
+/// The NumPy reference steps in the JSON file `path`.
+pub fn reference_at(path: &std::path::Path) -> Vec<RefStep> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let doc: serde_json::Value = serde_json::from_str(&text).expect("reference JSON");
     doc["steps"]
         .as_array()
