@@ -12,11 +12,12 @@
 use std::sync::Arc;
 
 use tract_core::internal::*;
-use tract_core::ops::array::{Gather, Range, Slice, TypedConcat};
+use tract_core::ops::array::{Gather, Range};
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::math;
 use tract_core::ops::nn::RmsNorm;
 use tract_core::ops::nn::silu::silu;
+use tract_transformers::ops::apply_rope::ApplyRope;
 use tract_transformers::ops::dyn_kv_cache::DynKeyValueCache;
 use tract_transformers::ops::sdpa::Sdpa;
 
@@ -142,7 +143,8 @@ impl Builder<'_> {
         }
     }
 
-    /// Positions `P .. P + S` and the rotary tables gathered at them, `[1, S, 1, hd / 2]`.
+    /// Positions `P .. P + S` and the rotary tables gathered at them, `[1, S, 1, hd]`: each
+    /// position's `hd / 2` values twice, as tract's `ApplyRope` takes them.
     fn rope_inputs(&mut self) -> TractResult<(OutletId, OutletId)> {
         let h = self.h.clone();
         let factors = if h.rope_freqs {
@@ -161,10 +163,11 @@ impl Builder<'_> {
         let pos = self.wire("position_ids", AxisOp::Add(0), &[pos])?;
         let mut out = vec![];
         for (name, table) in [("rope_cos", cos), ("rope_sin", sin)] {
-            let t = self.konst(
-                name,
-                Tensor::from_shape(&[h.context, h.head_dim / 2], &table)?,
-            )?;
+            let twice: Vec<f32> = table
+                .chunks(h.head_dim / 2)
+                .flat_map(|row| row.iter().chain(row).copied())
+                .collect();
+            let t = self.konst(name, Tensor::from_shape(&[h.context, h.head_dim], &twice)?)?;
             let at = self.wire(format!("{name}.gather"), Gather::new(0), &[t, pos])?;
             out.push(self.wire(format!("{name}.unsqueeze"), AxisOp::Add(2), &[at])?);
         }
@@ -371,7 +374,9 @@ impl Builder<'_> {
         )
     }
 
-    /// Rotary embedding, half-split form: `[x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]`.
+    /// Rotary embedding, half-split form: `[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`, in
+    /// one node (tract's `ApplyRope`: `x * cos + [-x2, x1] * sin`, the same f32 operations as
+    /// the ONNX graph's slices, products and sums, which cost ten nodes per call).
     fn rope(
         &mut self,
         name: &str,
@@ -380,17 +385,8 @@ impl Builder<'_> {
         cos: OutletId,
         sin: OutletId,
     ) -> TractResult<OutletId> {
-        let half = self.h.head_dim / 2;
         let x = self.split_heads(name, x, heads)?;
-        let x1 = self.wire(format!("{name}.x1"), Slice::new(3, 0, half), &[x])?;
-        let x2 = self.wire(format!("{name}.x2"), Slice::new(3, half, 2 * half), &[x])?;
-        let cos_x1 = self.wire(format!("{name}.cos_x1"), math::mul(), &[cos, x1])?;
-        let sin_x2 = self.wire(format!("{name}.sin_x2"), math::mul(), &[sin, x2])?;
-        let real = self.wire(format!("{name}.real"), math::sub(), &[cos_x1, sin_x2])?;
-        let sin_x1 = self.wire(format!("{name}.sin_x1"), math::mul(), &[sin, x1])?;
-        let cos_x2 = self.wire(format!("{name}.cos_x2"), math::mul(), &[cos, x2])?;
-        let imag = self.wire(format!("{name}.imag"), math::add(), &[sin_x1, cos_x2])?;
-        self.wire(format!("{name}.concat"), TypedConcat::new(3), &[real, imag])
+        self.wire(format!("{name}.apply"), ApplyRope, &[x, cos, sin])
     }
 
     /// A key or value cache: past positions (`P`) kept by tract's state, the new ones appended.
