@@ -14,7 +14,8 @@ use fieldllm_gguf::GgmlType;
 /// The run-time form that holds GGUF type `ty`, if any.
 pub fn form_of(ty: GgmlType) -> Option<BlockKind> {
     Some(match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => BlockKind::Q4_1,
+        GgmlType::Q4_0 => BlockKind::Q4_0,
+        GgmlType::Q4_1 | GgmlType::Q4_K => BlockKind::Q4_1,
         GgmlType::Q5_0 | GgmlType::Q8_0 => BlockKind::Q8_0,
         GgmlType::Q5_1 | GgmlType::Q5_K => BlockKind::Q8Min,
         GgmlType::Q6_K => BlockKind::Q8Half,
@@ -37,7 +38,7 @@ pub fn from_gguf(
     check_k(k)?;
     let kind = form_of(ty)
         .ok_or_else(|| LayoutError::Shape(format!("{} has no run-time form", ty.name())))?;
-    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
         return OwnedWeights::from_gguf(kind, n, k, bytes);
     }
     let (per, bb) = ty.block();
@@ -60,7 +61,6 @@ pub fn from_gguf(
     };
     for blk in bytes.chunks_exact(bb) {
         match ty {
-            GgmlType::Q4_0 => q4_0(blk, &mut w),
             GgmlType::Q5_0 => q5_0(blk, &mut w),
             GgmlType::Q5_1 => q5_1(blk, &mut w),
             GgmlType::Q4_K => q4_k(blk, &mut w),
@@ -70,14 +70,6 @@ pub fn from_gguf(
         }
     }
     Ok(w)
-}
-
-/// Q4_0: `d`, 16 bytes of nibbles, `x = d (q - 8)`: Q4_1 with `m = -8 d`.
-fn q4_0(blk: &[u8], w: &mut OwnedWeights) {
-    let d = f16_at(blk, 0);
-    w.d.push(d);
-    w.m.push(-8.0 * d);
-    w.qs.extend_from_slice(&blk[2..18]);
 }
 
 /// The 5-bit values of a Q5_0 / Q5_1 block: nibbles and the 32 fifth bits of `qh`.

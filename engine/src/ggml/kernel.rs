@@ -231,10 +231,10 @@ macro_rules! drive_tiles {
         drive_tiles!(@go [], $tile, $w, $groups, $x, $out)
     };
     // a kernel with one more const parameter after the tile's rows: `tile::<C, K>`
-    ($tile:ident :: <$k:ident>, $w:expr, $groups:expr, $x:expr, $out:expr) => {
+    ($tile:ident :: <$k:tt>, $w:expr, $groups:expr, $x:expr, $out:expr) => {
         drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out)
     };
-    (@go [$($k:ident)?], $tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
+    (@go [$($k:tt)?], $tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
         let (w, x, out) = ($w, $x, $out);
         let groups: std::ops::Range<usize> = $groups;
         for g in groups {

@@ -1,4 +1,4 @@
-//! The GGUF's own quantized blocks, run as they are: matrix products of Q4_1 / Q8_0 weights
+//! The GGUF's own quantized blocks, run as they are: matrix products of 4- and 8-bit weights
 //! with activations quantized once per row to 8 bits, using integer dot products.
 //!
 //! tract has no kernel for this (its only 4-bit path dequantizes every weight to f32 for every
@@ -25,9 +25,13 @@ pub const BLOCK: usize = 32;
 /// to exactly what ggml's dequantization gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockKind {
+    /// GGUF's Q4_0: 4-bit unsigned `q` with one f16 scale, `x = d (q - 8)`, kept at its own 18
+    /// bytes a block (the planes hold `m = -8 d`, exact, so every kernel computes it as Q4_1's
+    /// `d q + m`; the packed form stores only `d`, as f16, and the kernels make `m`).
+    Q4_0,
     /// 4-bit unsigned `q` with a scale and a minimum: `x = d * q + m`, 16 bytes of nibbles per
-    /// block (low nibbles are values 0..16, high nibbles 16..32). Holds Q4_1, and Q4_0 and
-    /// Q4_K exactly (Q4_0: `m = -8 d`; Q4_K: each 32-value sub-block's scale and minimum).
+    /// block (low nibbles are values 0..16, high nibbles 16..32). Holds Q4_1, and Q4_K
+    /// exactly (each 32-value sub-block's scale and minimum).
     Q4_1,
     /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block. Holds Q8_0, and Q5_0
     /// exactly (`q - 16`).
@@ -41,7 +45,8 @@ pub enum BlockKind {
 
 impl BlockKind {
     /// Every form.
-    pub const ALL: [BlockKind; 4] = [
+    pub const ALL: [BlockKind; 5] = [
+        BlockKind::Q4_0,
         BlockKind::Q4_1,
         BlockKind::Q8_0,
         BlockKind::Q8Min,
@@ -51,6 +56,7 @@ impl BlockKind {
     /// The form's name (the GGUF type's, for GGUF's own forms).
     pub fn name(self) -> &'static str {
         match self {
+            BlockKind::Q4_0 => "Q4_0",
             BlockKind::Q4_1 => "Q4_1",
             BlockKind::Q8_0 => "Q8_0",
             BlockKind::Q8Min => "Q8_MIN",
@@ -65,15 +71,17 @@ impl BlockKind {
 
     /// Bytes of quantized values per block (scales excluded).
     pub fn qs_bytes(self) -> usize {
-        match self {
-            BlockKind::Q4_1 => BLOCK / 2,
-            _ => BLOCK,
-        }
+        if self.nibbles() { BLOCK / 2 } else { BLOCK }
+    }
+
+    /// Whether values are 4-bit (two per byte).
+    pub fn nibbles(self) -> bool {
+        matches!(self, BlockKind::Q4_0 | BlockKind::Q4_1)
     }
 
     /// Whether blocks carry a minimum (`x = d * q + m`).
     pub fn has_min(self) -> bool {
-        matches!(self, BlockKind::Q4_1 | BlockKind::Q8Min)
+        matches!(self, BlockKind::Q4_0 | BlockKind::Q4_1 | BlockKind::Q8Min)
     }
 
     /// Scales per 32-value block (two for [`BlockKind::Q8Half`]).
@@ -86,6 +94,7 @@ impl BlockKind {
     pub fn gguf_block_bytes(self) -> usize {
         match self {
             BlockKind::Q4_1 => 4 + BLOCK / 2,
+            BlockKind::Q4_0 => 2 + BLOCK / 2,
             _ => 2 + BLOCK,
         }
     }
@@ -132,7 +141,7 @@ impl Weights<'_> {
             let d = self.d[i];
             let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
             match self.kind {
-                BlockKind::Q4_1 => {
+                BlockKind::Q4_0 | BlockKind::Q4_1 => {
                     let m = self.m[i];
                     for j in 0..BLOCK / 2 {
                         o[j] = d * (q[j] & 0x0f) as f32 + m;
@@ -198,7 +207,7 @@ impl OwnedWeights {
         bytes: &[u8],
     ) -> Result<OwnedWeights, LayoutError> {
         check_k(k)?;
-        if !matches!(kind, BlockKind::Q4_1 | BlockKind::Q8_0) {
+        if !matches!(kind, BlockKind::Q4_0 | BlockKind::Q4_1 | BlockKind::Q8_0) {
             return Err(LayoutError::Shape(format!(
                 "{} is not a GGUF type: see convert::from_gguf",
                 kind.name()
@@ -222,11 +231,15 @@ impl OwnedWeights {
             k,
             qs: Vec::with_capacity(blocks * kind.qs_bytes()),
             d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(if kind == BlockKind::Q4_1 { blocks } else { 0 }),
+            m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
         };
         for blk in bytes.chunks_exact(bb) {
             w.d.push(f16_at(blk, 0));
             match kind {
+                BlockKind::Q4_0 => {
+                    w.m.push(-8.0 * f16_at(blk, 0));
+                    w.qs.extend_from_slice(&blk[2..]);
+                }
                 BlockKind::Q4_1 => {
                     w.m.push(f16_at(blk, 2));
                     w.qs.extend_from_slice(&blk[4..]);
@@ -385,7 +398,7 @@ pub fn package_blocks(
         let bad = |m: String| EngineError::Graph(format!("{}: {}: {m}", ipath.display(), e.name));
         let kind = BlockKind::parse(&e.kind).ok_or_else(|| {
             bad(format!(
-                "block type {:?} has no kernel (Q4_1, Q8_0 do)",
+                "block type {:?} has no kernel (Q4_0, Q4_1, Q8_0 do)",
                 e.kind
             ))
         })?;

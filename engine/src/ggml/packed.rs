@@ -6,10 +6,11 @@
 //!
 //! Per group of 8 rows and per 32-value block, little-endian:
 //! - `d`: 8 x f32, the rows' scales (the GGUF's f16, widened exactly); for Q8_HALF, the scales
-//!   of values 0..16;
+//!   of values 0..16; Q4_0 keeps its 8 x f16 as the GGUF has them, and no second plane (its
+//!   minimum is `-8 d`), so a block is its GGUF size, 18 bytes a row;
 //! - a second plane of 8 x f32: the rows' minimums (Q4_1, Q8_MIN), or the scales of values
 //!   16..32 (Q8_HALF); Q8_0 has none;
-//! - Q4_1: 4 vectors of 32 bytes; vector `v`, row `r`, byte `t` (0..4) holds value `8v + t`
+//! - Q4_0, Q4_1: 4 vectors of 32 bytes; vector `v`, row `r`, byte `t` (0..4) holds value `8v + t`
 //!   of row `r` in its low nibble and value `8v + 4 + t` in its high nibble;
 //! - the 8-bit forms: 8 vectors of 32 bytes; vector `c`, row `r`, byte `t` is value `4c + t`
 //!   of row `r`.
@@ -17,14 +18,21 @@
 //! Rows past `n` (the last group's padding) are zero and never written out. Values are the
 //! GGUF's quantized values moved, never re-quantized.
 
+use tract_core::prelude::f16;
+
 use super::{BLOCK, BlockKind, LayoutError, OwnedWeights};
 
 /// Rows per group.
 pub const GROUP: usize = 8;
 
-/// f32 planes (of 8 rows) before the values: scales, then minimums or second scales.
-fn planes(kind: BlockKind) -> usize {
-    if kind == BlockKind::Q8_0 { 1 } else { 2 }
+/// Bytes of the planes (of 8 rows) before the values: f32 scales, then f32 minimums or second
+/// scales; Q4_0's f16 scales alone.
+fn planes_bytes(kind: BlockKind) -> usize {
+    match kind {
+        BlockKind::Q4_0 => GROUP * 2,
+        BlockKind::Q8_0 => GROUP * 4,
+        _ => 2 * GROUP * 4,
+    }
 }
 
 /// Bytes of one group's block: scales (and minimums) then values.
@@ -34,7 +42,7 @@ pub fn group_block_bytes(kind: BlockKind) -> usize {
 
 /// Byte offset of the values in a group's block.
 pub fn values_offset(kind: BlockKind) -> usize {
-    planes(kind) * GROUP * 4
+    planes_bytes(kind)
 }
 
 /// One row's block, unpacked: what the scalar kernel and the lookup use.
@@ -101,11 +109,15 @@ impl<'a> Packed<'a> {
         let blk = self.group_block(r / GROUP, b);
         let lane = r % GROUP;
         let f = |o: usize| f32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
-        let d = f(lane * 4);
-        let second = f(GROUP * 4 + lane * 4);
+        let (d, second) = if self.kind == BlockKind::Q4_0 {
+            let d = f16::from_le_bytes([blk[lane * 2], blk[lane * 2 + 1]]).to_f32();
+            (d, -8.0 * d)
+        } else {
+            (f(lane * 4), f(GROUP * 4 + lane * 4))
+        };
         let vo = values_offset(self.kind);
         let mut q = [0i32; BLOCK];
-        if self.kind == BlockKind::Q4_1 {
+        if self.kind.nibbles() {
             for (j, qj) in q.iter_mut().enumerate() {
                 let (v, hi, t) = (j / 8, (j / 4) % 2 == 1, j % 4);
                 let byte = blk[vo + v * 32 + lane * 4 + t];
@@ -171,10 +183,17 @@ pub fn pack(w: &OwnedWeights) -> Vec<u8> {
                     break;
                 }
                 let i = r * nb + b;
-                blk[lane * 4..lane * 4 + 4].copy_from_slice(&w.d[i * spb].to_le_bytes());
+                if w.kind == BlockKind::Q4_0 {
+                    // the GGUF's f16, widened exactly by the planes: narrowed back exactly
+                    let d = f16::from_f32(w.d[i]);
+                    debug_assert_eq!(d.to_f32().to_bits(), w.d[i].to_bits());
+                    blk[lane * 2..lane * 2 + 2].copy_from_slice(&d.to_le_bytes());
+                } else {
+                    blk[lane * 4..lane * 4 + 4].copy_from_slice(&w.d[i * spb].to_le_bytes());
+                }
                 let second = if spb == 2 {
                     Some(w.d[i * 2 + 1])
-                } else if w.kind.has_min() {
+                } else if w.kind.has_min() && w.kind != BlockKind::Q4_0 {
                     Some(w.m[i])
                 } else {
                     None
@@ -184,7 +203,7 @@ pub fn pack(w: &OwnedWeights) -> Vec<u8> {
                     blk[o..o + 4].copy_from_slice(&v.to_le_bytes());
                 }
                 let q = &w.qs[i * qb..(i + 1) * qb];
-                if w.kind == BlockKind::Q4_1 {
+                if w.kind.nibbles() {
                     // GGUF: byte j holds value j (low nibble) and j + 16 (high)
                     let val = |j: usize| {
                         if j < 16 { q[j] & 0x0f } else { q[j - 16] >> 4 }

@@ -32,7 +32,7 @@ fn random_gguf(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> Vec
 }
 
 /// Every run-time form.
-const KINDS: [BlockKind; 4] = BlockKind::ALL;
+const KINDS: [BlockKind; 5] = BlockKind::ALL;
 
 /// Random weights of `kind`: GGUF blocks for GGUF's own forms; for the others, the values the
 /// GGUF types they hold make (Q5_1 / Q5_K: 0..=31 with a minimum; Q6_K: -32..=31, two scales).
@@ -40,7 +40,7 @@ fn random_weights(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> 
     let blocks = n * k / BLOCK;
     let scale = |rng: &mut ChaCha8Rng| f16::from_f32(0.01 + 0.05 * uniform(rng).abs()).to_f32();
     match kind {
-        BlockKind::Q4_1 | BlockKind::Q8_0 => {
+        BlockKind::Q4_0 | BlockKind::Q4_1 | BlockKind::Q8_0 => {
             OwnedWeights::from_gguf(kind, n, k, &random_gguf(rng, kind, n, k)).unwrap()
         }
         BlockKind::Q8Min => OwnedWeights {
@@ -89,7 +89,7 @@ fn reference(w: &Weights<'_>, x: &QuantizedActs) -> Vec<f32> {
                 let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
                 let mut sumi = 0i32;
                 match w.kind {
-                    BlockKind::Q4_1 => {
+                    BlockKind::Q4_0 | BlockKind::Q4_1 => {
                         for j in 0..BLOCK / 2 {
                             sumi += (q[j] & 0x0f) as i32 * xq[j] as i32;
                             sumi += (q[j] >> 4) as i32 * xq[j + BLOCK / 2] as i32;
@@ -336,6 +336,39 @@ fn packing_moves_every_value_and_scale_unchanged() {
                 assert_eq!(a, b, "{kind:?} [{n}, {k}] row {r}");
             }
             assert!(packed::Packed::new(kind, n, k, &bytes[1..]).is_err());
+        }
+    }
+}
+
+/// Q4_0 kept at its GGUF size (f16 scales, no minimum plane) gives, on every instruction set,
+/// the same bits as the same weights held in the Q4_1 form (`m = -8 d` in f32), which it
+/// replaced: a quarter fewer bytes read, nothing else changed.
+#[test]
+fn q4_0_at_its_own_size_computes_what_the_q4_1_form_did() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (n, k, rows) in [(13, 160, 1), (67, 224, 5), (8, 576, 37)] {
+        let w0 = random_weights(&mut rng, BlockKind::Q4_0, n, k);
+        let w1 = OwnedWeights {
+            kind: BlockKind::Q4_1,
+            ..w0.clone()
+        };
+        let (b0, b1) = (packed::pack(&w0), packed::pack(&w1));
+        assert_eq!(
+            b0.len() * 4,
+            b1.len() * 3,
+            "18 bytes a row-block against 24"
+        );
+        assert_eq!(b0.len(), n.div_ceil(8) * 8 * k / BLOCK * 18);
+        let p0 = packed::Packed::new(BlockKind::Q4_0, n, k, &b0).unwrap();
+        let p1 = packed::Packed::new(BlockKind::Q4_1, n, k, &b1).unwrap();
+        let mut q = QuantizedActs::default();
+        q.quantize(&random_acts(&mut rng, rows, k), rows, k);
+        for &isa in crate::cpu::tested_isas() {
+            let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            gemm(isa, &p0, &q, &mut a);
+            gemm(isa, &p1, &q, &mut b);
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{isa:?} n={n} k={k} rows={rows}");
         }
     }
 }

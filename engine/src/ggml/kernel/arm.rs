@@ -39,6 +39,25 @@ fn dp_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
+/// 4 f16 at `p` widened to f32 (`fcvtl`, base ARMv8: its intrinsic takes `float16x4_t`, not
+/// stable Rust).
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn f16x4(p: *const u8) -> float32x4_t {
+    // SAFETY: the caller's p has 8 readable bytes
+    let h = unsafe { vld1_u16(p as *const u16) };
+    let out: float32x4_t;
+    // SAFETY: one register-only instruction of base ARMv8 SIMD
+    unsafe {
+        std::arch::asm!(
+            "fcvtl {out:v}.4s, {h:v}.4h",
+            out = lateout(vreg) out,
+            h = in(vreg) h,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    out
+}
+
 /// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "neon")]
 unsafe fn bcast4(p: *const i8) -> int8x16_t {
@@ -50,9 +69,9 @@ unsafe fn bcast4(p: *const i8) -> int8x16_t {
 
 macro_rules! kernels {
     ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident) => {
-        /// One group of 8 Q4_1 rows x C activation rows.
+        /// One group of 8 Q4_1 (or, `Z`, Q4_0) rows x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q41<const C: usize>(
+        unsafe fn $q41<const C: usize, const Z: bool>(
             w: &Packed<'_>,
             g: usize,
             x: &QuantizedActs,
@@ -62,7 +81,7 @@ macro_rules! kernels {
             let nb = w.blocks_per_row();
             let mut acc = [[vdupq_n_f32(0.0); 2]; C];
             let mask = vdupq_n_u8(0x0f);
-            let vo = values_offset(BlockKind::Q4_1);
+            let vo = values_offset(w.kind);
             for b in 0..nb {
                 let blk = w.group_block(g, b).as_ptr();
                 let mut sum = [[vdupq_n_s32(0); 2]; C];
@@ -83,12 +102,18 @@ macro_rules! kernels {
                     }
                 }
                 for h in 0..2 {
-                    // SAFETY: scales then minimums, 8 f32 each, open the block
-                    let (d, m) = unsafe {
-                        (
-                            vld1q_f32(blk.add(h * 16) as *const f32),
-                            vld1q_f32(blk.add(GROUP * 4 + h * 16) as *const f32),
-                        )
+                    let (d, m) = if Z {
+                        // SAFETY: Q4_0's 8 f16 scales open the block
+                        let d = unsafe { f16x4(blk.add(h * 8)) };
+                        (d, vmulq_n_f32(d, -8.0))
+                    } else {
+                        // SAFETY: Q4_1's scales then minimums, 8 f32 each, open the block
+                        unsafe {
+                            (
+                                vld1q_f32(blk.add(h * 16) as *const f32),
+                                vld1q_f32(blk.add(GROUP * 4 + h * 16) as *const f32),
+                            )
+                        }
                     };
                     for c in 0..C {
                         let xi = (c0 + c) * nb + b;
@@ -191,7 +216,8 @@ macro_rules! kernels {
             // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
-                    BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
+                    BlockKind::Q4_0 => drive_tiles!($q41::<true>, w, groups, x, out),
+                    BlockKind::Q4_1 => drive_tiles!($q41::<false>, w, groups, x, out),
                     BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
                     BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
                     BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
@@ -221,7 +247,8 @@ pub(super) unsafe fn single_row_dot(
     // SAFETY: forwarded from the caller
     unsafe {
         match w.kind {
-            BlockKind::Q4_1 => q41_dot::<1>(w, g, x, c, out),
+            BlockKind::Q4_0 => q41_dot::<1, true>(w, g, x, c, out),
+            BlockKind::Q4_1 => q41_dot::<1, false>(w, g, x, c, out),
             BlockKind::Q8_0 => q80_dot::<1, EIGHT_BIT>(w, g, x, c, out),
             BlockKind::Q8Min => q80_dot::<1, EIGHT_BIT_MIN>(w, g, x, c, out),
             BlockKind::Q8Half => q80_dot::<1, EIGHT_BIT_HALF>(w, g, x, c, out),

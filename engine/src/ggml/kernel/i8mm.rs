@@ -42,13 +42,18 @@ fn mmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 /// 4 bytes per row.
 ///
 /// # Safety
-/// `blk` is a whole group block of kind `Q41 ? Q4_1 : Q8_0`, `v < 4`, `h < 2`.
+/// `blk` is a whole group block of a 4-bit form (`Q41`, values at `vo`) or Q8_0, `v < 4`,
+/// `h < 2`.
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn values<const Q41: bool>(blk: *const u8, v: usize, h: usize) -> (int8x16_t, int8x16_t) {
+unsafe fn values<const Q41: bool>(
+    blk: *const u8,
+    vo: usize,
+    v: usize,
+    h: usize,
+) -> (int8x16_t, int8x16_t) {
     if Q41 {
         // vector v holds values 8v + t (low nibbles) and 8v + 4 + t (high nibbles)
-        let vo = values_offset(BlockKind::Q4_1);
         // SAFETY: the caller's whole group block holds 4 vectors of 32 bytes after the scales
         let raw = unsafe { vld1q_u8(blk.add(vo + v * 32 + h * 16)) };
         let lo = vandq_u8(raw, vdupq_n_u8(0x0f));
@@ -58,7 +63,6 @@ unsafe fn values<const Q41: bool>(blk: *const u8, v: usize, h: usize) -> (int8x1
         )
     } else {
         // vector c holds values 4c + t: vectors 2v and 2v + 1
-        let vo = values_offset(BlockKind::Q8_0);
         // SAFETY: the caller's whole group block holds 8 vectors of 32 bytes after the scales
         unsafe {
             (
@@ -76,7 +80,8 @@ fn pairs<const P: usize>(v: &[f32], nb: usize, c0: usize) -> [(&[f32], &[f32]); 
     std::array::from_fn(|q| (row(c0 + 2 * q), row(c0 + 2 * q + 1)))
 }
 
-/// One group of 8 rows x `2 P` activation rows from `c0`.
+/// One group of 8 rows x `2 P` activation rows from `c0`: Q4_1 (`Q41`), Q4_0 (`Q41` and `Z`)
+/// or Q8_0.
 ///
 /// Sums (`sum[p][q]`) and totals (`acc[q][p]`) are kept per row pair `p` (rows `2p`, `2p + 1`)
 /// and activation pair `q` (rows `c0 + 2q`, `c0 + 2q + 1`), lanes in `smmla`'s order:
@@ -86,7 +91,7 @@ fn pairs<const P: usize>(v: &[f32], nb: usize, c0: usize) -> [(&[f32], &[f32]); 
 /// The CPU has NEON and i8mm; `g` is a group of `w`, rows `c0..c0 + 2P` are rows of `x`, and
 /// the caller owns the group's columns of `out`.
 #[target_feature(enable = "neon,i8mm")]
-unsafe fn tile<const Q41: bool, const P: usize>(
+unsafe fn tile<const Q41: bool, const Z: bool, const P: usize>(
     w: &Packed<'_>,
     g: usize,
     x: &QuantizedActs,
@@ -97,6 +102,7 @@ unsafe fn tile<const Q41: bool, const P: usize>(
     // each activation row's scales and sums sliced once, so the block loop checks no bounds
     let (xd, xs) = (pairs::<P>(&x.d, nb, c0), pairs::<P>(&x.s, nb, c0));
     let mut acc = [[vdupq_n_f32(0.0); 4]; P];
+    let vo = values_offset(w.kind);
     for b in 0..nb {
         let blk = w.group_block(g, b).as_ptr();
         let mut sum = [[vdupq_n_s32(0); P]; 4];
@@ -110,7 +116,7 @@ unsafe fn tile<const Q41: bool, const P: usize>(
             }
             for h in 0..2 {
                 // SAFETY: the caller's group block, v < 4, h < 2
-                let (lo, hi) = unsafe { values::<Q41>(blk, v, h) };
+                let (lo, hi) = unsafe { values::<Q41>(blk, vo, v, h) };
                 let (lo, hi) = (vreinterpretq_s32_s8(lo), vreinterpretq_s32_s8(hi));
                 // rows 4h, 4h + 1 and rows 4h + 2, 4h + 3, 8 consecutive values each
                 let a0 = vreinterpretq_s8_s32(vzip1q_s32(lo, hi));
@@ -130,11 +136,14 @@ unsafe fn tile<const Q41: bool, const P: usize>(
         let xs = if Q41 { xs.map(across) } else { xd };
         // SAFETY: the block opens with 8 f32 scales, then (Q4_1) 8 f32 minimums
         let ld = |o: usize| unsafe { vld1q_f32(blk.add(o) as *const f32) };
-        let d = [ld(0), ld(16)];
-        let m = if Q41 {
-            [ld(GROUP * 4), ld(GROUP * 4 + 16)]
+        let (d, m) = if Z {
+            // SAFETY: Q4_0's block opens with 8 f16 scales; its minimums are -8 d
+            let d = unsafe { [arm::f16x4(blk), arm::f16x4(blk.add(8))] };
+            (d, d.map(|d| vmulq_n_f32(d, -8.0)))
+        } else if Q41 {
+            ([ld(0), ld(16)], [ld(GROUP * 4), ld(GROUP * 4 + 16)])
         } else {
-            d
+            ([ld(0), ld(16)], [ld(0), ld(16)])
         };
         for p in 0..4 {
             // a row pair's as [r0, r0, r1, r1], from the 4 lanes holding them
@@ -174,7 +183,7 @@ unsafe fn tile<const Q41: bool, const P: usize>(
 /// Every tile of row groups `groups`: activation rows 4 at a time, then a pair, then the last
 /// one alone through `sdot`.
 #[target_feature(enable = "neon,dotprod,i8mm")]
-unsafe fn drive<const Q41: bool>(
+unsafe fn drive<const Q41: bool, const Z: bool>(
     w: &Packed<'_>,
     groups: Range<usize>,
     x: &QuantizedActs,
@@ -184,12 +193,12 @@ unsafe fn drive<const Q41: bool>(
         let mut c = 0;
         while c + 4 <= x.rows {
             // SAFETY: forwarded from `gemm_i8mm`'s caller; c..c + 4 are rows of x
-            unsafe { tile::<Q41, 2>(w, g, x, c, out) };
+            unsafe { tile::<Q41, Z, 2>(w, g, x, c, out) };
             c += 4;
         }
         if c + 2 <= x.rows {
             // SAFETY: as above, rows c..c + 2
-            unsafe { tile::<Q41, 1>(w, g, x, c, out) };
+            unsafe { tile::<Q41, Z, 1>(w, g, x, c, out) };
             c += 2;
         }
         if c < x.rows {
@@ -207,8 +216,9 @@ pub(super) unsafe fn gemm_i8mm(w: &Packed<'_>, groups: Range<usize>, x: &Quantiz
     // SAFETY: forwarded from the caller
     unsafe {
         match w.kind {
-            BlockKind::Q4_1 => drive::<true>(w, groups, x, out),
-            BlockKind::Q8_0 => drive::<false>(w, groups, x, out),
+            BlockKind::Q4_0 => drive::<true, true>(w, groups, x, out),
+            BlockKind::Q4_1 => drive::<true, false>(w, groups, x, out),
+            BlockKind::Q8_0 => drive::<false, false>(w, groups, x, out),
             // the forms holding Q5_1, Q5_K and Q6_K: the dot-product kernel (i8mm's 2x8
             // tiles for them are not written yet)
             BlockKind::Q8Min | BlockKind::Q8Half => super::arm::gemm_dot(w, groups, x, out),

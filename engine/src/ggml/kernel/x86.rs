@@ -3,7 +3,8 @@
 //! 8 rows (one row per 32-bit lane), multiplied by 4 activation bytes broadcast to every lane.
 //!
 //! Q4_1's nibbles are unsigned, the activations signed: exactly the u8 x i8 form both
-//! instructions take. Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
+//! instructions take; Q4_0 runs the same kernel, its f16 scales widened by F16C
+//! (`vcvtph2ps`, which every AVX2 CPU has) and its minimum made as `-8 d`. Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
 //! the activation (`vpsignb`) and multiplies by the weight's magnitude; the other 8-bit forms
 //! take the same path.
 
@@ -39,9 +40,9 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 
 macro_rules! kernels {
     ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident) => {
-        /// One group of 8 Q4_1 rows x C activation rows.
+        /// One group of 8 Q4_1 (or, `Z`, Q4_0) rows x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q41<const C: usize>(
+        unsafe fn $q41<const C: usize, const Z: bool>(
             w: &Packed<'_>,
             g: usize,
             x: &QuantizedActs,
@@ -51,7 +52,7 @@ macro_rules! kernels {
             let nb = w.blocks_per_row();
             let mut acc = [_mm256_setzero_ps(); C];
             let mask = _mm256_set1_epi8(0x0f);
-            let vo = values_offset(BlockKind::Q4_1);
+            let vo = values_offset(w.kind);
             for b in 0..nb {
                 let blk = w.group_block(g, b).as_ptr();
                 // two chains for one activation row, so the dot products overlap
@@ -75,12 +76,18 @@ macro_rules! kernels {
                         }
                     }
                 }
-                // SAFETY: the scales and minimums are the block's first 64 bytes
-                let (d, m) = unsafe {
-                    (
-                        _mm256_loadu_ps(blk as *const f32),
-                        _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32),
-                    )
+                let (d, m) = if Z {
+                    // SAFETY: Q4_0's 8 f16 scales are the block's first 16 bytes
+                    let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk as *const __m128i) });
+                    (d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0)))
+                } else {
+                    // SAFETY: Q4_1's scales and minimums are the block's first 64 bytes
+                    unsafe {
+                        (
+                            _mm256_loadu_ps(blk as *const f32),
+                            _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32),
+                        )
+                    }
                 };
                 for c in 0..C {
                     let xi = (c0 + c) * nb + b;
@@ -190,7 +197,8 @@ macro_rules! kernels {
             // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
-                    BlockKind::Q4_1 => drive_tiles!($q41, w, groups, x, out),
+                    BlockKind::Q4_0 => drive_tiles!($q41::<true>, w, groups, x, out),
+                    BlockKind::Q4_1 => drive_tiles!($q41::<false>, w, groups, x, out),
                     BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
                     BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
                     BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
@@ -200,11 +208,11 @@ macro_rules! kernels {
     };
 }
 
-kernels!(gemm_avx2, q41_avx2, q80_avx2, "avx2,fma", dp_avx2);
+kernels!(gemm_avx2, q41_avx2, q80_avx2, "avx2,fma,f16c", dp_avx2);
 kernels!(
     gemm_vnni,
     q41_vnni,
     q80_vnni,
-    "avx2,fma,avx512vnni,avx512vl",
+    "avx2,fma,f16c,avx512vnni,avx512vl",
     dp_vnni
 );
