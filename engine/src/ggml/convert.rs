@@ -15,8 +15,10 @@ use fieldllm_gguf::GgmlType;
 pub fn form_of(ty: GgmlType) -> Option<BlockKind> {
     Some(match ty {
         GgmlType::Q4_0 => BlockKind::Q4_0,
-        GgmlType::Q4_1 | GgmlType::Q4_K => BlockKind::Q4_1,
-        GgmlType::Q5_0 | GgmlType::Q8_0 => BlockKind::Q8_0,
+        GgmlType::Q4_K => BlockKind::Q4K,
+        GgmlType::Q4_1 => BlockKind::Q4_1,
+        GgmlType::Q5_0 => BlockKind::Q5_0,
+        GgmlType::Q8_0 => BlockKind::Q8_0,
         GgmlType::Q5_1 | GgmlType::Q5_K => BlockKind::Q8Min,
         GgmlType::Q6_K => BlockKind::Q8Half,
         _ => return None,
@@ -58,6 +60,7 @@ pub fn from_gguf(
         qs: Vec::with_capacity(blocks * kind.qs_bytes()),
         d: Vec::with_capacity(blocks * kind.scales_per_block()),
         m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
+        sup: vec![],
     };
     for blk in bytes.chunks_exact(bb) {
         match ty {
@@ -83,11 +86,13 @@ fn five_bits(qh: &[u8], qs: &[u8]) -> [u8; BLOCK] {
     q
 }
 
-/// Q5_0: `d`, `qh`, nibbles; `x = d (q - 16)`: Q8_0 of `q - 16`.
+/// Q5_0: `d`, `qh`, nibbles; `x = d (q - 16)`: `d q + m` with `m = -16 d` (exact: `d q` and
+/// `16 d` are f16 times 5 bits).
 fn q5_0(blk: &[u8], w: &mut OwnedWeights) {
-    w.d.push(f16_at(blk, 0));
-    let q = five_bits(&blk[2..6], &blk[6..22]);
-    w.qs.extend(q.iter().map(|&v| (v as i8 - 16) as u8));
+    let d = f16_at(blk, 0);
+    w.d.push(d);
+    w.m.push(-16.0 * d);
+    w.qs.extend_from_slice(&five_bits(&blk[2..6], &blk[6..22]));
 }
 
 /// Q5_1: `d`, `m`, `qh`, nibbles; `x = d q + m`.
@@ -110,9 +115,13 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The 8 sub-blocks' scales and minimums of a Q4_K / Q5_K super-block: `d * sc`, `-dmin * m`.
+/// The 8 sub-blocks' scales and minimums of a Q4_K / Q5_K super-block: `d * sc`, `-dmin * m`
+/// (and, for the Q4_K form, `d` and `dmin`).
 fn k_scales(blk: &[u8], w: &mut OwnedWeights) {
     let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+    if w.kind == BlockKind::Q4K {
+        w.sup.extend([d, dmin]);
+    }
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &blk[4..16]);
         w.d.push(d * sc as f32);
@@ -122,7 +131,7 @@ fn k_scales(blk: &[u8], w: &mut OwnedWeights) {
 
 /// Q4_K: 256 weights, `d`, `dmin`, 12 bytes of 6-bit scales and minimums, 128 bytes of
 /// nibbles: sub-block `2c` is the low nibbles of bytes `32c..32c + 32`, `2c + 1` their high
-/// nibbles. Each sub-block becomes a Q4_1 block (nibbles re-paired as Q4_1 pairs them).
+/// nibbles. Each sub-block becomes a Q4_1-like block (nibbles re-paired as Q4_1 pairs them).
 fn q4_k(blk: &[u8], w: &mut OwnedWeights) {
     k_scales(blk, w);
     let qs = &blk[16..144];

@@ -20,6 +20,15 @@ use super::{BLOCK, BlockKind, QuantizedActs};
 pub use crate::cpu::Isa;
 use crate::cpu::{Team, part_of};
 
+/// The 4-bit kernels' `F`: Q4_1 (f32 scales and minimums).
+pub(crate) const FOUR_BIT: u8 = 0;
+/// Q4_0: f16 scales, minimums `-8 d`.
+pub(crate) const FOUR_BIT_ZERO: u8 = 1;
+/// Q4_K: f16 `d` and `dmin` per super-block, 6-bit factors per block.
+pub(crate) const FOUR_BIT_K: u8 = 2;
+/// Q5_0: Q4_0's layout plus fifth bits, minimums `-16 d`.
+pub(crate) const FOUR_BIT_FIVE: u8 = 3;
+
 /// The 8-bit kernels' `K`: Q8_0 (one scale).
 pub(crate) const EIGHT_BIT: u8 = 0;
 /// Q8_MIN: a scale and a minimum.

@@ -29,9 +29,17 @@ pub enum BlockKind {
     /// bytes a block (the planes hold `m = -8 d`, exact, so every kernel computes it as Q4_1's
     /// `d q + m`; the packed form stores only `d`, as f16, and the kernels make `m`).
     Q4_0,
+    /// GGUF's Q4_K at nearly its own size: per 256-value super-block and row its f16 `d` and
+    /// `dmin`, per 32-value sub-block the 6-bit scale and minimum as bytes, then Q4_1's nibbles
+    /// (148 bytes a block against the GGUF's 144; the Q4_1 form took 192). The planes hold
+    /// each sub-block's `d sc` and `-dmin m` (exact in f32), so it runs as Q4_1 does.
+    Q4K,
+    /// GGUF's Q5_0 at its own size: 5-bit unsigned `q` with one f16 scale, `x = d (q - 16)`,
+    /// packed as the nibbles of Q4_1's layout plus each row's 32 fifth bits (22 bytes a block,
+    /// as the GGUF; the Q8_0 form took 36). The planes hold `q` as bytes and `m = -16 d`.
+    Q5_0,
     /// 4-bit unsigned `q` with a scale and a minimum: `x = d * q + m`, 16 bytes of nibbles per
-    /// block (low nibbles are values 0..16, high nibbles 16..32). Holds Q4_1, and Q4_K
-    /// exactly (each 32-value sub-block's scale and minimum).
+    /// block (low nibbles are values 0..16, high nibbles 16..32): GGUF's Q4_1.
     Q4_1,
     /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block. Holds Q8_0, and Q5_0
     /// exactly (`q - 16`).
@@ -45,8 +53,10 @@ pub enum BlockKind {
 
 impl BlockKind {
     /// Every form.
-    pub const ALL: [BlockKind; 5] = [
+    pub const ALL: [BlockKind; 7] = [
         BlockKind::Q4_0,
+        BlockKind::Q4K,
+        BlockKind::Q5_0,
         BlockKind::Q4_1,
         BlockKind::Q8_0,
         BlockKind::Q8Min,
@@ -57,6 +67,8 @@ impl BlockKind {
     pub fn name(self) -> &'static str {
         match self {
             BlockKind::Q4_0 => "Q4_0",
+            BlockKind::Q4K => "Q4_K",
+            BlockKind::Q5_0 => "Q5_0",
             BlockKind::Q4_1 => "Q4_1",
             BlockKind::Q8_0 => "Q8_0",
             BlockKind::Q8Min => "Q8_MIN",
@@ -74,14 +86,17 @@ impl BlockKind {
         if self.nibbles() { BLOCK / 2 } else { BLOCK }
     }
 
-    /// Whether values are 4-bit (two per byte).
+    /// Whether the planes hold 4-bit values (two per byte).
     pub fn nibbles(self) -> bool {
-        matches!(self, BlockKind::Q4_0 | BlockKind::Q4_1)
+        matches!(self, BlockKind::Q4_0 | BlockKind::Q4K | BlockKind::Q4_1)
     }
 
     /// Whether blocks carry a minimum (`x = d * q + m`).
     pub fn has_min(self) -> bool {
-        matches!(self, BlockKind::Q4_0 | BlockKind::Q4_1 | BlockKind::Q8Min)
+        matches!(
+            self,
+            BlockKind::Q4_0 | BlockKind::Q4K | BlockKind::Q5_0 | BlockKind::Q4_1 | BlockKind::Q8Min
+        )
     }
 
     /// Scales per 32-value block (two for [`BlockKind::Q8Half`]).
@@ -94,7 +109,7 @@ impl BlockKind {
     pub fn gguf_block_bytes(self) -> usize {
         match self {
             BlockKind::Q4_1 => 4 + BLOCK / 2,
-            BlockKind::Q4_0 => 2 + BLOCK / 2,
+            BlockKind::Q4_0 | BlockKind::Q4K => 2 + BLOCK / 2,
             _ => 2 + BLOCK,
         }
     }
@@ -141,7 +156,7 @@ impl Weights<'_> {
             let d = self.d[i];
             let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
             match self.kind {
-                BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                BlockKind::Q4_0 | BlockKind::Q4K | BlockKind::Q4_1 => {
                     let m = self.m[i];
                     for j in 0..BLOCK / 2 {
                         o[j] = d * (q[j] & 0x0f) as f32 + m;
@@ -153,7 +168,7 @@ impl Weights<'_> {
                         o[j] = d * (q[j] as i8) as f32;
                     }
                 }
-                BlockKind::Q8Min => {
+                BlockKind::Q5_0 | BlockKind::Q8Min => {
                     let m = self.m[i];
                     for j in 0..BLOCK {
                         o[j] = d * (q[j] as i8) as f32 + m;
@@ -195,6 +210,9 @@ pub struct OwnedWeights {
     pub d: Vec<f32>,
     /// Minimums (Q4_1), widened from f16.
     pub m: Vec<f32>,
+    /// Q4_K: per row and 256-value super-block, its `d` and `dmin` (f16, widened), the factors
+    /// of the planes' `d sc` and `-dmin m`; empty for the other forms.
+    pub sup: Vec<f32>,
 }
 
 impl OwnedWeights {
@@ -232,6 +250,7 @@ impl OwnedWeights {
             qs: Vec::with_capacity(blocks * kind.qs_bytes()),
             d: Vec::with_capacity(blocks),
             m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
+            sup: vec![],
         };
         for blk in bytes.chunks_exact(bb) {
             w.d.push(f16_at(blk, 0));

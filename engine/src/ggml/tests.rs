@@ -31,8 +31,29 @@ fn random_gguf(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> Vec
     bytes
 }
 
+/// A row length near `k` that `kind` takes: Q4_K's rows are whole 256-value super-blocks.
+fn row_len(kind: BlockKind, k: usize) -> usize {
+    if kind == BlockKind::Q4K {
+        k.next_multiple_of(256)
+    } else {
+        k
+    }
+}
+
+/// Random Q4_K super-blocks as a GGUF holds them: f16 `d` and `dmin`, 12 bytes of packed
+/// 6-bit scales and minimums (every bit random), 128 bytes of nibbles.
+fn random_q4_k(rng: &mut ChaCha8Rng, n: usize, k: usize) -> OwnedWeights {
+    let mut bytes = Vec::new();
+    for _ in 0..n * k / 256 {
+        bytes.extend(f16::from_f32(0.001 + 0.002 * uniform(rng).abs()).to_le_bytes());
+        bytes.extend(f16::from_f32(0.001 * uniform(rng).abs()).to_le_bytes());
+        bytes.extend((0..140).map(|_| rng.next_u32() as u8));
+    }
+    convert::from_gguf(fieldllm_gguf::GgmlType::Q4_K, n, k, &bytes).unwrap()
+}
+
 /// Every run-time form.
-const KINDS: [BlockKind; 5] = BlockKind::ALL;
+const KINDS: [BlockKind; 7] = BlockKind::ALL;
 
 /// Random weights of `kind`: GGUF blocks for GGUF's own forms; for the others, the values the
 /// GGUF types they hold make (Q5_1 / Q5_K: 0..=31 with a minimum; Q6_K: -32..=31, two scales).
@@ -43,6 +64,16 @@ fn random_weights(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> 
         BlockKind::Q4_0 | BlockKind::Q4_1 | BlockKind::Q8_0 => {
             OwnedWeights::from_gguf(kind, n, k, &random_gguf(rng, kind, n, k)).unwrap()
         }
+        BlockKind::Q4K => random_q4_k(rng, n, k),
+        BlockKind::Q5_0 => {
+            // f16 scales, then 4 bytes of fifth bits and 16 of nibbles, every bit random
+            let mut bytes = Vec::new();
+            for _ in 0..n * k / BLOCK {
+                bytes.extend(f16::from_f32(0.01 + 0.05 * uniform(rng).abs()).to_le_bytes());
+                bytes.extend((0..20).map(|_| rng.next_u32() as u8));
+            }
+            convert::from_gguf(fieldllm_gguf::GgmlType::Q5_0, n, k, &bytes).unwrap()
+        }
         BlockKind::Q8Min => OwnedWeights {
             kind,
             n,
@@ -52,6 +83,7 @@ fn random_weights(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> 
                 .collect(),
             d: (0..blocks).map(|_| scale(rng)).collect(),
             m: (0..blocks).map(|_| -0.2 * uniform(rng).abs()).collect(),
+            sup: vec![],
         },
         BlockKind::Q8Half => OwnedWeights {
             kind,
@@ -64,6 +96,7 @@ fn random_weights(rng: &mut ChaCha8Rng, kind: BlockKind, n: usize, k: usize) -> 
                 .map(|_| scale(rng) * (1 + rng.next_u32() % 127) as f32 / 64.0)
                 .collect(),
             m: vec![],
+            sup: vec![],
         },
     }
 }
@@ -89,19 +122,19 @@ fn reference(w: &Weights<'_>, x: &QuantizedActs) -> Vec<f32> {
                 let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
                 let mut sumi = 0i32;
                 match w.kind {
-                    BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                    BlockKind::Q4_0 | BlockKind::Q4K | BlockKind::Q4_1 => {
                         for j in 0..BLOCK / 2 {
                             sumi += (q[j] & 0x0f) as i32 * xq[j] as i32;
                             sumi += (q[j] >> 4) as i32 * xq[j + BLOCK / 2] as i32;
                         }
                         acc += w.d[wi] * x.d[xi] * sumi as f32 + w.m[wi] * x.s[xi];
                     }
-                    BlockKind::Q8_0 | BlockKind::Q8Min => {
+                    BlockKind::Q8_0 | BlockKind::Q5_0 | BlockKind::Q8Min => {
                         for j in 0..BLOCK {
                             sumi += (q[j] as i8) as i32 * xq[j] as i32;
                         }
                         acc += w.d[wi] * x.d[xi] * sumi as f32;
-                        if w.kind == BlockKind::Q8Min {
+                        if w.kind.has_min() {
                             acc += w.m[wi] * x.s[xi];
                         }
                     }
@@ -125,7 +158,7 @@ fn reference(w: &Weights<'_>, x: &QuantizedActs) -> Vec<f32> {
 fn the_reference_is_the_f32_product_of_the_dequantized_operands() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for kind in KINDS {
-        let (n, k, rows) = (5, 96, 3);
+        let (n, k, rows) = (5, row_len(kind, 96), 3);
         let w = random_weights(&mut rng, kind, n, k);
         let x = random_acts(&mut rng, rows, k);
         let mut q = QuantizedActs::default();
@@ -229,6 +262,7 @@ fn every_kernel_matches_the_reference_on_awkward_sizes() {
             (67, 224),
             (4, 32),
         ] {
+            let k = row_len(kind, k);
             // every way to cut rows into tiles of 4, 2 and 1
             for rows in [1, 2, 3, 4, 5, 6, 7, 9, 37] {
                 let w = random_weights(&mut rng, kind, n, k);
@@ -326,6 +360,7 @@ fn packing_moves_every_value_and_scale_unchanged() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for kind in KINDS {
         for (n, k) in [(1, 32), (8, 64), (13, 96)] {
+            let k = row_len(kind, k);
             let w = random_weights(&mut rng, kind, n, k);
             let bytes = packed::pack(&w);
             let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
@@ -371,4 +406,52 @@ fn q4_0_at_its_own_size_computes_what_the_q4_1_form_did() {
             assert!(same, "{isa:?} n={n} k={k} rows={rows}");
         }
     }
+}
+
+/// Q4_K at nearly its own size (6-bit factors, f16 super-block scales) gives, on every
+/// instruction set, the same bits as the same weights held in the Q4_1 form (each block's
+/// `d sc` and `-dmin m` in f32), which it replaced.
+#[test]
+fn q4_k_at_its_own_size_computes_what_the_q4_1_form_did() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for (n, k, rows) in [(13, 256, 1), (67, 512, 5), (8, 768, 37)] {
+        let wk = random_q4_k(&mut rng, n, k);
+        let w1 = OwnedWeights {
+            kind: BlockKind::Q4_1,
+            sup: vec![],
+            ..wk.clone()
+        };
+        let (bk, b1) = (packed::pack(&wk), packed::pack(&w1));
+        assert_eq!(
+            bk.len(),
+            n.div_ceil(8) * 8 * k / 256 * 148,
+            "148 bytes a row-block"
+        );
+        let pk = packed::Packed::new(BlockKind::Q4K, n, k, &bk).unwrap();
+        let p1 = packed::Packed::new(BlockKind::Q4_1, n, k, &b1).unwrap();
+        for r in 0..n {
+            for b in 0..k / BLOCK {
+                assert_eq!(pk.block(r, b), p1.block(r, b), "row {r} block {b}");
+            }
+        }
+        let mut q = QuantizedActs::default();
+        q.quantize(&random_acts(&mut rng, rows, k), rows, k);
+        for &isa in crate::cpu::tested_isas() {
+            let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            gemm(isa, &pk, &q, &mut a);
+            gemm(isa, &p1, &q, &mut b);
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{isa:?} n={n} k={k} rows={rows}");
+        }
+    }
+    assert!(packed::Packed::new(BlockKind::Q4K, 8, 288, &[0; 8 * 9 * 148]).is_err());
+}
+
+/// The forms of GGUF's own types keep its bytes a block (Q4_K: 148 against 144).
+#[test]
+fn packed_forms_read_the_gguf_bytes() {
+    let per_row_block = |kind: BlockKind| packed::group_block_bytes(kind) as f64 / 8.0;
+    assert_eq!(per_row_block(BlockKind::Q4_0), 18.0);
+    assert_eq!(per_row_block(BlockKind::Q5_0), 22.0);
+    assert_eq!(per_row_block(BlockKind::Q4K), 18.5);
 }

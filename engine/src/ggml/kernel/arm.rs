@@ -11,7 +11,10 @@ use std::ops::Range;
 
 use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
-use super::{EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, Out, drive_tiles};
+use super::{
+    EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, FOUR_BIT, FOUR_BIT_FIVE, FOUR_BIT_K, FOUR_BIT_ZERO,
+    Out, drive_tiles,
+};
 
 /// `acc + sum of the 4 i8 x i8 products of each 32-bit lane`, plain NEON.
 #[target_feature(enable = "neon")]
@@ -58,6 +61,99 @@ pub(super) unsafe fn f16x4(p: *const u8) -> float32x4_t {
     out
 }
 
+/// Block `b` of group `g` of a 4-bit form (`F`, see `FOUR_BIT*`): where its values start, and
+/// its rows' scales and minimums as f32 (rows 0..4, rows 4..8), each the same f32 the planes
+/// hold.
+///
+/// # Safety
+/// `w` is of `F`'s kind, `g` and `b` a group and block of it.
+#[target_feature(enable = "neon")]
+#[inline]
+pub(super) unsafe fn four_bit<const F: u8>(
+    w: &Packed<'_>,
+    g: usize,
+    b: usize,
+) -> (*const u8, [float32x4_t; 2], [float32x4_t; 2]) {
+    match F {
+        FOUR_BIT_ZERO | FOUR_BIT_FIVE => {
+            let blk = w.group_block(g, b).as_ptr();
+            // SAFETY: Q4_0's and Q5_0's blocks open with 8 f16 scales, then (Q5_0) fifth
+            // bits, then values
+            let (d, vals) = unsafe {
+                (
+                    [f16x4(blk), f16x4(blk.add(8))],
+                    blk.add(values_offset(w.kind)),
+                )
+            };
+            let zero = if F == FOUR_BIT_ZERO { -8.0 } else { -16.0 };
+            (vals, d, d.map(|d| vmulq_n_f32(d, zero)))
+        }
+        FOUR_BIT_K => {
+            let (head, at) = w.q4k_at(g, b);
+            // SAFETY: `q4k_at` gives offsets of a super-block head and a block inside the
+            // bytes `Packed::new` checked: the head holds 8 f16 d then 8 f16 dmin, the block
+            // 8 scale and 8 minimum bytes, then its values
+            unsafe {
+                let (head, blk) = (w.bytes.as_ptr().add(head), w.bytes.as_ptr().add(at));
+                let bytes = |p: *const u8| {
+                    let wide = vmovl_u8(vld1_u8(p));
+                    [
+                        vcvtq_f32_u32(vmovl_u16(vget_low_u16(wide))),
+                        vcvtq_f32_u32(vmovl_high_u16(wide)),
+                    ]
+                };
+                let (d, dmin) = (
+                    [f16x4(head), f16x4(head.add(8))],
+                    [f16x4(head.add(16)), f16x4(head.add(24))],
+                );
+                let (sc, m) = (bytes(blk), bytes(blk.add(GROUP)));
+                (
+                    blk.add(values_offset(BlockKind::Q4K)),
+                    [vmulq_f32(d[0], sc[0]), vmulq_f32(d[1], sc[1])],
+                    // -(dmin m): the planes' negation, zeros included
+                    [
+                        vnegq_f32(vmulq_f32(dmin[0], m[0])),
+                        vnegq_f32(vmulq_f32(dmin[1], m[1])),
+                    ],
+                )
+            }
+        }
+        _ => {
+            debug_assert_eq!(F, FOUR_BIT);
+            let blk = w.group_block(g, b).as_ptr();
+            // SAFETY: Q4_1's block opens with 8 f32 scales and 8 f32 minimums, then values
+            unsafe {
+                let ld = |o: usize| vld1q_f32(blk.add(o) as *const f32);
+                (
+                    blk.add(values_offset(BlockKind::Q4_1)),
+                    [ld(0), ld(16)],
+                    [ld(GROUP * 4), ld(GROUP * 4 + 16)],
+                )
+            }
+        }
+    }
+}
+
+/// Q5_0's fifth bits of values `8v..8v + 8` of 4 rows (`qh`: their 4 x 32 bits) as 16s, in
+/// the nibble vectors' order: lane `r`, byte `t`: value `8v + t` (first), `8v + 4 + t`
+/// (second).
+#[target_feature(enable = "neon")]
+#[inline]
+pub(super) fn fifth_bits(qh: uint8x16_t, v: usize) -> (uint8x16_t, uint8x16_t) {
+    const SPREAD: [u8; 16] = [0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12];
+    // SAFETY: SPREAD is 16 bytes
+    let spread = vaddq_u8(unsafe { vld1q_u8(SPREAD.as_ptr()) }, vdupq_n_u8(v as u8));
+    // byte v of each lane (bits 8v..8v + 8) in its 4 bytes, then bit t / 4 + t of byte t
+    let bytes = vqtbl1q_u8(qh, spread);
+    let lo = vreinterpretq_u8_u32(vdupq_n_u32(0x0804_0201));
+    let hi = vreinterpretq_u8_u32(vdupq_n_u32(0x8040_2010));
+    let sixteen = vdupq_n_u8(0x10);
+    (
+        vandq_u8(vtstq_u8(bytes, lo), sixteen),
+        vandq_u8(vtstq_u8(bytes, hi), sixteen),
+    )
+}
+
 /// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "neon")]
 unsafe fn bcast4(p: *const i8) -> int8x16_t {
@@ -69,9 +165,9 @@ unsafe fn bcast4(p: *const i8) -> int8x16_t {
 
 macro_rules! kernels {
     ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident) => {
-        /// One group of 8 Q4_1 (or, `Z`, Q4_0) rows x C activation rows.
+        /// One group of 8 rows of a 4-bit form (`F`, see `FOUR_BIT*`) x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q41<const C: usize, const Z: bool>(
+        unsafe fn $q41<const C: usize, const F: u8>(
             w: &Packed<'_>,
             g: usize,
             x: &QuantizedActs,
@@ -81,16 +177,26 @@ macro_rules! kernels {
             let nb = w.blocks_per_row();
             let mut acc = [[vdupq_n_f32(0.0); 2]; C];
             let mask = vdupq_n_u8(0x0f);
-            let vo = values_offset(w.kind);
             for b in 0..nb {
-                let blk = w.group_block(g, b).as_ptr();
+                // SAFETY: g and b are a group and block of w, of F's kind (`$gemm`)
+                let (vals, d, m) = unsafe { four_bit::<F>(w, g, b) };
+                let qh = if F == FOUR_BIT_FIVE {
+                    // SAFETY: Q5_0's 8 rows' fifth bits are the 32 bytes before its values
+                    unsafe { [vld1q_u8(vals.sub(32)), vld1q_u8(vals.sub(16))] }
+                } else {
+                    [vdupq_n_u8(0); 2]
+                };
                 let mut sum = [[vdupq_n_s32(0); 2]; C];
                 for v in 0..4 {
                     for h in 0..2 {
-                        // SAFETY: a group block holds 4 vectors of 32 bytes after the scales
-                        let raw = unsafe { vld1q_u8(blk.add(vo + v * 32 + h * 16)) };
-                        let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
-                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+                        // SAFETY: a block holds 4 vectors of 32 bytes of values
+                        let raw = unsafe { vld1q_u8(vals.add(v * 32 + h * 16)) };
+                        let (mut lo, mut hi) = (vandq_u8(raw, mask), vshrq_n_u8::<4>(raw));
+                        if F == FOUR_BIT_FIVE {
+                            let (l5, h5) = fifth_bits(qh[h], v);
+                            (lo, hi) = (vorrq_u8(lo, l5), vorrq_u8(hi, h5));
+                        }
+                        let (lo, hi) = (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi));
                         for c in 0..C {
                             let xp =
                                 // SAFETY: row c0 + c of x has nb blocks of 32 bytes
@@ -102,19 +208,7 @@ macro_rules! kernels {
                     }
                 }
                 for h in 0..2 {
-                    let (d, m) = if Z {
-                        // SAFETY: Q4_0's 8 f16 scales open the block
-                        let d = unsafe { f16x4(blk.add(h * 8)) };
-                        (d, vmulq_n_f32(d, -8.0))
-                    } else {
-                        // SAFETY: Q4_1's scales then minimums, 8 f32 each, open the block
-                        unsafe {
-                            (
-                                vld1q_f32(blk.add(h * 16) as *const f32),
-                                vld1q_f32(blk.add(GROUP * 4 + h * 16) as *const f32),
-                            )
-                        }
-                    };
+                    let (d, m) = (d[h], m[h]);
                     for c in 0..C {
                         let xi = (c0 + c) * nb + b;
                         let dd = vmulq_n_f32(d, x.d[xi]);
@@ -216,8 +310,10 @@ macro_rules! kernels {
             // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
-                    BlockKind::Q4_0 => drive_tiles!($q41::<true>, w, groups, x, out),
-                    BlockKind::Q4_1 => drive_tiles!($q41::<false>, w, groups, x, out),
+                    BlockKind::Q4_0 => drive_tiles!($q41::<FOUR_BIT_ZERO>, w, groups, x, out),
+                    BlockKind::Q4K => drive_tiles!($q41::<FOUR_BIT_K>, w, groups, x, out),
+                    BlockKind::Q5_0 => drive_tiles!($q41::<FOUR_BIT_FIVE>, w, groups, x, out),
+                    BlockKind::Q4_1 => drive_tiles!($q41::<FOUR_BIT>, w, groups, x, out),
                     BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
                     BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
                     BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
@@ -247,8 +343,10 @@ pub(super) unsafe fn single_row_dot(
     // SAFETY: forwarded from the caller
     unsafe {
         match w.kind {
-            BlockKind::Q4_0 => q41_dot::<1, true>(w, g, x, c, out),
-            BlockKind::Q4_1 => q41_dot::<1, false>(w, g, x, c, out),
+            BlockKind::Q4_0 => q41_dot::<1, FOUR_BIT_ZERO>(w, g, x, c, out),
+            BlockKind::Q4K => q41_dot::<1, FOUR_BIT_K>(w, g, x, c, out),
+            BlockKind::Q5_0 => q41_dot::<1, FOUR_BIT_FIVE>(w, g, x, c, out),
+            BlockKind::Q4_1 => q41_dot::<1, FOUR_BIT>(w, g, x, c, out),
             BlockKind::Q8_0 => q80_dot::<1, EIGHT_BIT>(w, g, x, c, out),
             BlockKind::Q8Min => q80_dot::<1, EIGHT_BIT_MIN>(w, g, x, c, out),
             BlockKind::Q8Half => q80_dot::<1, EIGHT_BIT_HALF>(w, g, x, c, out),

@@ -17,8 +17,8 @@ use std::ops::Range;
 
 use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
-use super::Out;
 use super::arm;
+use super::{FOUR_BIT, FOUR_BIT_FIVE, FOUR_BIT_K, FOUR_BIT_ZERO, Out};
 
 /// `acc + a * transpose(b)`: `a` and `b` are 2x8 i8 (row-major, a row per 8 bytes), `acc` the
 /// 2x2 i32 result row-major: lane `2 i + j` gains `sum_t a[i][t] * b[j][t]`.
@@ -42,32 +42,33 @@ fn mmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 /// 4 bytes per row.
 ///
 /// # Safety
-/// `blk` is a whole group block of a 4-bit form (`Q41`, values at `vo`) or Q8_0, `v < 4`,
-/// `h < 2`.
+/// `vals` are a block's values of a 4-bit form (`Q41`) or Q8_0, `v < 4`, `h < 2`.
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn values<const Q41: bool>(
-    blk: *const u8,
-    vo: usize,
+unsafe fn values<const Q41: bool, const F: u8>(
+    vals: *const u8,
     v: usize,
     h: usize,
 ) -> (int8x16_t, int8x16_t) {
     if Q41 {
         // vector v holds values 8v + t (low nibbles) and 8v + 4 + t (high nibbles)
-        // SAFETY: the caller's whole group block holds 4 vectors of 32 bytes after the scales
-        let raw = unsafe { vld1q_u8(blk.add(vo + v * 32 + h * 16)) };
-        let lo = vandq_u8(raw, vdupq_n_u8(0x0f));
-        (
-            vreinterpretq_s8_u8(lo),
-            vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw)),
-        )
+        // SAFETY: the caller's block holds 4 vectors of 32 bytes of values
+        let raw = unsafe { vld1q_u8(vals.add(v * 32 + h * 16)) };
+        let (mut lo, mut hi) = (vandq_u8(raw, vdupq_n_u8(0x0f)), vshrq_n_u8::<4>(raw));
+        if F == FOUR_BIT_FIVE {
+            // SAFETY: Q5_0's 8 rows' fifth bits are the 32 bytes before its values
+            let qh = unsafe { vld1q_u8(vals.sub(32 - h * 16)) };
+            let (l5, h5) = arm::fifth_bits(qh, v);
+            (lo, hi) = (vorrq_u8(lo, l5), vorrq_u8(hi, h5));
+        }
+        (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi))
     } else {
         // vector c holds values 4c + t: vectors 2v and 2v + 1
-        // SAFETY: the caller's whole group block holds 8 vectors of 32 bytes after the scales
+        // SAFETY: the caller's block holds 8 vectors of 32 bytes of values
         unsafe {
             (
-                vld1q_s8(blk.add(vo + 2 * v * 32 + h * 16) as *const i8),
-                vld1q_s8(blk.add(vo + (2 * v + 1) * 32 + h * 16) as *const i8),
+                vld1q_s8(vals.add(2 * v * 32 + h * 16) as *const i8),
+                vld1q_s8(vals.add((2 * v + 1) * 32 + h * 16) as *const i8),
             )
         }
     }
@@ -80,8 +81,8 @@ fn pairs<const P: usize>(v: &[f32], nb: usize, c0: usize) -> [(&[f32], &[f32]); 
     std::array::from_fn(|q| (row(c0 + 2 * q), row(c0 + 2 * q + 1)))
 }
 
-/// One group of 8 rows x `2 P` activation rows from `c0`: Q4_1 (`Q41`), Q4_0 (`Q41` and `Z`)
-/// or Q8_0.
+/// One group of 8 rows x `2 P` activation rows from `c0`: a 4-bit form (`Q41`; `F`, see
+/// `FOUR_BIT*`) or Q8_0.
 ///
 /// Sums (`sum[p][q]`) and totals (`acc[q][p]`) are kept per row pair `p` (rows `2p`, `2p + 1`)
 /// and activation pair `q` (rows `c0 + 2q`, `c0 + 2q + 1`), lanes in `smmla`'s order:
@@ -91,7 +92,7 @@ fn pairs<const P: usize>(v: &[f32], nb: usize, c0: usize) -> [(&[f32], &[f32]); 
 /// The CPU has NEON and i8mm; `g` is a group of `w`, rows `c0..c0 + 2P` are rows of `x`, and
 /// the caller owns the group's columns of `out`.
 #[target_feature(enable = "neon,i8mm")]
-unsafe fn tile<const Q41: bool, const Z: bool, const P: usize>(
+unsafe fn tile<const Q41: bool, const F: u8, const P: usize>(
     w: &Packed<'_>,
     g: usize,
     x: &QuantizedActs,
@@ -102,9 +103,19 @@ unsafe fn tile<const Q41: bool, const Z: bool, const P: usize>(
     // each activation row's scales and sums sliced once, so the block loop checks no bounds
     let (xd, xs) = (pairs::<P>(&x.d, nb, c0), pairs::<P>(&x.s, nb, c0));
     let mut acc = [[vdupq_n_f32(0.0); 4]; P];
-    let vo = values_offset(w.kind);
     for b in 0..nb {
-        let blk = w.group_block(g, b).as_ptr();
+        let (vals, d, m) = if Q41 {
+            // SAFETY: g and b are a group and block of w, of F's kind (`gemm_i8mm`)
+            unsafe { arm::four_bit::<F>(w, g, b) }
+        } else {
+            let blk = w.group_block(g, b).as_ptr();
+            // SAFETY: Q8_0's block opens with 8 f32 scales, then its values
+            unsafe {
+                let ld = |o: usize| vld1q_f32(blk.add(o) as *const f32);
+                let d = [ld(0), ld(16)];
+                (blk.add(values_offset(BlockKind::Q8_0)), d, d)
+            }
+        };
         let mut sum = [[vdupq_n_s32(0); P]; 4];
         for v in 0..4 {
             let mut xb = [vdupq_n_s8(0); P];
@@ -116,7 +127,7 @@ unsafe fn tile<const Q41: bool, const Z: bool, const P: usize>(
             }
             for h in 0..2 {
                 // SAFETY: the caller's group block, v < 4, h < 2
-                let (lo, hi) = unsafe { values::<Q41>(blk, vo, v, h) };
+                let (lo, hi) = unsafe { values::<Q41, F>(vals, v, h) };
                 let (lo, hi) = (vreinterpretq_s32_s8(lo), vreinterpretq_s32_s8(hi));
                 // rows 4h, 4h + 1 and rows 4h + 2, 4h + 3, 8 consecutive values each
                 let a0 = vreinterpretq_s8_s32(vzip1q_s32(lo, hi));
@@ -134,17 +145,6 @@ unsafe fn tile<const Q41: bool, const Z: bool, const P: usize>(
         };
         let xd = xd.map(across);
         let xs = if Q41 { xs.map(across) } else { xd };
-        // SAFETY: the block opens with 8 f32 scales, then (Q4_1) 8 f32 minimums
-        let ld = |o: usize| unsafe { vld1q_f32(blk.add(o) as *const f32) };
-        let (d, m) = if Z {
-            // SAFETY: Q4_0's block opens with 8 f16 scales; its minimums are -8 d
-            let d = unsafe { [arm::f16x4(blk), arm::f16x4(blk.add(8))] };
-            (d, d.map(|d| vmulq_n_f32(d, -8.0)))
-        } else if Q41 {
-            ([ld(0), ld(16)], [ld(GROUP * 4), ld(GROUP * 4 + 16)])
-        } else {
-            ([ld(0), ld(16)], [ld(0), ld(16)])
-        };
         for p in 0..4 {
             // a row pair's as [r0, r0, r1, r1], from the 4 lanes holding them
             let pair = |s: [float32x4_t; 2]| {
@@ -183,7 +183,7 @@ unsafe fn tile<const Q41: bool, const Z: bool, const P: usize>(
 /// Every tile of row groups `groups`: activation rows 4 at a time, then a pair, then the last
 /// one alone through `sdot`.
 #[target_feature(enable = "neon,dotprod,i8mm")]
-unsafe fn drive<const Q41: bool, const Z: bool>(
+unsafe fn drive<const Q41: bool, const F: u8>(
     w: &Packed<'_>,
     groups: Range<usize>,
     x: &QuantizedActs,
@@ -193,12 +193,12 @@ unsafe fn drive<const Q41: bool, const Z: bool>(
         let mut c = 0;
         while c + 4 <= x.rows {
             // SAFETY: forwarded from `gemm_i8mm`'s caller; c..c + 4 are rows of x
-            unsafe { tile::<Q41, Z, 2>(w, g, x, c, out) };
+            unsafe { tile::<Q41, F, 2>(w, g, x, c, out) };
             c += 4;
         }
         if c + 2 <= x.rows {
             // SAFETY: as above, rows c..c + 2
-            unsafe { tile::<Q41, Z, 1>(w, g, x, c, out) };
+            unsafe { tile::<Q41, F, 1>(w, g, x, c, out) };
             c += 2;
         }
         if c < x.rows {
@@ -216,9 +216,11 @@ pub(super) unsafe fn gemm_i8mm(w: &Packed<'_>, groups: Range<usize>, x: &Quantiz
     // SAFETY: forwarded from the caller
     unsafe {
         match w.kind {
-            BlockKind::Q4_0 => drive::<true, true>(w, groups, x, out),
-            BlockKind::Q4_1 => drive::<true, false>(w, groups, x, out),
-            BlockKind::Q8_0 => drive::<false, false>(w, groups, x, out),
+            BlockKind::Q4_0 => drive::<true, FOUR_BIT_ZERO>(w, groups, x, out),
+            BlockKind::Q4K => drive::<true, FOUR_BIT_K>(w, groups, x, out),
+            BlockKind::Q5_0 => drive::<true, FOUR_BIT_FIVE>(w, groups, x, out),
+            BlockKind::Q4_1 => drive::<true, FOUR_BIT>(w, groups, x, out),
+            BlockKind::Q8_0 => drive::<false, FOUR_BIT>(w, groups, x, out),
             // the forms holding Q5_1, Q5_K and Q6_K: the dot-product kernel (i8mm's 2x8
             // tiles for them are not written yet)
             BlockKind::Q8Min | BlockKind::Q8Half => super::arm::gemm_dot(w, groups, x, out),

@@ -3,8 +3,9 @@
 //! 8 rows (one row per 32-bit lane), multiplied by 4 activation bytes broadcast to every lane.
 //!
 //! Q4_1's nibbles are unsigned, the activations signed: exactly the u8 x i8 form both
-//! instructions take; Q4_0 runs the same kernel, its f16 scales widened by F16C
-//! (`vcvtph2ps`, which every AVX2 CPU has) and its minimum made as `-8 d`. Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
+//! instructions take; Q4_0, Q4_K and Q5_0 run the same kernel, their scales made per block
+//! ([`four_bit`]: f16 widened by F16C's `vcvtph2ps`, which every AVX2 CPU has), Q5_0's fifth
+//! bits added to the nibbles as 16s ([`fifth_bits`]: its values 0..=31 stay unsigned). Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
 //! the activation (`vpsignb`) and multiplies by the weight's magnitude; the other 8-bit forms
 //! take the same path.
 
@@ -13,7 +14,10 @@ use std::ops::Range;
 
 use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
-use super::{EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, Out, drive_tiles};
+use super::{
+    EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, FOUR_BIT, FOUR_BIT_FIVE, FOUR_BIT_K, FOUR_BIT_ZERO,
+    Out, drive_tiles,
+};
 
 /// `acc + sum of u8 x i8 products of each 32-bit lane`.
 #[target_feature(enable = "avx2")]
@@ -31,6 +35,102 @@ fn dp_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, a, b)
 }
 
+/// Block `b` of group `g` of a 4-bit form (`F`, see `FOUR_BIT*`): where its values start, and
+/// its 8 rows' scales and minimums as f32, each the same f32 the planes hold.
+///
+/// # Safety
+/// `w` is of `F`'s kind, `g` and `b` a group and block of it.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn four_bit<const F: u8>(w: &Packed<'_>, g: usize, b: usize) -> (*const u8, __m256, __m256) {
+    let widen = |p: *const u8| {
+        // SAFETY: the caller's block holds 8 f16 at p
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+    };
+    let bytes = |p: *const u8| {
+        // SAFETY: the caller's block holds 8 bytes at p
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(unsafe {
+            _mm_loadl_epi64(p as *const __m128i)
+        }))
+    };
+    match F {
+        FOUR_BIT_ZERO | FOUR_BIT_FIVE => {
+            let blk = w.group_block(g, b).as_ptr();
+            let d = widen(blk);
+            // SAFETY: the values follow the scales (and Q5_0's fifth bits) in the block
+            let vals = unsafe { blk.add(values_offset(w.kind)) };
+            let zero = if F == FOUR_BIT_ZERO { -8.0 } else { -16.0 };
+            (vals, d, _mm256_mul_ps(d, _mm256_set1_ps(zero)))
+        }
+        FOUR_BIT_K => {
+            let (head, at) = w.q4k_at(g, b);
+            // SAFETY: `q4k_at` gives offsets of a super-block head and a block inside the
+            // bytes `Packed::new` checked
+            let (head, blk) = unsafe { (w.bytes.as_ptr().add(head), w.bytes.as_ptr().add(at)) };
+            // SAFETY: the head holds 8 f16 d then 8 f16 dmin; the block 8 scale and 8
+            // minimum bytes, then its values
+            let (d, dmin, sc, m, vals) = unsafe {
+                (
+                    widen(head),
+                    widen(head.add(GROUP * 2)),
+                    bytes(blk),
+                    bytes(blk.add(GROUP)),
+                    blk.add(values_offset(BlockKind::Q4K)),
+                )
+            };
+            // -(dmin m) by its sign bit: the planes' negation, zeros included
+            let m = _mm256_xor_ps(_mm256_mul_ps(dmin, m), _mm256_set1_ps(-0.0));
+            (vals, _mm256_mul_ps(d, sc), m)
+        }
+        _ => {
+            debug_assert_eq!(F, FOUR_BIT);
+            let blk = w.group_block(g, b).as_ptr();
+            // SAFETY: Q4_1's scales and minimums are the block's first 64 bytes, the values
+            // follow
+            unsafe {
+                (
+                    blk.add(values_offset(BlockKind::Q4_1)),
+                    _mm256_loadu_ps(blk as *const f32),
+                    _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32),
+                )
+            }
+        }
+    }
+}
+
+/// Q5_0's fifth bits of values `8v..8v + 8` as 16s, in the nibble vectors' order: lane `r`
+/// (a row, its 32 bits in `qh`'s lane `r`), byte `t`: value `8v + t` (first), `8v + 4 + t`
+/// (second). `spread` is [`spread_index`]`(v)`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn fifth_bits(qh: __m256i, spread: __m256i) -> (__m256i, __m256i) {
+    // byte v of each lane (bits 8v..8v + 8) in its 4 bytes, then bit t / 4 + t of byte t
+    let bytes = _mm256_shuffle_epi8(qh, spread);
+    let (lo, hi) = (
+        _mm256_set1_epi32(0x0804_0201),
+        _mm256_set1_epi32(0x8040_2010_u32 as i32),
+    );
+    let sixteen = _mm256_set1_epi8(0x10);
+    let set = |bit: __m256i| {
+        _mm256_and_si256(
+            _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit),
+            sixteen,
+        )
+    };
+    (set(lo), set(hi))
+}
+
+/// The shuffle that puts byte `v` of each 32-bit lane in all 4 of its bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn spread_index(v: usize) -> __m256i {
+    let lane = _mm256_setr_epi8(
+        0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12,
+        12, 12, 12,
+    );
+    _mm256_add_epi8(lane, _mm256_set1_epi8(v as i8))
+}
+
 /// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "avx2")]
 unsafe fn bcast4(p: *const i8) -> __m256i {
@@ -40,9 +140,9 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 
 macro_rules! kernels {
     ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident) => {
-        /// One group of 8 Q4_1 (or, `Z`, Q4_0) rows x C activation rows.
+        /// One group of 8 rows of a 4-bit form (`F`, see `FOUR_BIT*`) x C activation rows.
         #[target_feature(enable = $features)]
-        unsafe fn $q41<const C: usize, const Z: bool>(
+        unsafe fn $q41<const C: usize, const F: u8>(
             w: &Packed<'_>,
             g: usize,
             x: &QuantizedActs,
@@ -52,17 +152,29 @@ macro_rules! kernels {
             let nb = w.blocks_per_row();
             let mut acc = [_mm256_setzero_ps(); C];
             let mask = _mm256_set1_epi8(0x0f);
-            let vo = values_offset(w.kind);
+            let spread = [0, 1, 2, 3].map(|v| spread_index(v));
             for b in 0..nb {
-                let blk = w.group_block(g, b).as_ptr();
+                // SAFETY: g and b are a group and block of w, of F's kind (`$gemm`)
+                let (vals, d, m) = unsafe { four_bit::<F>(w, g, b) };
+                let qh = if F == FOUR_BIT_FIVE {
+                    // SAFETY: Q5_0's 8 rows' fifth bits are the 32 bytes before its values
+                    unsafe { _mm256_loadu_si256(vals.sub(GROUP * 4) as *const __m256i) }
+                } else {
+                    _mm256_setzero_si256()
+                };
                 // two chains for one activation row, so the dot products overlap
                 let mut lo_sum = [_mm256_setzero_si256(); C];
                 let mut hi_sum = [_mm256_setzero_si256(); C];
                 for v in 0..4 {
-                    // SAFETY: a group block holds 4 vectors of 32 bytes after the scales
-                    let raw = unsafe { _mm256_loadu_si256(blk.add(vo + v * 32) as *const __m256i) };
-                    let lo = _mm256_and_si256(raw, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    // SAFETY: a block holds 4 vectors of 32 bytes of values
+                    let raw = unsafe { _mm256_loadu_si256(vals.add(v * 32) as *const __m256i) };
+                    let mut lo = _mm256_and_si256(raw, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    if F == FOUR_BIT_FIVE {
+                        let (l5, h5) = fifth_bits(qh, spread[v]);
+                        lo = _mm256_or_si256(lo, l5);
+                        hi = _mm256_or_si256(hi, h5);
+                    }
                     for c in 0..C {
                         // SAFETY: row c0 + c of x has nb blocks of 32 bytes
                         let xp = unsafe { x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8) };
@@ -76,19 +188,6 @@ macro_rules! kernels {
                         }
                     }
                 }
-                let (d, m) = if Z {
-                    // SAFETY: Q4_0's 8 f16 scales are the block's first 16 bytes
-                    let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk as *const __m128i) });
-                    (d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0)))
-                } else {
-                    // SAFETY: Q4_1's scales and minimums are the block's first 64 bytes
-                    unsafe {
-                        (
-                            _mm256_loadu_ps(blk as *const f32),
-                            _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32),
-                        )
-                    }
-                };
                 for c in 0..C {
                     let xi = (c0 + c) * nb + b;
                     let sum = if C == 1 {
@@ -197,8 +296,10 @@ macro_rules! kernels {
             // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
-                    BlockKind::Q4_0 => drive_tiles!($q41::<true>, w, groups, x, out),
-                    BlockKind::Q4_1 => drive_tiles!($q41::<false>, w, groups, x, out),
+                    BlockKind::Q4_0 => drive_tiles!($q41::<FOUR_BIT_ZERO>, w, groups, x, out),
+                    BlockKind::Q4K => drive_tiles!($q41::<FOUR_BIT_K>, w, groups, x, out),
+                    BlockKind::Q5_0 => drive_tiles!($q41::<FOUR_BIT_FIVE>, w, groups, x, out),
+                    BlockKind::Q4_1 => drive_tiles!($q41::<FOUR_BIT>, w, groups, x, out),
                     BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
                     BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
                     BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
