@@ -1,8 +1,8 @@
 //! A GGUF file given where a model directory is expected (`--model FILE.gguf`, `[model] path`)
 //! is imported once, in Rust, into a cache, and the artifact there is what loads: as ollama
 //! and llama.cpp take the file a user brings. The cache key is the file's path, size and
-//! modification time (hashing gigabytes at every start would cost seconds); a changed file
-//! gets a new artifact. The import writes beside its destination and renames into place, so
+//! modification time (hashing gigabytes at every start would cost seconds) and the import's
+//! revision; a changed file, or a fieldllmd that imports it differently, gets a new artifact. The import writes beside its destination and renames into place, so
 //! an interrupted import leaves nothing half-written, and two processes importing at once
 //! both end with the one that landed.
 
@@ -59,7 +59,8 @@ pub fn artifact_dir(path: PathBuf) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// `STEM-KEY`: the file's name, and 16 hex digits of its canonical path, size and mtime.
+/// `STEM-KEY`: the file's name, and 16 hex digits of its canonical path, size, mtime and the
+/// import's revision.
 fn cache_name(path: &Path) -> anyhow::Result<String> {
     let canon = path
         .canonicalize()
@@ -74,6 +75,7 @@ fn cache_name(path: &Path) -> anyhow::Result<String> {
     h.update(canon.to_string_lossy().as_bytes());
     h.update(meta.len().to_le_bytes());
     h.update(mtime.to_le_bytes());
+    h.update(fieldllm_engine::import::IMPORT_REVISION.to_le_bytes());
     let key = hex::encode(&h.finalize()[..8]);
     let stem = canon
         .file_stem()

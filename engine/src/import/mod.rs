@@ -46,6 +46,11 @@ pub enum ImportError {
 /// set; the Python converter's list).
 const END_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"];
 
+/// What an import writes, numbered: raised whenever the same GGUF would import differently
+/// (2: Q4_0, Q5_0 and Q4_K kept at their own size; the rotary embedding as `ApplyRope`), so
+/// a cache keyed by it re-imports after an upgrade instead of keeping the older artifact.
+pub const IMPORT_REVISION: u32 = 2;
+
 /// Imports the GGUF at `path` into a deployable artifact in `out` (which must not exist):
 /// metadata, tokenizer, chat template and tensors read in Rust, the graph built in code, the
 /// weights kept in the file's blocks. `name` names the model (default: the file's
