@@ -244,6 +244,49 @@ fn bench_json_reports_every_figure() {
     );
 }
 
+/// `--profile` prints where a prompt token's and a decoded token's time go, by op, each table
+/// ending in its total.
+#[test]
+fn bench_profile_times_prefill_and_decode_by_op() {
+    let o = run(&[
+        "bench",
+        "--model",
+        &tiny(),
+        "--profile",
+        "--threads",
+        "1",
+        "--prompt",
+        "16",
+        "--gen",
+        "8",
+        "--reps",
+        "1",
+    ]);
+    let (out, err) = texts(&o);
+    assert!(o.status.success(), "{err}");
+    for what in [
+        "prefill profile, 1 thread(s), per prompt token:",
+        "decode profile, 1 thread(s), per token:",
+    ] {
+        let table = out
+            .split(what)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{what} in {out}"));
+        let table = table.split("\n\n").next().unwrap();
+        assert!(table.contains("| (outside the ops) |"), "{table}");
+        let total = table.lines().find(|l| l.starts_with("| total |"));
+        let us: f64 = total
+            .unwrap()
+            .split('|')
+            .nth(3)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(us > 0.0, "{table}");
+    }
+}
+
 /// `bench` as `run` does it, with `FIELDLLM_ISA` set.
 fn bench_with_isa(isa: &str) -> std::process::Output {
     std::process::Command::new(fieldllm_tests::fieldllmd())

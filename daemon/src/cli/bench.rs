@@ -31,7 +31,8 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Also time every op of the decode graph and print where a token's time goes, by op.
+    /// Also time every op of a prefill and of the decode steps and print where a token's time
+    /// goes, by op.
     #[arg(long, conflicts_with = "json")]
     profile: bool,
     /// Measure the MQTT service instead: the same requests in-process and through this broker
@@ -214,7 +215,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             tg.push(a.generate as f64 / start.elapsed().as_secs_f64());
         }
         if a.profile {
-            profiles.push((t, profile_decode(&model, ids[0], a.generate)?));
+            let prefill = profile_prefill(&model, &ids)?;
+            profiles.push((t, "prefill", "prompt token", prefill));
+            let decode = profile_decode(&model, ids[0], a.generate)?;
+            profiles.push((t, "decode", "token", decode));
         }
         rows.push(Row {
             threads: t,
@@ -251,8 +255,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             r.threads, r.load_ms, r.prefill_tok_s, r.decode_tok_s
         );
     }
-    for (t, table) in profiles {
-        println!("\ndecode profile, {t} thread(s), per token:\n{table}");
+    for (t, what, per, table) in profiles {
+        println!("\n{what} profile, {t} thread(s), per {per}:\n{table}");
     }
     Ok(())
 }
@@ -269,7 +273,27 @@ fn profile_decode(model: &std::sync::Arc<Model>, first: u32, n: usize) -> anyhow
         let next = argmax(&logits);
         logits = s.feed_profiled(&[next], &mut profile)?;
     }
-    let total = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    Ok(profile_table(profile, start.elapsed(), n, n))
+}
+
+/// Prefills `ids` in one feed with every node timed: the same table, per prompt token.
+fn profile_prefill(model: &std::sync::Arc<Model>, ids: &[u32]) -> anyhow::Result<String> {
+    let mut s = Session::new(model)?;
+    let mut profile = OpProfile::default();
+    let start = Instant::now();
+    s.feed_profiled(ids, &mut profile)?;
+    Ok(profile_table(profile, start.elapsed(), ids.len(), 1))
+}
+
+/// The ops of `profile` by nodes per graph run (`runs`) and time per token (`n` tokens in
+/// `elapsed`), and what the graph's runs spent outside them.
+fn profile_table(
+    profile: OpProfile,
+    elapsed: std::time::Duration,
+    n: usize,
+    runs: usize,
+) -> String {
+    let total = elapsed.as_secs_f64() * 1e6 / n as f64;
     let mut ops: Vec<_> = profile.ops.into_iter().collect();
     ops.sort_by_key(|(_, (_, time))| std::cmp::Reverse(*time));
     let mut out = String::from("| op | nodes | µs | share |\n|---|--:|--:|--:|\n");
@@ -279,7 +303,7 @@ fn profile_decode(model: &std::sync::Arc<Model>, first: u32, n: usize) -> anyhow
         in_ops += us;
         out += &format!(
             "| {op} | {} | {us:.1} | {:.1}% |\n",
-            count / n as u64,
+            count / runs as u64,
             100.0 * us / total
         );
     }
@@ -288,5 +312,5 @@ fn profile_decode(model: &std::sync::Arc<Model>, first: u32, n: usize) -> anyhow
         total - in_ops,
         100.0 * (total - in_ops) / total
     );
-    Ok(out)
+    out
 }
