@@ -91,7 +91,7 @@ fn five_bits(qh: &[u8], qs: &[u8]) -> [u8; BLOCK] {
 fn q5_0(blk: &[u8], w: &mut OwnedWeights) {
     let d = f16_at(blk, 0);
     w.d.push(d);
-    w.m.push(-16.0 * d);
+    w.m.push(-BlockKind::Q5_0.zero_point() * d);
     w.qs.extend_from_slice(&five_bits(&blk[2..6], &blk[6..22]));
 }
 

@@ -20,9 +20,9 @@ pub mod packed;
 /// Values per quantization block (every GGUF type used here).
 pub const BLOCK: usize = 32;
 
-/// The run-time block forms the kernels run. Two are GGUF's own; the others hold, value for
-/// value, the GGUF types whose values do not fit them ([`convert`]): every weight dequantizes
-/// to exactly what ggml's dequantization gives.
+/// The run-time block forms the kernels run. Five are GGUF types' own (Q4_K's nearly byte for
+/// byte); the others hold, value for value, the GGUF types whose values do not fit them
+/// ([`convert`]): every weight dequantizes to exactly what ggml's dequantization gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockKind {
     /// GGUF's Q4_0: 4-bit unsigned `q` with one f16 scale, `x = d (q - 8)`, kept at its own 18
@@ -41,8 +41,7 @@ pub enum BlockKind {
     /// 4-bit unsigned `q` with a scale and a minimum: `x = d * q + m`, 16 bytes of nibbles per
     /// block (low nibbles are values 0..16, high nibbles 16..32): GGUF's Q4_1.
     Q4_1,
-    /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block. Holds Q8_0, and Q5_0
-    /// exactly (`q - 16`).
+    /// 8-bit signed `q` with a scale: `x = d * q`, 32 bytes per block: GGUF's Q8_0.
     Q8_0,
     /// 8-bit `q` (0..=31) with a scale and a minimum: `x = d * q + m`. Holds Q5_1 and Q5_K.
     Q8Min,
@@ -89,6 +88,16 @@ impl BlockKind {
     /// Whether the planes hold 4-bit values (two per byte).
     pub fn nibbles(self) -> bool {
         matches!(self, BlockKind::Q4_0 | BlockKind::Q4K | BlockKind::Q4_1)
+    }
+
+    /// The offset a form's unsigned values carry, `x = d (q - z)`: 8 for Q4_0, 16 for Q5_0, 0
+    /// for the others. The planes hold it as the minimum `-z d`; the packed forms make it.
+    pub fn zero_point(self) -> f32 {
+        match self {
+            BlockKind::Q4_0 => 8.0,
+            BlockKind::Q5_0 => 16.0,
+            _ => 0.0,
+        }
     }
 
     /// Whether blocks carry a minimum (`x = d * q + m`).
@@ -208,7 +217,8 @@ pub struct OwnedWeights {
     pub qs: Vec<u8>,
     /// Scales, widened from f16.
     pub d: Vec<f32>,
-    /// Minimums (Q4_1), widened from f16.
+    /// Minimums (the forms of [`BlockKind::has_min`]): Q4_1's f16 widened, `-z d` for a zero
+    /// point `z`, K-quants' `-dmin m`.
     pub m: Vec<f32>,
     /// Q4_K: per row and 256-value super-block, its `d` and `dmin` (f16, widened), the factors
     /// of the planes' `d sc` and `-dmin m`; empty for the other forms.
@@ -256,7 +266,7 @@ impl OwnedWeights {
             w.d.push(f16_at(blk, 0));
             match kind {
                 BlockKind::Q4_0 => {
-                    w.m.push(-8.0 * f16_at(blk, 0));
+                    w.m.push(-kind.zero_point() * f16_at(blk, 0));
                     w.qs.extend_from_slice(&blk[2..]);
                 }
                 BlockKind::Q4_1 => {

@@ -15,8 +15,8 @@
 //!   block; [`Packed::q4k_at`]);
 //! - Q5_0: its 8 x f16 scales, then the rows' 32 fifth bits (8 x u32, bit `j` for value `j`),
 //!   then its low 4 bits as Q4_1's nibbles (22 bytes a row, its GGUF size);
-//! - Q4_0, Q4_1, Q4_K, Q5_0: 4 vectors of 32 bytes; vector `v`, row `r`, byte `t` (0..4) holds value `8v + t`
-//!   of row `r` in its low nibble and value `8v + 4 + t` in its high nibble;
+//! - Q4_0, Q4_1, Q4_K, Q5_0: 4 vectors of 32 bytes; vector `v`, row `r`, byte `t` (0..4)
+//!   holds value `8v + t` of row `r` in its low nibble and value `8v + 4 + t` in its high one;
 //! - the 8-bit forms: 8 vectors of 32 bytes; vector `c`, row `r`, byte `t` is value `4c + t`
 //!   of row `r`.
 //!
@@ -135,9 +135,7 @@ impl<'a> Packed<'a> {
     /// Q4_K: byte offsets in [`Self::bytes`] of the head of the super-block holding block `b`
     /// of group `g`, and of that block (its scales, minimums, then values).
     pub fn q4k_at(&self, g: usize, b: usize) -> (usize, usize) {
-        let gbb = group_block_bytes(BlockKind::Q4K);
-        let head = (g * self.blocks_per_row() + b - b % SUPER) * gbb;
-        (head, head + Q4K_HEAD + (b % SUPER) * Q4K_BLOCK)
+        q4k_offsets(self.blocks_per_row(), g, b)
     }
 
     /// Row `r`'s block `b`: scales, minimum and values.
@@ -158,12 +156,7 @@ impl<'a> Packed<'a> {
             BlockKind::Q4_0 | BlockKind::Q5_0 => {
                 let blk = self.group_block(r / GROUP, b);
                 let d = f16::from_le_bytes([blk[lane * 2], blk[lane * 2 + 1]]).to_f32();
-                let zero = if self.kind == BlockKind::Q4_0 {
-                    8.0
-                } else {
-                    16.0
-                };
-                (blk, d, -zero * d)
+                (blk, d, -self.kind.zero_point() * d)
             }
             _ => {
                 let blk = self.group_block(r / GROUP, b);
@@ -228,15 +221,10 @@ impl<'a> Packed<'a> {
     }
 }
 
-/// [`Packed::q4k_at`] for planes about to be packed.
-fn packed_q4k_at(w: &OwnedWeights, g: usize, b: usize) -> (usize, usize) {
-    let p = Packed {
-        kind: w.kind,
-        n: w.n,
-        k: w.k,
-        bytes: &[],
-    };
-    p.q4k_at(g, b)
+/// [`Packed::q4k_at`] for rows of `nb` blocks.
+fn q4k_offsets(nb: usize, g: usize, b: usize) -> (usize, usize) {
+    let head = (g * nb + b - b % SUPER) * group_block_bytes(BlockKind::Q4K);
+    (head, head + Q4K_HEAD + (b % SUPER) * Q4K_BLOCK)
 }
 
 /// The head of super-block `s` of group `g`: its rows' `d`, then their `dmin`, as f16 (the
@@ -268,7 +256,7 @@ pub fn pack(w: &OwnedWeights) -> Vec<u8> {
     for g in 0..groups {
         for b in 0..nb {
             let at = if w.kind == BlockKind::Q4K {
-                let (head, at) = packed_q4k_at(w, g, b);
+                let (head, at) = q4k_offsets(nb, g, b);
                 if b % SUPER == 0 {
                     q4k_head(w, g, b / SUPER, &mut out[head..head + Q4K_HEAD]);
                 }

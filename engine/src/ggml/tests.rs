@@ -396,15 +396,27 @@ fn q4_0_at_its_own_size_computes_what_the_q4_1_form_did() {
         assert_eq!(b0.len(), n.div_ceil(8) * 8 * k / BLOCK * 18);
         let p0 = packed::Packed::new(BlockKind::Q4_0, n, k, &b0).unwrap();
         let p1 = packed::Packed::new(BlockKind::Q4_1, n, k, &b1).unwrap();
-        let mut q = QuantizedActs::default();
-        q.quantize(&random_acts(&mut rng, rows, k), rows, k);
-        for &isa in crate::cpu::tested_isas() {
-            let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-            gemm(isa, &p0, &q, &mut a);
-            gemm(isa, &p1, &q, &mut b);
-            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{isa:?} n={n} k={k} rows={rows}");
-        }
+        assert_same_products(&mut rng, &p0, &p1, rows);
+    }
+}
+
+/// `a` and `b` (the same weights in two forms) give the same bits on every instruction set,
+/// for `rows` random activation rows.
+fn assert_same_products(
+    rng: &mut ChaCha8Rng,
+    a: &packed::Packed<'_>,
+    b: &packed::Packed<'_>,
+    rows: usize,
+) {
+    let (n, k) = (a.n, a.k);
+    let mut q = QuantizedActs::default();
+    q.quantize(&random_acts(rng, rows, k), rows, k);
+    for &isa in crate::cpu::tested_isas() {
+        let (mut x, mut y) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+        gemm(isa, a, &q, &mut x);
+        gemm(isa, b, &q, &mut y);
+        let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "{isa:?} {:?} n={n} k={k} rows={rows}", a.kind);
     }
 }
 
@@ -434,15 +446,7 @@ fn q4_k_at_its_own_size_computes_what_the_q4_1_form_did() {
                 assert_eq!(pk.block(r, b), p1.block(r, b), "row {r} block {b}");
             }
         }
-        let mut q = QuantizedActs::default();
-        q.quantize(&random_acts(&mut rng, rows, k), rows, k);
-        for &isa in crate::cpu::tested_isas() {
-            let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-            gemm(isa, &pk, &q, &mut a);
-            gemm(isa, &p1, &q, &mut b);
-            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{isa:?} n={n} k={k} rows={rows}");
-        }
+        assert_same_products(&mut rng, &pk, &p1, rows);
     }
     assert!(packed::Packed::new(BlockKind::Q4K, 8, 288, &[0; 8 * 9 * 148]).is_err());
 }

@@ -85,7 +85,7 @@ pub(super) unsafe fn four_bit<const F: u8>(
                     blk.add(values_offset(w.kind)),
                 )
             };
-            let zero = if F == FOUR_BIT_ZERO { -8.0 } else { -16.0 };
+            let zero = -w.kind.zero_point();
             (vals, d, d.map(|d| vmulq_n_f32(d, zero)))
         }
         FOUR_BIT_K => {

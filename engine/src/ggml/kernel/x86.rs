@@ -5,9 +5,11 @@
 //! Q4_1's nibbles are unsigned, the activations signed: exactly the u8 x i8 form both
 //! instructions take; Q4_0, Q4_K and Q5_0 run the same kernel, their scales made per block
 //! ([`four_bit`]: f16 widened by F16C's `vcvtph2ps`, which every AVX2 CPU has), Q5_0's fifth
-//! bits added to the nibbles as 16s ([`fifth_bits`]: its values 0..=31 stay unsigned). Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto
-//! the activation (`vpsignb`) and multiplies by the weight's magnitude; the other 8-bit forms
-//! take the same path.
+//! bits added to the nibbles as 16s ([`fifth_bits`]: its values 0..=31 stay unsigned).
+//!
+//! Q8_0 x Q8_0 is signed x signed: ggml's trick moves the weight's sign onto the activation
+//! (`vpsignb`) and multiplies by the weight's magnitude; the other 8-bit forms take the same
+//! path.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -59,7 +61,7 @@ unsafe fn four_bit<const F: u8>(w: &Packed<'_>, g: usize, b: usize) -> (*const u
             let d = widen(blk);
             // SAFETY: the values follow the scales (and Q5_0's fifth bits) in the block
             let vals = unsafe { blk.add(values_offset(w.kind)) };
-            let zero = if F == FOUR_BIT_ZERO { -8.0 } else { -16.0 };
+            let zero = -w.kind.zero_point();
             (vals, d, _mm256_mul_ps(d, _mm256_set1_ps(zero)))
         }
         FOUR_BIT_K => {
