@@ -288,6 +288,7 @@ impl Model {
         let team = (options.threads > 1).then(|| Arc::new(crate::cpu::Team::new(options.threads)));
         ggml::op::install_team(&mut optimized, team.as_ref());
         attention::install(&mut optimized, team.as_ref());
+        crate::rope::install(&mut optimized).map_err(EngineError::graph)?;
         check_io(&optimized, m)?;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let mut ops = std::collections::BTreeMap::<String, usize>::new();

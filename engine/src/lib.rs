@@ -16,6 +16,7 @@ pub mod graph;
 pub mod import;
 pub mod package;
 pub mod quality;
+pub mod rope;
 pub mod sampler;
 pub mod session;
 pub mod stop;
