@@ -12,10 +12,13 @@
 //! tests and the import checks use), then packed for the kernels ([`packed`]: rows interleaved
 //! in groups of 8). Neither step changes a quantized value.
 
+mod acts;
 pub mod convert;
 pub mod kernel;
 pub mod op;
 pub mod packed;
+
+pub use acts::QuantizedActs;
 
 /// Values per quantization block (every GGUF type used here).
 pub const BLOCK: usize = 32;
@@ -290,88 +293,6 @@ impl OwnedWeights {
             m: &self.m,
         }
     }
-}
-
-/// Activations quantized to 8 bits, once per row, in blocks of 32 (ggml's Q8_1: a scale and
-/// the block's sum, the sum serving Q4_1's minimum term). Reused between calls: quantizing
-/// allocates only when a row count grows.
-#[derive(Debug, Default, Clone)]
-pub struct QuantizedActs {
-    /// Rows.
-    pub rows: usize,
-    /// Values per row.
-    pub k: usize,
-    /// `rows * k` values.
-    pub qs: Vec<i8>,
-    /// Scale per block.
-    pub d: Vec<f32>,
-    /// `d * sum(qs)` per block.
-    pub s: Vec<f32>,
-}
-
-impl QuantizedActs {
-    /// Quantizes `x` (`rows` rows of `k` values, `k` a multiple of 32): per block,
-    /// `d = max|x| / 127`, `q = round(x / d)`, as ggml's `quantize_row_q8_1`.
-    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
-        debug_assert!(k.is_multiple_of(BLOCK) && x.len() == rows * k);
-        self.resize(rows, k);
-        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
-            (self.d[b], self.s[b]) = quantize_block(xb, &mut self.qs[b * BLOCK..][..BLOCK]);
-        }
-    }
-
-    /// Quantizes `x` as [`Self::quantize`] into rows `0..rows`, and what that lost
-    /// (`x - d * q`) into rows `rows..2 * rows`: the two rows' products sum to the product of
-    /// `x` to about 15 bits instead of 7, for one more activation row per weight load.
-    pub fn quantize_with_remainder(&mut self, x: &[f32], rows: usize, k: usize) {
-        debug_assert!(k.is_multiple_of(BLOCK) && x.len() == rows * k);
-        self.resize(2 * rows, k);
-        let half = rows * k / BLOCK;
-        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
-            let (d, s) = quantize_block(xb, &mut self.qs[b * BLOCK..][..BLOCK]);
-            (self.d[b], self.s[b]) = (d, s);
-            let mut rest = [0f32; BLOCK];
-            for ((r, v), &q) in rest.iter_mut().zip(xb).zip(&self.qs[b * BLOCK..][..BLOCK]) {
-                *r = v - d * q as f32;
-            }
-            let r = half + b;
-            (self.d[r], self.s[r]) = quantize_block(&rest, &mut self.qs[r * BLOCK..][..BLOCK]);
-        }
-    }
-
-    fn resize(&mut self, rows: usize, k: usize) {
-        self.rows = rows;
-        self.k = k;
-        self.qs.resize(rows * k, 0);
-        self.d.resize(rows * k / BLOCK, 0.0);
-        self.s.resize(rows * k / BLOCK, 0.0);
-    }
-}
-
-/// `y.round() as i32` for |y| < 2^23 (NaN: 0) without libm: `f32::round` is a call on
-/// baseline x86-64, 3% of decode. Ties go away from zero as in ggml's reference quantizer;
-/// ties to even (its AVX path, or the 1.5 * 2^23 trick) measured 96.1% top-1 agreement
-/// instead of 97.7% on the quality test's passage.
-#[inline(always)]
-fn round_half_away(y: f32) -> i32 {
-    let t = y as i32; // toward zero
-    let f = y - t as f32; // exact below 2^23
-    t + (f >= 0.5) as i32 - (f <= -0.5) as i32
-}
-
-/// One block of 32 activations to bytes in `q`; returns `(d, d * sum(q))`.
-fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
-    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (qi, v) in q.iter_mut().zip(xb) {
-        // NaN stays NaN-free here (as 0): a NaN activation already poisons d
-        let r = round_half_away(v * id);
-        *qi = r as i8;
-        sum += r;
-    }
-    (d, d * sum as f32)
 }
 
 /// The package's block index (`gguf_blocks.json`, written by the converter).

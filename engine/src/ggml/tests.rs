@@ -224,9 +224,9 @@ fn rounding_is_f32_round() {
         -0.0,
     ]);
     for y in ys {
-        assert_eq!(super::round_half_away(y), y.round() as i32, "{y}");
+        assert_eq!(super::acts::round_half_away(y), y.round() as i32, "{y}");
     }
-    assert_eq!(super::round_half_away(f32::NAN), 0);
+    assert_eq!(super::acts::round_half_away(f32::NAN), 0);
 }
 
 #[test]
@@ -245,6 +245,36 @@ fn a_remainder_row_brings_the_activations_to_15_bits() {
         // the remainder is at most half a step, quantized in 127 steps of its own
         assert!((both - v).abs() <= q.d[b] / 254.0 * 0.51 + 1e-7, "x[{i}]");
         assert!((both - v).abs() <= (first - v).abs(), "x[{i}]");
+    }
+}
+
+#[test]
+fn quantizing_over_a_team_gives_the_same_bytes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for threads in [2, 3] {
+        let team = crate::cpu::Team::new(threads);
+        // below the rows a team shares, uneven splits, more rows than blocks of work
+        for rows in [1, 7, 8, 9, 37, 128] {
+            let k = 96;
+            let x = random_acts(&mut rng, rows, k);
+            for remainder in [false, true] {
+                let mut alone = QuantizedActs::default();
+                if remainder {
+                    alone.quantize_with_remainder(&x, rows, k);
+                } else {
+                    alone.quantize(&x, rows, k);
+                }
+                // a buffer left from a larger call is resized, not trusted
+                let mut shared = QuantizedActs::default();
+                shared.quantize_on(Some(&team), &random_acts(&mut rng, 200, k), 200, k, true);
+                shared.quantize_on(Some(&team), &x, rows, k, remainder);
+                assert_eq!((shared.rows, shared.k), (alone.rows, alone.k));
+                assert_eq!(shared.qs, alone.qs, "{threads} threads, {rows} rows");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&shared.d), bits(&alone.d));
+                assert_eq!(bits(&shared.s), bits(&alone.s));
+            }
+        }
     }
 }
 

@@ -115,12 +115,11 @@ impl EvalOp for GgmlMatMul {
         ACTS.with_borrow_mut(|(acts, halves)| {
             let mut plain = y.try_as_plain_ram_mut()?;
             let y = plain.as_slice_mut::<f32>()?;
+            acts.quantize_on(self.team.as_deref(), x, rows, w.k, self.precise);
             let out = if self.precise {
-                acts.quantize_with_remainder(x, rows, w.k);
                 halves.resize(2 * y.len(), 0.0);
                 &mut halves[..]
             } else {
-                acts.quantize(x, rows, w.k);
                 &mut *y
             };
             gemm_on(self.team.as_deref(), Isa::best(), &w, acts, out);
