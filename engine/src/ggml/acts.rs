@@ -70,14 +70,14 @@ impl QuantizedActs {
         };
         let mut parts = Vec::with_capacity(threads);
         for p in 0..threads {
-            let n = part_of(rows, threads, 1, p).len();
-            let (values, blocks) = (n * k, n * nb);
+            let mine = part_of(rows, threads, 1, p);
+            let (values, blocks) = (mine.len() * k, mine.len() * nb);
             let rest = remainder.then(|| Blocks {
                 qs: take(&mut rq, values),
                 d: take(&mut rd, blocks),
                 s: take(&mut rs, blocks),
             });
-            let x = &x[part_of(rows, threads, 1, p).start * k..][..values];
+            let x = &x[mine.start * k..][..values];
             let value = Blocks {
                 qs: take(&mut qs, values),
                 d: take(&mut d, blocks),
