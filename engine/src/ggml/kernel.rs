@@ -237,17 +237,21 @@ impl Out {
 /// kernel.
 macro_rules! drive_tiles {
     ($tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {
-        drive_tiles!(@go [], $tile, $w, $groups, $x, $out)
+        drive_tiles!(@go [], $tile, $w, $groups, $x, $out, 0)
     };
     // a kernel with one more const parameter after the tile's rows: `tile::<C, K>`
     ($tile:ident :: <$k:tt>, $w:expr, $groups:expr, $x:expr, $out:expr) => {
-        drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out)
+        drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out, 0)
     };
-    (@go [$($k:tt)?], $tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr) => {{
+    // activation rows from `$from` on (a kernel that ran wider tiles before them)
+    ($tile:ident :: <$k:tt>, $w:expr, $groups:expr, $x:expr, $out:expr, from $from:expr) => {
+        drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out, $from)
+    };
+    (@go [$($k:tt)?], $tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr, $from:expr) => {{
         let (w, x, out) = ($w, $x, $out);
         let groups: std::ops::Range<usize> = $groups;
         for g in groups {
-            let mut c = 0;
+            let mut c = $from;
             while c + 4 <= x.rows {
                 $tile::<4 $(, $k)?>(w, g, x, c, out);
                 c += 4;
