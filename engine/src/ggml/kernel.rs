@@ -243,10 +243,19 @@ macro_rules! drive_tiles {
     ($tile:ident :: <$k:tt>, $w:expr, $groups:expr, $x:expr, $out:expr) => {
         drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out, 0)
     };
-    // activation rows from `$from` on (a kernel that ran wider tiles before them)
-    ($tile:ident :: <$k:tt>, $w:expr, $groups:expr, $x:expr, $out:expr, from $from:expr) => {
-        drive_tiles!(@go [$k], $tile, $w, $groups, $x, $out, $from)
-    };
+    // tiles of 8 activation rows first where `$on` (a kernel with the registers for them),
+    // each group's tiles together as above
+    ($tile:ident :: <$k:tt>, $w:expr, $groups:expr, $x:expr, $out:expr, eights if $on:expr) => {{
+        let (w, x, out) = ($w, $x, $out);
+        let groups: std::ops::Range<usize> = $groups;
+        let eights = if $on { x.rows / 8 * 8 } else { 0 };
+        for g in groups {
+            for c in (0..eights).step_by(8) {
+                $tile::<8, $k>(w, g, x, c, out);
+            }
+            drive_tiles!(@go [$k], $tile, w, g..g + 1, x, out, eights)
+        }
+    }};
     (@go [$($k:tt)?], $tile:ident, $w:expr, $groups:expr, $x:expr, $out:expr, $from:expr) => {{
         let (w, x, out) = ($w, $x, $out);
         let groups: std::ops::Range<usize> = $groups;

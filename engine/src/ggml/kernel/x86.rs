@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::super::packed::{GROUP, Packed, nibble_vectors, values_offset};
+use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
 use super::{
     EIGHT_BIT, EIGHT_BIT_HALF, EIGHT_BIT_MIN, FOUR_BIT, FOUR_BIT_FIVE, FOUR_BIT_K, FOUR_BIT_ZERO,
@@ -143,7 +143,8 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 macro_rules! kernels {
     // $sum16: the 4-bit kernel sums two vectors' `vpmaddubsw` pairs in 16 bits before widening
     // (AVX2, where widening costs two instructions; VNNI's `vpdpbusd` widens for free)
-    // $wide: 4-bit tiles of 8 activation rows (VNNI, whose AVX-512VL has 32 vector registers)
+    // $wide: a prefill's 4-bit products in tiles of 8 activation rows, each weight vector
+    // unpacked once per 8 rows (VNNI, whose AVX-512VL gives the 32 vector registers they take)
     ($gemm:ident, $q41:ident, $q80:ident, $features:literal, $dp:ident, $sum16:literal, $wide:literal) => {
         /// One group of 8 rows of a 4-bit form (`F`, see `FOUR_BIT*`) x C activation rows.
         #[target_feature(enable = $features)]
@@ -317,37 +318,21 @@ macro_rules! kernels {
             x: &QuantizedActs,
             out: Out,
         ) {
-            // VNNI (32 vector registers with AVX-512VL): a prefill's 4-bit products in tiles
-            // of 8 activation rows first, each weight vector unpacked once for 8 rows
-            let wide = if $wide && nibble_vectors(w.kind) {
-                x.rows / 8 * 8
-            } else {
-                0
-            };
-            for g in groups.clone() {
-                for c in (0..wide).step_by(8) {
-                    // SAFETY: forwarded from the caller; rows c..c + 8 exist
-                    unsafe {
-                        match w.kind {
-                            BlockKind::Q4_0 => $q41::<8, FOUR_BIT_ZERO>(w, g, x, c, out),
-                            BlockKind::Q4K => $q41::<8, FOUR_BIT_K>(w, g, x, c, out),
-                            BlockKind::Q5_0 => $q41::<8, FOUR_BIT_FIVE>(w, g, x, c, out),
-                            _ => $q41::<8, FOUR_BIT>(w, g, x, c, out),
-                        }
-                    }
-                }
-            }
             // SAFETY: forwarded from the caller
             unsafe {
                 match w.kind {
                     BlockKind::Q4_0 => {
-                        drive_tiles!($q41::<FOUR_BIT_ZERO>, w, groups, x, out, from wide)
+                        drive_tiles!($q41::<FOUR_BIT_ZERO>, w, groups, x, out, eights if $wide)
                     }
-                    BlockKind::Q4K => drive_tiles!($q41::<FOUR_BIT_K>, w, groups, x, out, from wide),
+                    BlockKind::Q4K => {
+                        drive_tiles!($q41::<FOUR_BIT_K>, w, groups, x, out, eights if $wide)
+                    }
                     BlockKind::Q5_0 => {
-                        drive_tiles!($q41::<FOUR_BIT_FIVE>, w, groups, x, out, from wide)
+                        drive_tiles!($q41::<FOUR_BIT_FIVE>, w, groups, x, out, eights if $wide)
                     }
-                    BlockKind::Q4_1 => drive_tiles!($q41::<FOUR_BIT>, w, groups, x, out, from wide),
+                    BlockKind::Q4_1 => {
+                        drive_tiles!($q41::<FOUR_BIT>, w, groups, x, out, eights if $wide)
+                    }
                     BlockKind::Q8_0 => drive_tiles!($q80::<EIGHT_BIT>, w, groups, x, out),
                     BlockKind::Q8Min => drive_tiles!($q80::<EIGHT_BIT_MIN>, w, groups, x, out),
                     BlockKind::Q8Half => drive_tiles!($q80::<EIGHT_BIT_HALF>, w, groups, x, out),
