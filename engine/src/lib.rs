@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod chat;
 pub mod cpu;
+pub mod elementwise;
 pub mod embed;
 pub mod generate;
 pub mod ggml;
