@@ -5,8 +5,10 @@
 //! `matrixmultiply`, which packs every 32-key block of K and V for each head before a 1-row
 //! product; with its allocations that was a quarter of a decode step (2.0 ms of 9.4 at one
 //! thread, `fieldllmd bench --profile`). One query needs only dot products over the cache, and
-//! its heads split over the same team as the matrix products. A prompt chunk (several queries)
-//! still runs tract's flash kernel, on views of this cache.
+//! its heads split over the same team as the matrix products. A prompt chunk's queries take the
+//! same path, each seeing the keys up to its position, the (head, query) pairs split over the
+//! team: tract's flash kernel ran a prefill's attention on one thread while the others waited,
+//! 20% of a 128-token prefill (SmolLM2 Q4_0, 2 threads, `fieldllmd bench --profile`).
 //!
 //! The cache is position-major, `[position, kv head, head dim]`: appending a token is a copy to
 //! the end and forgetting the tail of a conversation ([`KvAttentionState::truncate`]) is a
@@ -15,9 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use tract_core::internal::*;
-use tract_core::ndarray::{ArrayView3, ArrayView4, Axis};
 use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
-use tract_transformers::ops::flash_sdpa::FlashSdpaOp;
 use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 
 use crate::cpu::{Isa, Team, part_of};
@@ -163,12 +163,6 @@ impl KvAttentionState {
             }
         }
     }
-
-    /// `[1, kv heads, len, d]` view of a cache.
-    fn view<'a>(&self, cache: &'a [f32]) -> TractResult<ArrayView4<'a, f32>> {
-        let v = ArrayView3::from_shape((self.len, self.kv_heads, self.d), cache)?;
-        Ok(v.permuted_axes([1, 0, 2]).insert_axis(Axis(0)))
-    }
 }
 
 impl OpState for KvAttentionState {
@@ -267,24 +261,9 @@ impl KvAttention {
         st.len = len;
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
 
-        let out = if s == 1 {
-            let mut out = vec![0f32; heads * d];
-            self.one_query(st, floats(&q)?, mask.as_ref(), scale, &mut out)?;
-            Tensor::from_shape(&[1, heads, 1, d], &out)?
-        } else {
-            let q4 = q.to_plain_array_view::<f32>()?.into_dimensionality()?;
-            let m4 = match &mask {
-                Some(m) => Some(m.to_plain_array_view::<f32>()?.into_dimensionality()?),
-                None => None,
-            };
-            let flash = FlashSdpaOp {
-                causal: self.causal,
-                scale: Some(scale),
-            };
-            flash
-                .flash_attention_gqa(q4, st.view(&st.k)?, st.view(&st.v)?, m4)
-                .into_tensor()
-        };
+        let mut out = vec![0f32; heads * s * d];
+        self.queries(st, floats(&q)?, s, mask.as_ref(), scale, &mut out)?;
+        let out = Tensor::from_shape(&[1, heads, s, d], &out)?;
         let out = if dt == f32::datum_type() {
             out
         } else {
@@ -293,29 +272,33 @@ impl KvAttention {
         Ok(tvec!(out.into_tvalue()))
     }
 
-    /// One query, every head: the heads split over the team.
-    fn one_query(
+    /// `s` queries (the last `s` positions of the cache), every head: the (head, query) pairs
+    /// split over the team in equal runs. A causal query sees the keys up to its own position,
+    /// a masked one every key plus its mask row.
+    fn queries(
         &self,
         st: &KvAttentionState,
         q: &[f32],
+        s: usize,
         mask: Option<&Tensor>,
         scale: f32,
         out: &mut [f32],
     ) -> TractResult<()> {
         let (len, kv_heads, d) = (st.len, st.kv_heads, st.d);
-        let heads = q.len() / d;
+        let heads = q.len() / (s * d);
         let group = heads / kv_heads;
         let mask = match mask {
             Some(m) => Some((floats(m)?, m.shape()[1] == heads)),
             None => None,
         };
-        let threads = self.team.as_ref().map_or(1, |t| t.threads()).min(heads);
+        let pairs = heads * s;
+        let threads = self.team.as_ref().map_or(1, |t| t.threads()).min(pairs);
         let isa = Isa::best();
-        // each part takes its own contiguous heads of `out`; the mutexes are never contended
+        // each part takes its own contiguous run of `out`; the mutexes are never contended
         let mut rest = &mut out[..];
         let mut parts = Vec::with_capacity(threads);
         for p in 0..threads {
-            let r = part_of(heads, threads, 1, p);
+            let r = part_of(pairs, threads, 1, p);
             let (mine, tail) = rest.split_at_mut(r.len() * d);
             parts.push(Mutex::new((r, mine)));
             rest = tail;
@@ -325,25 +308,29 @@ impl KvAttention {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
             let (range, out) = &mut *part;
             let mut scores = vec![0f32; len];
-            for (h, o) in range.clone().zip(out.chunks_exact_mut(d)) {
+            for (pair, o) in range.clone().zip(out.chunks_exact_mut(d)) {
+                let (h, i) = (pair / s, pair % s);
                 let rows = |m| Rows {
                     m,
                     stride: kv_heads * d,
                     off: h / group * d,
                     d,
                 };
-                let mrow = mask.map(|(m, per_head)| {
-                    let mh = if per_head { h } else { 0 };
-                    &m[mh * len..(mh + 1) * len]
-                });
-                let qh = &q[h * d..(h + 1) * d];
+                let (seen, mrow) = match mask {
+                    Some((m, per_head)) => {
+                        let mh = if per_head { h } else { 0 };
+                        (len, Some(&m[(mh * s + i) * len..][..len]))
+                    }
+                    None if self.causal => (len - s + i + 1, None),
+                    None => (len, None),
+                };
                 attend(
                     isa,
-                    qh,
+                    &q[pair * d..][..d],
                     (rows(&st.k), rows(&st.v)),
                     scale,
                     mrow,
-                    &mut scores,
+                    &mut scores[..seen],
                     o,
                 );
             }

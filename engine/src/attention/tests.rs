@@ -180,13 +180,16 @@ fn decode_steps_match_the_reference_with_grouped_heads_and_teams() {
 
 #[test]
 fn prompt_chunks_then_decode_match_the_reference() {
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let op = op(Some(Arc::new(Team::new(2))));
-    let mut state = new_state(&op);
-    let mut h = History::default();
-    for (i, s) in [37, 1, 5, 33, 1, 1].into_iter().enumerate() {
-        let (got, want) = step(&mut rng, &op, &mut state, &mut h, 6, 2, s, 16, None);
-        assert_close(&got, &want, &format!("chunk {i} of {s}"));
+    // the (head, query) pairs split over 1, 2 and 3 threads, runs ending inside a head
+    for threads in [1, 2, 3] {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let op = op((threads > 1).then(|| Arc::new(Team::new(threads))));
+        let mut state = new_state(&op);
+        let mut h = History::default();
+        for (i, s) in [37, 1, 5, 33, 1, 1].into_iter().enumerate() {
+            let (got, want) = step(&mut rng, &op, &mut state, &mut h, 6, 2, s, 16, None);
+            assert_close(&got, &want, &format!("{threads} threads, chunk {i} of {s}"));
+        }
     }
 }
 
