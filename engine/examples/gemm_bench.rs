@@ -67,6 +67,13 @@ fn main() {
         GgmlType::Q6_K,
     ];
     println!("one thread; GMAC/s per instruction set");
+    for &m in &rows {
+        let (k, mut acts) = (UP.1, QuantizedActs::default());
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 - 48.5).collect();
+        let took = time(|| acts.quantize(&x, m, k));
+        let ns = took.as_secs_f64() * 1e9 / (m * k) as f64;
+        println!("quantizing activations, rows {m:>3} of {k}: {ns:.2} ns a value");
+    }
     for ty in types {
         let (per, _) = ty.block();
         let (n, k) = if per == 256 { DOWN } else { UP };
