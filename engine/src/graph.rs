@@ -289,7 +289,8 @@ impl Model {
         ggml::op::install_team(&mut optimized, team.as_ref());
         attention::install(&mut optimized, team.as_ref());
         crate::rope::install(&mut optimized).map_err(EngineError::graph)?;
-        crate::elementwise::install(&mut optimized).map_err(EngineError::graph)?;
+        crate::elementwise::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
+        crate::norm::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
         check_io(&optimized, m)?;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let mut ops = std::collections::BTreeMap::<String, usize>::new();
