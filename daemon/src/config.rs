@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fieldllm_engine::ggml::Activations;
 use serde::{Deserialize, Deserializer};
 
 mod bridge;
@@ -93,6 +94,11 @@ pub struct ModelSection {
     /// model's own is refused at load.
     #[serde(deserialize_with = "positive_option")]
     pub context: Option<usize>,
+    /// How the matrix products quantize their activations: "8bit" (llama.cpp's arithmetic,
+    /// the fastest) or "precise" (~15 bits into the attention projections and the LM head:
+    /// closer to the f32 model, slower; docs/performance.md measures both).
+    #[serde(deserialize_with = "activations")]
+    pub activations: Activations,
 }
 
 impl Default for ModelSection {
@@ -102,6 +108,7 @@ impl Default for ModelSection {
             threads: 2,
             slots: 1,
             context: None,
+            activations: Activations::default(),
         }
     }
 }
@@ -395,6 +402,12 @@ fn positive_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::
     positive(d).map(Some)
 }
 
+fn activations<'de, D: Deserializer<'de>>(d: D) -> Result<Activations, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
 fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
     let v = f32::deserialize(d)?;
     if !(0.0..=1.0).contains(&v) {
@@ -557,6 +570,10 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("node_id"), "{e}");
         let e = err("[limits]\nmax_tokens = \"many\"\n");
         assert!(e.contains("line 2") && e.contains("max_tokens"), "{e}");
+        let e = err("[model]\nactivations = \"4bit\"\n");
+        assert!(e.contains("line 2") && e.contains("precise"), "{e}");
+        let c = Config::parse("[model]\nactivations = \"precise\"\n").unwrap();
+        assert_eq!(c.model.activations, Activations::Precise);
         let e = err("[mqtt]\nprotocol = \"4\"\n");
         assert!(e.contains("line 2") && e.contains("3.1.1"), "{e}");
         let e = err("[mqtt]\nbroker = \"mqtts://b\"\n");

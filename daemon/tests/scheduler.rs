@@ -603,6 +603,7 @@ fn smollm2() -> Arc<Model> {
             verify: false,
             threads: 2,
             context: None,
+            activations: Default::default(),
         },
     )
     .unwrap()

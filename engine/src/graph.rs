@@ -33,6 +33,8 @@ pub struct LoadOptions {
     /// `None`: the model's own context, capped at [`DEFAULT_CONTEXT`]; more than the model's
     /// own is refused.
     pub context: Option<usize>,
+    /// How the products quantize their activations.
+    pub activations: ggml::Activations,
 }
 
 /// The context a model gets when nothing sets it, at most: Llama 3's 131,072 tokens would let
@@ -45,6 +47,7 @@ impl Default for LoadOptions {
             verify: true,
             threads: 2,
             context: None,
+            activations: ggml::Activations::default(),
         }
     }
 }
@@ -287,6 +290,7 @@ impl Model {
         let mut optimized = typed.into_optimized().map_err(EngineError::graph)?;
         let team = (options.threads > 1).then(|| Arc::new(crate::cpu::Team::new(options.threads)));
         ggml::op::install_team(&mut optimized, team.as_ref());
+        ggml::op::install_activations(&mut optimized, options.activations);
         attention::install(&mut optimized, team.as_ref());
         crate::rope::install(&mut optimized).map_err(EngineError::graph)?;
         crate::elementwise::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;

@@ -92,20 +92,25 @@ fn teacher_forced(model: &std::sync::Arc<Model>, ids: &[u32]) -> Forced {
     out
 }
 
-/// Weights as the GGUF's 4-bit blocks, activations quantized to 8 bits (15 for the attention
-/// projections) stay close to the f32 model: the bar is 95% top-1 agreement (this
-/// build: see the test output; 512 tokens, as 256 moved by ±2% with the order of f32 additions).
+/// Weights as the GGUF's 4-bit blocks, activations quantized to 8 bits (the default, as
+/// llama.cpp) or 15 for the attention projections and the head (`precise`) stay close to the
+/// f32 model: the bar is 95% top-1 agreement (this build: see the test output; 512
+/// tokens, as 256 moved by ±2% with the order of f32 additions). Measured: 8bit 95.3% (AVX2,
+/// AVX-512) and 95.7% (scalar); precise 97.1%.
 #[test]
 fn deployed_artifact_keeps_f32_quality_on_a_512_token_passage() {
-    quality_on_the_passage(ARTIFACT, 0.95);
+    quality_on_the_passage(
+        ARTIFACT,
+        &[(Activations::Bits8, 0.95), (Activations::Precise, 0.965)],
+    );
 }
 
 #[test]
 fn f16_artifact_keeps_f32_quality_on_a_512_token_passage() {
-    quality_on_the_passage(F16, 0.95);
+    quality_on_the_passage(F16, &[(Activations::default(), 0.95)]);
 }
 
-fn quality_on_the_passage(artifact_name: &str, min_agreement: f64) {
+fn quality_on_the_passage(artifact_name: &str, settings: &[(Activations, f64)]) {
     let passage = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../models/passage.txt"
@@ -118,33 +123,35 @@ fn quality_on_the_passage(artifact_name: &str, min_agreement: f64) {
     ids.truncate(513);
     let reference = teacher_forced(&f32, &ids);
     drop(f32);
-    let artifact = load(artifact_name);
-    let deployed = teacher_forced(&artifact, &ids);
-    let agree = reference
-        .top1
-        .iter()
-        .zip(&deployed.top1)
-        .filter(|(a, b)| a == b)
-        .count();
-    let agreement = agree as f64 / reference.top1.len() as f64;
-    let ppl = |f: &Forced| (f.nll.iter().sum::<f64>() / f.nll.len() as f64).exp();
-    let (p32, pdep) = (ppl(&reference), ppl(&deployed));
-    eprintln!(
-        "512 tokens: top-1 agreement {:.1}%, perplexity f32 {p32:.3}, {} {pdep:.3} ({:+.2}%)",
-        agreement * 100.0,
-        artifact.manifest().graph.weights,
-        (pdep / p32 - 1.0) * 100.0
-    );
-    assert!(
-        agreement >= min_agreement,
-        "top-1 agreement {:.1}% < {:.0}%",
-        agreement * 100.0,
-        min_agreement * 100.0
-    );
-    assert!(
-        (pdep / p32 - 1.0).abs() <= 0.03,
-        "perplexity {pdep:.3} vs f32 {p32:.3}: more than 3% apart"
-    );
+    for &(activations, min_agreement) in settings {
+        let artifact = load_with(artifact_name, activations);
+        let deployed = teacher_forced(&artifact, &ids);
+        let agree = reference
+            .top1
+            .iter()
+            .zip(&deployed.top1)
+            .filter(|(a, b)| a == b)
+            .count();
+        let agreement = agree as f64 / reference.top1.len() as f64;
+        let ppl = |f: &Forced| (f.nll.iter().sum::<f64>() / f.nll.len() as f64).exp();
+        let (p32, pdep) = (ppl(&reference), ppl(&deployed));
+        eprintln!(
+            "512 tokens: top-1 agreement {:.1}%, perplexity f32 {p32:.3}, {} ({activations} activations) {pdep:.3} ({:+.2}%)",
+            agreement * 100.0,
+            artifact.manifest().graph.weights,
+            (pdep / p32 - 1.0) * 100.0
+        );
+        assert!(
+            agreement >= min_agreement,
+            "{activations}: top-1 agreement {:.1}% < {:.1}%",
+            agreement * 100.0,
+            min_agreement * 100.0
+        );
+        assert!(
+            (pdep / p32 - 1.0).abs() <= 0.03,
+            "{activations}: perplexity {pdep:.3} vs f32 {p32:.3}: more than 3% apart"
+        );
+    }
 }
 
 /// Least lead, in nats, of every greedy token over its runner-up for an answer a test relies

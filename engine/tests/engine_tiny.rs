@@ -434,6 +434,7 @@ fn imported_artifact_gives_the_packages_logits() {
                 verify: true,
                 threads: 2,
                 context: None,
+                activations: Default::default(),
             },
         )
         .unwrap();

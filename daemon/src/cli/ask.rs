@@ -214,6 +214,7 @@ fn load_model(a: &AskArgs) -> anyhow::Result<std::sync::Arc<Model>> {
             verify: true,
             threads: a.threads,
             context: None,
+            activations: Default::default(),
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))

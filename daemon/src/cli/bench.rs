@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context;
+use fieldllm_engine::ggml::Activations;
 use fieldllm_engine::sampler::argmax;
 use fieldllm_engine::session::OpProfile;
 use fieldllm_engine::{LoadOptions, Model, Session};
@@ -84,6 +85,10 @@ pub struct BenchArgs {
     /// mean KL divergence from it and how often both pick the same top token.
     #[arg(long, value_name = "F32_MODEL", requires = "perplexity")]
     kl_divergence: Option<std::path::PathBuf>,
+    /// What the matrix products quantize activations to: 8bit or precise (as `[model]
+    /// activations`).
+    #[arg(long, default_value_t = Activations::default())]
+    activations: Activations,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,6 +107,8 @@ struct Report {
     weights: String,
     /// The kernels' instruction set (`FIELDLLM_ISA`, or the fastest this CPU runs).
     isa: &'static str,
+    /// What the products quantize activations to.
+    activations: String,
     rows: Vec<Row>,
     peak_rss_mb: f64,
 }
@@ -161,6 +168,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             chunks: a.chunks,
             reference: a.kl_divergence.clone(),
             threads: a.threads.first().copied().unwrap_or(2),
+            activations: a.activations,
         };
         return super::bench_quality::run(q, a.json);
     }
@@ -186,6 +194,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 verify: false,
                 threads: t,
                 context: None,
+                activations: a.activations,
             },
         )
         .with_context(|| format!("loading {}", dir.display()))?;
@@ -232,6 +241,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         model: name,
         weights,
+        activations: a.activations.to_string(),
         isa: fieldllm_engine::cpu::Isa::best().name(),
         rows,
         peak_rss_mb: fieldllmd::rss::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
@@ -241,8 +251,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model {} ({} weights), kernels {}, peak RSS {:.0} MB",
-        report.model, report.weights, report.isa, report.peak_rss_mb
+        "model {} ({} weights, {} activations), kernels {}, peak RSS {:.0} MB",
+        report.model, report.weights, report.activations, report.isa, report.peak_rss_mb
     );
     println!(
         "| threads | load ms | pp{} tok/s | tg{} tok/s |",

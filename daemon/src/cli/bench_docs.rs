@@ -262,6 +262,7 @@ fn ttft(
             verify: true,
             threads,
             context: None,
+            activations: Default::default(),
         },
     )?;
     let grounder = Grounder::new(index, e, Settings::default())?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use fieldllm_engine::ggml::Activations;
 use fieldllm_engine::{LoadOptions, Model, quality};
 use serde::Serialize;
 
@@ -28,12 +29,15 @@ pub struct QualityBench {
     pub reference: Option<PathBuf>,
     /// Threads for each model.
     pub threads: usize,
+    /// What the products quantize activations to (both models).
+    pub activations: Activations,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     model: String,
     weights: String,
+    activations: String,
     text: String,
     ctx: usize,
     chunks: usize,
@@ -52,13 +56,14 @@ struct RefReport {
     same_top1_pct: f64,
 }
 
-fn load(dir: &Path, threads: usize) -> anyhow::Result<Arc<Model>> {
+fn load(dir: &Path, threads: usize, activations: Activations) -> anyhow::Result<Arc<Model>> {
     Model::load(
         dir,
         &LoadOptions {
             verify: false,
             threads,
             context: None,
+            activations,
         },
     )
     .with_context(|| format!("loading {}", dir.display()))
@@ -69,7 +74,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(b.ctx >= 4, "--ctx must be at least 4 tokens");
     let text = std::fs::read_to_string(&b.text)
         .with_context(|| format!("reading {}", b.text.display()))?;
-    let model = load(&b.model, b.threads)?;
+    let model = load(&b.model, b.threads, b.activations)?;
     anyhow::ensure!(
         b.ctx <= model.context_length,
         "--ctx {} is larger than the model's context ({})",
@@ -80,7 +85,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     let reference = b
         .reference
         .as_deref()
-        .map(|d| load(d, b.threads))
+        .map(|d| load(d, b.threads, b.activations))
         .transpose()?;
     let q = quality::measure(
         &model,
@@ -99,6 +104,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     let report = Report {
         model: m.model.name.clone(),
         weights: m.graph.weights.to_string(),
+        activations: b.activations.to_string(),
         text: b.text.display().to_string(),
         ctx: b.ctx,
         chunks: q.chunks,
@@ -116,9 +122,10 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} ({} weights) on {}: {} chunks of {} tokens, {} scored",
+            "{} ({} weights, {} activations) on {}: {} chunks of {} tokens, {} scored",
             report.model,
             report.weights,
+            report.activations,
             report.text,
             report.chunks,
             report.ctx,

@@ -206,6 +206,7 @@ pub fn run(b: ServiceBench, model_dir: &std::path::Path, json: bool) -> anyhow::
             verify: false,
             threads: b.threads,
             context: None,
+            activations: Default::default(),
         },
     )
     .with_context(|| format!("loading {}", model_dir.display()))?;

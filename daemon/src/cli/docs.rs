@@ -128,6 +128,7 @@ pub fn run(args: DocsArgs) -> anyhow::Result<()> {
                         verify: true,
                         threads: args.threads,
                         context: None,
+                        activations: Default::default(),
                     },
                 )?;
                 let rows = super::docs_answers::run(

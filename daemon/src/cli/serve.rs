@@ -95,6 +95,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             verify: true,
             threads: config.model.threads,
             context: config.model.context,
+            activations: config.model.activations,
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))?;

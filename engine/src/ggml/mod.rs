@@ -384,6 +384,55 @@ pub fn package_blocks(
     Ok(out)
 }
 
+/// How the products quantize their activations: a load-time choice (`[model] activations`), the
+/// artifact unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// Every product takes 8-bit activations in blocks of 32: the arithmetic of llama.cpp's CPU
+    /// path (its Q8_0 / Q8_1 / Q8_K activation blocks), at its speed.
+    #[default]
+    Bits8,
+    /// The products the artifact marks precise (the attention projections and the LM head) take
+    /// ~15-bit activations (8 bits and a second 8-bit row of what they lost, see
+    /// [`QuantizedActs::quantize_with_remainder`]): closer to the f32 model, twice the integer
+    /// work of those products (docs/performance.md measures both).
+    Precise,
+}
+
+impl Activations {
+    /// The setting's names, as the config file and the command line spell them.
+    pub const NAMES: [&'static str; 2] = ["8bit", "precise"];
+
+    /// The setting's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::Bits8 => "8bit",
+            Activations::Precise => "precise",
+        }
+    }
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "8bit" => Ok(Activations::Bits8),
+            "precise" => Ok(Activations::Precise),
+            other => Err(format!(
+                "activations {other:?}: expected one of {:?}",
+                Activations::NAMES
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Whether products with the converter's constant `name` take 15-bit activations: the
 /// attention projections and the LM head. Measured on SmolLM2 against the f32 model
 /// (docs/performance.md): teacher-forced top-1 agreement 94.9% -> 97.7% on the 256-token

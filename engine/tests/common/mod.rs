@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use fieldllm_engine::ggml::Activations;
 use fieldllm_engine::{LoadOptions, Model};
 
 /// `models/build/NAME` of this checkout; fails with the fix when `models/setup.sh` has not run.
@@ -21,12 +22,19 @@ pub fn model_dir(name: &str) -> PathBuf {
 }
 
 pub fn load(name: &str) -> Arc<Model> {
+    load_with(name, Activations::default())
+}
+
+/// [`load`] with the products' activations as `activations` says.
+#[allow(dead_code)] // not every test binary asks
+pub fn load_with(name: &str, activations: Activations) -> Arc<Model> {
     Model::load(
         &model_dir(name),
         &LoadOptions {
             verify: true,
             threads: 1,
             context: None,
+            activations,
         },
     )
     .expect("model loads")

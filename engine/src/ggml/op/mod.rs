@@ -220,6 +220,16 @@ pub fn install_team(model: &mut TypedModel, team: Option<&Arc<Team>>) {
     }
 }
 
+/// Applies the activation setting at load: with [`Activations::Bits8`] no product keeps its
+/// artifact's `precise` mark.
+pub fn install_activations(model: &mut TypedModel, activations: super::Activations) {
+    for node in &mut model.nodes {
+        if let Some(op) = node.op_as_mut::<GgmlMatMul>() {
+            op.precise &= activations == super::Activations::Precise;
+        }
+    }
+}
+
 /// Whether the model runs GGUF blocks (one of these ops present).
 pub fn uses_blocks(model: &TypedModel) -> bool {
     model
