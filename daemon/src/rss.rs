@@ -10,6 +10,17 @@ pub fn rss_bytes() -> Option<u64> {
     status_kb("VmRSS:").map(|kb| kb * 1024)
 }
 
+/// Resident anonymous memory in bytes (`RssAnon`: the heap, stacks; not the mapped weights).
+pub fn anon_rss_bytes() -> Option<u64> {
+    status_kb("RssAnon:").map(|kb| kb * 1024)
+}
+
+/// Resident file-backed memory in bytes (`RssFile`: the binary, and the weights mapped from
+/// the artifact, pages the kernel may drop and read again).
+pub fn file_rss_bytes() -> Option<u64> {
+    status_kb("RssFile:").map(|kb| kb * 1024)
+}
+
 /// Hands the heap's free pages back to the kernel (glibc keeps what a large load freed, the
 /// parse buffers of a model file, as resident memory of the process); a no-op where the C
 /// library has no `malloc_trim`.

@@ -124,7 +124,12 @@ fn typed_for_run(package: &Package) -> Result<TypedModel, EngineError> {
         GraphFormat::Onnx => typed_from_onnx(package, g.weights),
         GraphFormat::Nnef => {
             let path = package.path(&g.file);
-            nnef()
+            let mut framework = nnef();
+            // before tract's own .dat reader: the packed blocks are mapped, not copied
+            framework
+                .resource_loaders
+                .insert(0, Box::new(crate::mapped::MapLoader::new(&path)));
+            framework
                 .model_for_path(&path)
                 .map_err(|e| EngineError::Graph(format!("{}: {e:#}", path.display())))
         }
@@ -344,6 +349,7 @@ impl Model {
             graph = ?m.graph.format,
             threads = options.threads,
             load_ms = start.elapsed().as_millis() as u64,
+            mapped_mb = crate::mapped::WeightStorage::of(plan.model()).mapped_bytes / 1_000_000,
             "model loaded"
         );
         Ok(Arc::new(Model {
@@ -356,6 +362,13 @@ impl Model {
             load_time: start.elapsed(),
             threads: options.threads,
         }))
+    }
+
+    /// Where the model's constants live: bytes mapped from the artifact's files, bytes in the
+    /// heap, and how many mapped tensors were copied to the heap after all (see
+    /// [`crate::mapped`]).
+    pub fn weight_storage(&self) -> crate::mapped::WeightStorage {
+        crate::mapped::WeightStorage::of(self.plan.model())
     }
 
     /// The package manifest.

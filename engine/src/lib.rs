@@ -15,6 +15,7 @@ pub mod generate;
 pub mod ggml;
 pub mod graph;
 pub mod import;
+pub mod mapped;
 pub mod norm;
 pub mod package;
 pub mod quality;

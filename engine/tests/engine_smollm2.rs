@@ -274,3 +274,36 @@ fn prefill_matches_decode(model: &std::sync::Arc<Model>, tolerance: f32, same_ar
         assert_eq!(argmax(&whole), argmax(&last));
     }
 }
+
+/// The artifact's packed blocks are mapped from its files, not copied into the heap, and stay
+/// mapped through a prefill and decode steps (nothing in tract asked for a copy of them).
+#[test]
+fn packed_blocks_are_mapped_from_the_artifact() {
+    let model = load(ARTIFACT);
+    let ids = model
+        .chat_prompt(&[Message::new("user", "Why does a pump cavitate?")])
+        .unwrap();
+    let mut s = Session::new(&model).unwrap();
+    let never = AtomicBool::new(false);
+    let mut logits = s.feed(&ids, &never).unwrap();
+    for _ in 0..3 {
+        logits = s.feed(&[argmax(&logits)], &never).unwrap();
+    }
+    let w = model.weight_storage();
+    // the .dat files of the packed blocks, as tract wrote them (a 128-byte header each)
+    let nnef = model_dir(ARTIFACT).join("model.nnef");
+    let blocks: u64 = std::fs::read_dir(&nnef)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".packed.dat"))
+        .map(|e| e.metadata().unwrap().len() - 128)
+        .sum();
+    eprintln!("{w:?}; large .dat files {blocks} bytes");
+    assert_eq!(w.mapped_bytes, blocks, "every packed block file is mapped");
+    assert_eq!(w.copied, 0, "no mapped tensor was copied to the heap");
+    assert!(
+        w.heap_bytes < w.mapped_bytes / 50,
+        "{} bytes of constants in the heap",
+        w.heap_bytes
+    );
+}

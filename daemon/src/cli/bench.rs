@@ -111,6 +111,10 @@ struct Report {
     activations: String,
     rows: Vec<Row>,
     peak_rss_mb: f64,
+    /// After the last run, the model still loaded: anonymous memory (heap, KV cache) and
+    /// file-backed memory (mapped weights, the binary).
+    anon_rss_mb: f64,
+    file_rss_mb: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -187,6 +191,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut profiles = Vec::new();
     let mut name = String::new();
     let mut weights = String::new();
+    let mut anon_file = (0, 0);
     for &t in &threads {
         let model = Model::load(
             &dir,
@@ -229,6 +234,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let decode = profile_decode(&model, ids[0], a.generate)?;
             profiles.push((t, "decode", "token", decode));
         }
+        anon_file = (
+            fieldllmd::rss::anon_rss_bytes().unwrap_or(0),
+            fieldllmd::rss::file_rss_bytes().unwrap_or(0),
+        );
         rows.push(Row {
             threads: t,
             load_ms: model.load_time.as_secs_f64() * 1e3,
@@ -245,14 +254,22 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         isa: fieldllm_engine::cpu::Isa::best().name(),
         rows,
         peak_rss_mb: fieldllmd::rss::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+        anon_rss_mb: anon_file.0 as f64 / 1e6,
+        file_rss_mb: anon_file.1 as f64 / 1e6,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     println!(
-        "model {} ({} weights, {} activations), kernels {}, peak RSS {:.0} MB",
-        report.model, report.weights, report.activations, report.isa, report.peak_rss_mb
+        "model {} ({} weights, {} activations), kernels {}, peak RSS {:.0} MB (at the end: {:.0} MB anonymous, {:.0} MB file-backed)",
+        report.model,
+        report.weights,
+        report.activations,
+        report.isa,
+        report.peak_rss_mb,
+        report.anon_rss_mb,
+        report.file_rss_mb
     );
     println!(
         "| threads | load ms | pp{} tok/s | tg{} tok/s |",

@@ -71,7 +71,8 @@ fn k_of(kind: BlockKind, n: usize, w: &TypedFact) -> TractResult<usize> {
 }
 
 fn weights(kind: BlockKind, n: usize, input: &TValue) -> TractResult<Packed<'_>> {
-    let bytes = input.try_as_plain_ram()?.as_slice::<u8>()?;
+    // mapped from the artifact's file when loaded from one (no copy), else tract's own bytes
+    let bytes = crate::mapped::mapped_bytes(input)?;
     let shape = input.shape();
     ensure!(
         shape.len() == 3,

@@ -30,6 +30,8 @@ pub fn registry() -> nnef::Registry {
         reg.register_primitive(format!("fieldllm_matmul_{form}"), &params, &out, matmul);
         reg.register_primitive(format!("fieldllm_gather_{form}"), &params, &out, gather);
     }
+    // the packed blocks' constants, mapped from the artifact (see crate::mapped)
+    crate::mapped::register_variable(&mut reg);
     reg.register_dumper(|ast, node, op: &GgmlMatMul| {
         dump(
             ast,
