@@ -17,8 +17,8 @@ if [ ! -f "$shaped" ]; then
   (cd models && .venv/bin/python -m fieldllm_convert shaped-gguf "$shaped.part" && mv "$shaped.part" "$shaped")
 fi
 [ -f "$cache/llama-1b-shape/manifest.toml" ] || target/release/fieldllmd model import "$shaped" "$cache/llama-1b-shape"
-echo "| model | tokens in the KV cache | peak RSS MB | KV cache MB (model info) | prefill tok/s | decode tok/s |"
-echo "|---|--:|--:|--:|--:|--:|"
+echo "| model | tokens in the KV cache | peak RSS MB | of it at the end: anonymous MB | file-backed MB (mapped weights) | KV cache MB (model info) | prefill tok/s | decode tok/s |"
+echo "|---|--:|--:|--:|--:|--:|--:|--:|"
 for model in models/build/smollm2-135m-instruct.gguf "$cache/llama-1b-shape"; do
   for ctx in 2048 8192; do
     json=$(target/release/fieldllmd bench --model "$model" --threads 2 --prompt $((ctx - 32)) --gen 16 --reps 1 --json)
@@ -26,7 +26,8 @@ for model in models/build/smollm2-135m-instruct.gguf "$cache/llama-1b-shape"; do
     python3 -c '
 import json, sys
 r = json.loads(sys.argv[1]); row = r["rows"][-1]
-cells = [r["model"], sys.argv[2], "%.0f" % r["peak_rss_mb"], sys.argv[3],
+cells = [r["model"], sys.argv[2], "%.0f" % r["peak_rss_mb"], "%.0f" % r["anon_rss_mb"],
+         "%.0f" % r["file_rss_mb"], sys.argv[3],
          "%.1f" % row["prefill_tok_s"], "%.1f" % row["decode_tok_s"]]
 print("| " + " | ".join(cells) + " |")
 ' "$json" "$ctx" "$kv"
