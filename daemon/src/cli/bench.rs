@@ -85,6 +85,11 @@ pub struct BenchArgs {
     /// mean KL divergence from it and how often both pick the same top token.
     #[arg(long, value_name = "F32_MODEL", requires = "perplexity")]
     kl_divergence: Option<std::path::PathBuf>,
+    /// Measure answers started together instead: this many at once through an in-process
+    /// scheduler with as many slots (repeatable: one row each), each asked for --gen tokens;
+    /// aggregate and per-answer tok/s and time to first token.
+    #[arg(long, value_name = "N", conflicts_with_all = ["service", "perplexity", "docs", "profile"])]
+    parallel: Vec<usize>,
     /// What the matrix products quantize activations to: 8bit or precise (as `[model]
     /// activations`).
     #[arg(long, default_value_t = Activations::default())]
@@ -144,6 +149,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             threads: a.threads.first().copied().unwrap_or(1),
         };
         return super::bench_service::run(b, &a.model.dir()?, a.json);
+    }
+    if !a.parallel.is_empty() {
+        let b = super::bench_parallel::ParallelBench {
+            levels: a.parallel.clone(),
+            max_tokens: u32::try_from(a.generate).context("--gen is too large")?,
+            threads: a.threads.first().copied().unwrap_or(2),
+            activations: a.activations,
+        };
+        return super::bench_parallel::run(b, &a.model.dir()?, a.json);
     }
     if let Some(dir) = &a.docs {
         let b = super::bench_docs::DocsBench {

@@ -3,6 +3,7 @@
 mod ask;
 mod bench;
 mod bench_docs;
+mod bench_parallel;
 mod bench_quality;
 mod bench_service;
 mod docs;
