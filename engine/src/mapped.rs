@@ -44,6 +44,17 @@ pub struct MappedBytes {
 }
 
 impl MappedBytes {
+    /// `len` bytes of `map` from `offset`, no heap copy yet.
+    fn new(map: Arc<memmap2::Mmap>, offset: usize, len: usize) -> MappedBytes {
+        MappedBytes {
+            map,
+            offset,
+            len,
+            copy: OnceLock::new(),
+            copies: AtomicUsize::new(0),
+        }
+    }
+
     /// The bytes, straight from the mapping.
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.offset..self.offset + self.len]
@@ -86,13 +97,7 @@ impl TensorStorage for MappedBytes {
 
     fn deep_clone(&self) -> Box<dyn TensorStorage> {
         // the mapping is read-only: a clone shares it
-        Box::new(MappedBytes {
-            map: self.map.clone(),
-            offset: self.offset,
-            len: self.len,
-            copy: OnceLock::new(),
-            copies: AtomicUsize::new(0),
-        })
+        Box::new(MappedBytes::new(self.map.clone(), self.offset, self.len))
     }
 
     fn as_plain_ram(&self) -> Option<&PlainStorage> {
@@ -297,13 +302,7 @@ impl ResourceLoader for MapLoader {
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", full.display()))?;
         let len = file_len as usize - HEADER;
-        let storage = MappedBytes {
-            map: Arc::new(map),
-            offset: HEADER,
-            len,
-            copy: OnceLock::new(),
-            copies: AtomicUsize::new(0),
-        };
+        let storage = MappedBytes::new(Arc::new(map), HEADER, len);
         let tensor = Tensor::from_storage(u8::datum_type(), &shape, storage);
         Ok(Some((id, Arc::new(tensor))))
     }

@@ -122,6 +122,25 @@ struct Report {
     file_rss_mb: f64,
 }
 
+/// Loads a model the way every benchmark does: files not hashed (a benchmark measures, it
+/// does not deploy), the model's own context.
+pub(super) fn load_model(
+    dir: &std::path::Path,
+    threads: usize,
+    activations: Activations,
+) -> anyhow::Result<std::sync::Arc<Model>> {
+    Model::load(
+        dir,
+        &LoadOptions {
+            verify: false,
+            threads,
+            context: None,
+            activations,
+        },
+    )
+    .with_context(|| format!("loading {}", dir.display()))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -207,16 +226,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut weights = String::new();
     let mut anon_file = (0, 0);
     for &t in &threads {
-        let model = Model::load(
-            &dir,
-            &LoadOptions {
-                verify: false,
-                threads: t,
-                context: None,
-                activations: a.activations,
-            },
-        )
-        .with_context(|| format!("loading {}", dir.display()))?;
+        let model = load_model(&dir, t, a.activations)?;
         name = model.manifest().model.name.clone();
         weights = model.manifest().graph.weights.to_string();
         anyhow::ensure!(

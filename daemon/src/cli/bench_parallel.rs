@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fieldllm_engine::ggml::Activations;
-use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::proto::Request;
 use fieldllmd::request::{Intake, Limits, Origin};
 use fieldllmd::scheduler::{ModelEngine, Reply, Scheduler, SchedulerConfig, Transport};
@@ -150,16 +149,7 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         b.levels.iter().all(|&n| n > 0) && b.max_tokens > 0,
         "--parallel and --gen must be positive"
     );
-    let model: Arc<Model> = Model::load(
-        model_dir,
-        &LoadOptions {
-            verify: false,
-            threads: b.threads,
-            context: None,
-            activations: b.activations,
-        },
-    )
-    .with_context(|| format!("loading {}", model_dir.display()))?;
+    let model = super::bench::load_model(model_dir, b.threads, b.activations)?;
     let name = model.manifest().model.name.clone();
     let engine = Arc::new(ModelEngine(model));
     let limits = Limits {

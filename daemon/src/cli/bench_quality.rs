@@ -6,12 +6,13 @@
 //! llama-perplexity follows that) and scored by `fieldllm_engine::quality`; with
 //! `--kl-divergence`, against a second model (the f32 package of the same GGUF).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use fieldllm_engine::ggml::Activations;
-use fieldllm_engine::{LoadOptions, Model, quality};
+use fieldllm_engine::quality;
+
+use super::bench::load_model;
 use serde::Serialize;
 
 /// What `--perplexity` measures.
@@ -56,25 +57,12 @@ struct RefReport {
     same_top1_pct: f64,
 }
 
-fn load(dir: &Path, threads: usize, activations: Activations) -> anyhow::Result<Arc<Model>> {
-    Model::load(
-        dir,
-        &LoadOptions {
-            verify: false,
-            threads,
-            context: None,
-            activations,
-        },
-    )
-    .with_context(|| format!("loading {}", dir.display()))
-}
-
 /// Runs the measurement and prints a table or JSON.
 pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(b.ctx >= 4, "--ctx must be at least 4 tokens");
     let text = std::fs::read_to_string(&b.text)
         .with_context(|| format!("reading {}", b.text.display()))?;
-    let model = load(&b.model, b.threads, b.activations)?;
+    let model = load_model(&b.model, b.threads, b.activations)?;
     anyhow::ensure!(
         b.ctx <= model.context_length,
         "--ctx {} is larger than the model's context ({})",
@@ -85,7 +73,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     let reference = b
         .reference
         .as_deref()
-        .map(|d| load(d, b.threads, b.activations))
+        .map(|d| load_model(d, b.threads, b.activations))
         .transpose()?;
     let q = quality::measure(
         &model,

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fieldllm_engine::{LoadOptions, Model};
 use fieldllmd::config::parse_broker;
 use fieldllmd::proto::{Request, Response};
 use fieldllmd::request::{Intake, Limits, Origin};
@@ -200,16 +199,7 @@ async fn over_mqtt(b: &ServiceBench, concurrency: usize, tag: &str) -> anyhow::R
 /// Runs both paths at every concurrency level and prints a table (or JSON).
 pub fn run(b: ServiceBench, model_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(b.requests > 0, "--requests must be positive");
-    let model: Arc<Model> = Model::load(
-        model_dir,
-        &LoadOptions {
-            verify: false,
-            threads: b.threads,
-            context: None,
-            activations: Default::default(),
-        },
-    )
-    .with_context(|| format!("loading {}", model_dir.display()))?;
+    let model = super::bench::load_model(model_dir, b.threads, Default::default())?;
     let name = model.manifest().model.name.clone();
     let levels = if b.concurrency.is_empty() {
         vec![1, 4]

@@ -400,10 +400,10 @@ pub enum Activations {
 }
 
 impl Activations {
-    /// The setting's names, as the config file and the command line spell them.
-    pub const NAMES: [&'static str; 2] = ["8bit", "precise"];
+    /// Every setting.
+    pub const ALL: [Activations; 2] = [Activations::Bits8, Activations::Precise];
 
-    /// The setting's name.
+    /// The setting's name, as the config file and the command line spell it.
     pub fn name(self) -> &'static str {
         match self {
             Activations::Bits8 => "8bit",
@@ -416,14 +416,13 @@ impl std::str::FromStr for Activations {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "8bit" => Ok(Activations::Bits8),
-            "precise" => Ok(Activations::Precise),
-            other => Err(format!(
-                "activations {other:?}: expected one of {:?}",
-                Activations::NAMES
-            )),
-        }
+        Activations::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Activations::ALL.iter().map(|a| a.name()).collect();
+                format!("activations {s:?}: expected one of {names:?}")
+            })
     }
 }
 
