@@ -205,17 +205,20 @@ macro_rules! kernels {
                                     hi_sum[c] = _mm256_add_epi32(hi_sum[c], s);
                                 }
                             }
-                        } else if C == 1 {
+                        } else if C <= 4 {
+                            // two chains a row: `vpdpbusd`'s latency (4-5 cycles) over 8
+                            // chained products a block would bound the tile, not its throughput
                             lo_sum[c] = $dp(lo_sum[c], lo, x0);
                             hi_sum[c] = $dp(hi_sum[c], hi, x1);
                         } else {
+                            // 8 rows: one chain a row, so the tile's registers fit in 32
                             lo_sum[c] = $dp($dp(lo_sum[c], lo, x0), hi, x1);
                         }
                     }
                 }
                 for c in 0..C {
                     let xi = (c0 + c) * nb + b;
-                    let sum = if C == 1 || $sum16 {
+                    let sum = if C <= 4 || $sum16 {
                         _mm256_add_epi32(lo_sum[c], hi_sum[c])
                     } else {
                         lo_sum[c]
@@ -262,8 +265,9 @@ macro_rules! kernels {
                         };
                         let xs = _mm256_sign_epi8(xb, wv);
                         // two scales: values 16..32 (chunks 4..8) sum apart; one: two chains
-                        // for one activation row, so the dot products overlap
-                        if (half && ch >= 4) || (!half && C == 1 && ch % 2 == 1) {
+                        // a row, so the dot products overlap (latency, not throughput, bounds
+                        // one chain of 8)
+                        if (half && ch >= 4) || (!half && (C == 1 || ($wide && C <= 4)) && ch % 2 == 1) {
                             odd[c] = $dp(odd[c], wabs, xs);
                         } else {
                             even[c] = $dp(even[c], wabs, xs);
