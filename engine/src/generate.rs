@@ -163,6 +163,8 @@ pub fn generate(
         });
     }
     let model = session.model().clone();
+    // a shared state's runs wait for this answer's tokens while it lasts
+    let _answering = session.answering();
     let start = Instant::now();
     let mut outcome = Outcome {
         finish: FinishReason::Cancelled,

@@ -81,6 +81,8 @@ pub struct Model {
     pub load_time: Duration,
     /// Threads it was loaded to use.
     pub threads: usize,
+    /// Whether its rows are open ([`crate::rows`]): one run may carry several conversations.
+    pub rows: bool,
 }
 
 fn nnef() -> Nnef {
@@ -291,16 +293,23 @@ impl Model {
         let tokenizer = TokenText::load(&package.path("tokenizer.json"))?;
         let template = ChatTemplate::load(&package.path(&m.chat.template), &tokenizer, m)?;
 
-        let typed = typed_for_run(&package)?;
+        let mut typed = typed_for_run(&package)?;
+        let rows = crate::rows::open(&mut typed).map_err(EngineError::graph)?;
         let mut optimized = typed.into_optimized().map_err(EngineError::graph)?;
         let team = (options.threads > 1).then(|| Arc::new(crate::cpu::Team::new(options.threads)));
         ggml::op::install_team(&mut optimized, team.as_ref());
         ggml::op::install_activations(&mut optimized, options.activations);
-        attention::install(&mut optimized, team.as_ref());
+        let row_inputs = if rows {
+            Some(crate::rows::attention_inputs(&optimized).map_err(EngineError::graph)?)
+        } else {
+            None
+        };
+        attention::install(&mut optimized, team.as_ref(), row_inputs)
+            .map_err(EngineError::graph)?;
         crate::rope::install(&mut optimized).map_err(EngineError::graph)?;
         crate::elementwise::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
         crate::norm::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
-        check_io(&optimized, m)?;
+        check_io(&optimized, m, rows)?;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let mut ops = std::collections::BTreeMap::<String, usize>::new();
             for node in optimized.nodes() {
@@ -361,6 +370,7 @@ impl Model {
             context_length,
             load_time: start.elapsed(),
             threads: options.threads,
+            rows,
         }))
     }
 
@@ -369,6 +379,61 @@ impl Model {
     /// [`crate::mapped`]).
     pub fn weight_storage(&self) -> crate::mapped::WeightStorage {
         crate::mapped::WeightStorage::of(self.plan.model())
+    }
+
+    /// The inputs of one run: for each entry (slot, tokens already in that slot, new tokens),
+    /// its tokens as consecutive rows. A model without open rows takes one entry of slot 0.
+    pub(crate) fn step_inputs(
+        &self,
+        entries: &[(usize, usize, &[u32])],
+    ) -> Result<TVec<TValue>, EngineError> {
+        let ids: Vec<i64> = entries
+            .iter()
+            .flat_map(|e| e.2.iter().map(|&t| t as i64))
+            .collect();
+        let ids = Tensor::from_shape(&[1, ids.len()], &ids).map_err(EngineError::graph)?;
+        if !self.rows {
+            if entries.len() != 1 || entries[0].0 != 0 {
+                return Err(EngineError::Graph(
+                    "this model's graph runs one conversation at a time".into(),
+                ));
+            }
+            return Ok(tvec![ids.into_tvalue()]);
+        }
+        let (mut positions, mut slots, mut last) = (vec![], vec![], vec![]);
+        for &(slot, past, tokens) in entries {
+            positions.extend((past..past + tokens.len()).map(|p| p as i64));
+            slots.extend(std::iter::repeat_n(slot as i64, tokens.len()));
+            last.push(positions.len() as i64 - 1);
+        }
+        Ok(tvec![
+            ids.into_tvalue(),
+            tensor1(&positions).into_tvalue(),
+            tensor1(&slots).into_tvalue(),
+            tensor1(&last).into_tvalue(),
+        ])
+    }
+
+    /// The logits of a run's `entries` entries, one vector each.
+    pub(crate) fn step_logits(
+        &self,
+        out: &[TValue],
+        entries: usize,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let logits = out[0].cast_to::<f32>().map_err(EngineError::graph)?;
+        let view = logits.try_as_plain_ram().map_err(EngineError::graph)?;
+        let slice = view.as_slice::<f32>().map_err(EngineError::graph)?;
+        if slice.len() != entries * self.vocab {
+            return Err(EngineError::Graph(format!(
+                "logits have {} values, expected {entries} x {}",
+                slice.len(),
+                self.vocab
+            )));
+        }
+        Ok(slice
+            .chunks_exact(self.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// The package manifest.
@@ -404,11 +469,12 @@ impl Model {
 
 /// After the KV transform the graph must take token ids only and give logits only; anything else
 /// means the package's graph is not the decoder shape the engine drives.
-fn check_io(model: &TypedModel, m: &Manifest) -> Result<(), EngineError> {
-    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+fn check_io(model: &TypedModel, m: &Manifest, rows: bool) -> Result<(), EngineError> {
+    let inputs = if rows { 4 } else { 1 };
+    if model.inputs.len() != inputs || model.outputs.len() != 1 {
         return Err(EngineError::Graph(format!(
-            "expected 1 input (token ids) and 1 output (logits) after KV-cache detection, \
-             found {} inputs and {} outputs",
+            "expected {inputs} input(s) (token ids, and rows when open) and 1 output (logits) \
+             after KV-cache detection, found {} inputs and {} outputs",
             model.inputs.len(),
             model.outputs.len()
         )));

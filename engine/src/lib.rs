@@ -7,6 +7,7 @@
 //! shared; each conversation owns a [`Session`] holding its KV cache.
 
 pub mod attention;
+pub mod batch;
 pub mod chat;
 pub mod cpu;
 pub mod elementwise;
@@ -20,6 +21,7 @@ pub mod norm;
 pub mod package;
 pub mod quality;
 pub mod rope;
+pub mod rows;
 pub mod sampler;
 pub mod session;
 pub mod stop;
@@ -27,6 +29,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
+pub use batch::Batcher;
 pub use generate::{Event, FinishReason, GenerateParams, Outcome, generate};
 pub use graph::{LoadOptions, Model};
 pub use package::{Package, WeightFormat};

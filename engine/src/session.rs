@@ -1,4 +1,8 @@
 //! A conversation's state: the KV cache (inside tract's state) and the tokens it holds.
+//!
+//! A session either owns its tract state ([`Session::new`]) or is one slot of a state several
+//! sessions share ([`crate::batch::Batcher::session`]), whose runs carry the rows of every
+//! session that has tokens to feed at that moment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,6 +11,7 @@ use tract_core::internal::*;
 use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
 
 use super::attention::KvAttentionState;
+use super::batch::Batcher;
 use super::{EngineError, Model};
 
 /// Prefill is run in chunks of this many tokens so a cancel is seen between chunks and the
@@ -47,23 +52,62 @@ pub struct OpProfile {
     pub ops: std::collections::BTreeMap<String, (u64, std::time::Duration)>,
 }
 
-/// One conversation. Owns its KV cache; sessions of one model are independent.
+/// One conversation: its KV cache and the tokens in it. Sessions of one model are independent,
+/// whether they own their state or share one.
 #[derive(Debug)]
 pub struct Session {
     model: Arc<Model>,
-    state: TypedSimpleState,
+    exec: Exec,
     tokens: Vec<u32>,
 }
 
+/// Where a session's KV cache lives.
+#[derive(Debug)]
+enum Exec {
+    /// In a tract state of its own.
+    Own(Box<TypedSimpleState>),
+    /// In slot `slot` of a batcher's state.
+    Shared { batch: Arc<Batcher>, slot: usize },
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Exec::Shared { batch, slot } = &self.exec {
+            batch.release(*slot);
+        }
+    }
+}
+
 impl Session {
-    /// A fresh, empty session.
+    /// A fresh, empty session with a state of its own.
     pub fn new(model: &Arc<Model>) -> Result<Session, EngineError> {
         let state = SimpleState::new(&model.plan).map_err(EngineError::graph)?;
         Ok(Session {
             model: model.clone(),
-            state,
+            exec: Exec::Own(Box::new(state)),
             tokens: Vec::new(),
         })
+    }
+
+    /// A fresh, empty session in slot `slot` of `batch` (see [`Batcher::session`]).
+    pub(crate) fn shared(batch: &Arc<Batcher>, slot: usize) -> Session {
+        Session {
+            model: batch.model().clone(),
+            exec: Exec::Shared {
+                batch: batch.clone(),
+                slot,
+            },
+            tokens: Vec::new(),
+        }
+    }
+
+    /// While the returned guard lives, this session counts as answering: a shared state's
+    /// runs wait a moment for its next tokens rather than leave it for the next run.
+    pub fn answering(&self) -> Option<impl Drop + use<>> {
+        match &self.exec {
+            Exec::Own(_) => None,
+            Exec::Shared { batch, .. } => Some(batch.member()),
+        }
     }
 
     /// The model.
@@ -86,11 +130,18 @@ impl Session {
     pub fn feed(&mut self, tokens: &[u32], cancel: &AtomicBool) -> Result<Vec<f32>, FeedError> {
         self.check(tokens)?;
         let mut logits = None;
-        for chunk in tokens.chunks(PREFILL_CHUNK) {
+        let mut rest = tokens;
+        while !rest.is_empty() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(FeedError::Cancelled);
             }
+            let size = match &self.exec {
+                Exec::Own(_) => PREFILL_CHUNK,
+                Exec::Shared { batch, .. } => batch.chunk_size(),
+            };
+            let (chunk, tail) = rest.split_at(size.min(rest.len()));
             logits = Some(self.run(chunk, None)?);
+            rest = tail;
         }
         logits.ok_or(FeedError::Engine(EngineError::EmptyPrompt))
     }
@@ -136,36 +187,36 @@ impl Session {
         chunk: &[u32],
         profile: Option<&mut OpProfile>,
     ) -> Result<Vec<f32>, EngineError> {
-        heads_in_parallel(self.model.threads > 1 && chunk.len() > 1);
-        let ids: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
-        let input = Tensor::from_shape(&[1, ids.len()], &ids).map_err(EngineError::graph)?;
-        let input = tvec![input.into_tvalue()];
-        let out = match profile {
-            None => self.state.run(input),
-            Some(p) => self
-                .state
-                .run_plan_with_eval(input, |ctx, state, node, inputs| {
-                    let start = std::time::Instant::now();
-                    let out = tract_core::plan::eval(ctx, state, node, inputs);
-                    let entry = p.ops.entry(node.op.name().to_string()).or_default();
-                    entry.0 += 1;
-                    entry.1 += start.elapsed();
-                    out
-                }),
-        }
-        .map_err(EngineError::graph)?;
+        let past = self.tokens.len();
+        let logits = match &mut self.exec {
+            Exec::Shared { batch, slot } => {
+                if profile.is_some() {
+                    return Err(EngineError::InvalidParam(
+                        "a session sharing its state cannot be profiled".into(),
+                    ));
+                }
+                batch.run(*slot, past, chunk)?
+            }
+            Exec::Own(state) => {
+                heads_in_parallel(self.model.threads > 1 && chunk.len() > 1);
+                let input = self.model.step_inputs(&[(0, past, chunk)])?;
+                let out = match profile {
+                    None => state.run(input),
+                    Some(p) => state.run_plan_with_eval(input, |ctx, state, node, inputs| {
+                        let start = std::time::Instant::now();
+                        let out = tract_core::plan::eval(ctx, state, node, inputs);
+                        let entry = p.ops.entry(node.op.name().to_string()).or_default();
+                        entry.0 += 1;
+                        entry.1 += start.elapsed();
+                        out
+                    }),
+                }
+                .map_err(EngineError::graph)?;
+                self.model.step_logits(&out, 1)?.remove(0)
+            }
+        };
         self.tokens.extend_from_slice(chunk);
-        let logits = out[0].cast_to::<f32>().map_err(EngineError::graph)?;
-        let view = logits.try_as_plain_ram().map_err(EngineError::graph)?;
-        let slice = view.as_slice::<f32>().map_err(EngineError::graph)?;
-        if slice.len() != self.model.vocab {
-            return Err(EngineError::Graph(format!(
-                "logits have {} values, expected {}",
-                slice.len(),
-                self.model.vocab
-            )));
-        }
-        Ok(slice.to_vec())
+        Ok(logits)
     }
 
     /// Forgets everything after the first `len` tokens (a conversation that diverged, or a
@@ -178,8 +229,16 @@ impl Session {
         if len == 0 {
             return self.reset();
         }
+        let state = match &mut self.exec {
+            Exec::Own(state) => state,
+            Exec::Shared { batch, slot } => {
+                batch.truncate(*slot, len)?;
+                self.tokens.truncate(len);
+                return Ok(());
+            }
+        };
         let mut found = 0;
-        for op in self.state.op_states.iter_mut().flatten() {
+        for op in state.op_states.iter_mut().flatten() {
             if let Some(kv) = op.downcast_mut::<DynKeyValueCacheState>() {
                 kv.truncate(len).map_err(EngineError::graph)?;
                 found += 1;
@@ -219,7 +278,12 @@ impl Session {
 
     /// Empties the cache.
     pub fn reset(&mut self) -> Result<(), EngineError> {
-        self.state = SimpleState::new(&self.model.plan).map_err(EngineError::graph)?;
+        match &mut self.exec {
+            Exec::Own(state) => {
+                **state = SimpleState::new(&self.model.plan).map_err(EngineError::graph)?
+            }
+            Exec::Shared { batch, slot } => batch.truncate(*slot, 0)?,
+        }
         self.tokens.clear();
         Ok(())
     }

@@ -143,6 +143,7 @@ fn tiny_ggufs_match_numpy_for_a_prefill_and_8_decode_steps() {
                 },
             )
             .unwrap();
+            assert!(model.rows, "{v}: the imported graph's rows open");
             let mut s = Session::new(&model).unwrap();
             let never = AtomicBool::new(false);
             for (i, step) in steps.iter().enumerate() {

@@ -13,6 +13,12 @@
 //! The cache is position-major, `[position, kv head, head dim]`: appending a token is a copy to
 //! the end and forgetting the tail of a conversation ([`KvAttentionState::truncate`]) is a
 //! length change, where tract's cache op could not be truncated at all.
+//!
+//! One state keeps a cache per conversation (a *slot*). In a model whose rows are open
+//! ([`crate::rows`]) the op takes two more inputs, each row's position and slot, so one run
+//! carries the rows of several conversations (a decode step of every running answer, a chunk of
+//! a new prompt beside them): each row's key and value go to its slot's cache and its query
+//! sees that cache up to its own position. Without them every row is slot 0's, after its cache.
 
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +33,8 @@ mod kernel;
 
 /// Scaled dot-product attention of `Q [1, heads, queries, d]` over the cache extended with
 /// `K_new`, `V_new` (`[1, kv heads, queries, d]`), optionally with an additive mask
-/// (`[1, 1 | heads, queries, cache length]`); grouped-query heads share their kv head.
+/// (`[1, 1 | heads, queries, cache length]`), or with each query's position and slot (`[queries]`
+/// i64 each, see the module's notes); grouped-query heads share their kv head.
 #[derive(Clone, Debug)]
 pub struct KvAttention {
     /// The state name of the cache (as tract's cache ops name it).
@@ -41,6 +48,8 @@ pub struct KvAttention {
     pub scale: Option<f32>,
     /// Threads that split the heads of one query; set after loading.
     pub team: Option<Arc<Team>>,
+    /// Inputs 4 and 5 are each row's position and slot (no mask).
+    pub rows: bool,
 }
 
 impl PartialEq for KvAttention {
@@ -50,11 +59,13 @@ impl PartialEq for KvAttention {
             &self.past_sequence_fact,
             self.causal,
             self.scale,
+            self.rows,
         ) == (
             &other.name,
             &other.past_sequence_fact,
             other.causal,
             other.scale,
+            other.rows,
         )
     }
 }
@@ -68,9 +79,10 @@ impl Op for KvAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "causal={}, scale={:?}, threads={}",
+            "causal={}, scale={:?}, rows={}, threads={}",
             self.causal,
             self.scale,
+            self.rows,
             self.team.as_ref().map_or(1, |t| t.threads())
         )])
     }
@@ -85,9 +97,7 @@ impl EvalOp for KvAttention {
         Ok(Some(Box::new(KvAttentionState {
             name: self.name.clone(),
             past_sequence_fact: self.past_sequence_fact.clone(),
-            k: Vec::new(),
-            v: Vec::new(),
-            len: 0,
+            caches: vec![Cache::default()],
             kv_heads: 0,
             d: 0,
         })))
@@ -96,10 +106,17 @@ impl EvalOp for KvAttention {
 
 impl TypedOp for KvAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(
-            matches!(inputs.len(), 3 | 4),
-            "KvAttention takes Q, K, V and an optional mask"
-        );
+        if self.rows {
+            ensure!(
+                inputs.len() == 5,
+                "KvAttention with rows takes Q, K, V, positions and slots"
+            );
+        } else {
+            ensure!(
+                matches!(inputs.len(), 3 | 4),
+                "KvAttention takes Q, K, V and an optional mask"
+            );
+        }
         ensure!(
             inputs[..3].iter().all(|f| f.rank() == 4),
             "KvAttention takes rank-4 Q, K, V"
@@ -110,57 +127,95 @@ impl TypedOp for KvAttention {
     as_op!();
 }
 
-/// The cache of one [`KvAttention`] node.
+/// The caches of one [`KvAttention`] node, one per slot (conversation).
 #[derive(Clone, Debug)]
 pub struct KvAttentionState {
     name: String,
     past_sequence_fact: TypedFact,
+    /// Per slot; slot 0 always exists.
+    caches: Vec<Cache>,
+    kv_heads: usize,
+    d: usize,
+}
+
+/// One conversation's keys and values.
+#[derive(Clone, Debug, Default)]
+struct Cache {
     /// `[len, kv heads, d]`
     k: Vec<f32>,
     v: Vec<f32>,
     len: usize,
-    kv_heads: usize,
-    d: usize,
 }
+
+/// Most slots one state keeps: a row naming a slot past it is refused (a bad input must not
+/// allocate without bound).
+pub const MAX_SLOTS: usize = 1024;
 
 /// Positions a KV cache grows by when it is full.
 pub const GROW_POSITIONS: usize = 256;
 
 impl KvAttentionState {
-    /// Positions in the cache.
+    /// Positions in slot 0's cache.
     pub fn len(&self) -> usize {
-        self.len
+        self.slot_len(0)
     }
 
-    /// Whether the cache is empty.
+    /// Whether slot 0's cache is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Keeps the first `len` positions (no-op if there are fewer).
+    /// Keeps the first `len` positions of slot 0 (no-op if there are fewer).
     pub fn truncate(&mut self, len: usize) {
-        if len < self.len {
-            let row = self.kv_heads * self.d;
-            self.k.truncate(len * row);
-            self.v.truncate(len * row);
-            self.len = len;
+        self.truncate_slot(0, len)
+    }
+
+    /// Positions in `slot`'s cache.
+    pub fn slot_len(&self, slot: usize) -> usize {
+        self.caches.get(slot).map_or(0, |c| c.len)
+    }
+
+    /// Keeps the first `len` positions of `slot` (no-op if there are fewer); `len` 0 also gives
+    /// the slot's memory back.
+    pub fn truncate_slot(&mut self, slot: usize, len: usize) {
+        let row = self.kv_heads * self.d;
+        if let Some(c) = self.caches.get_mut(slot) {
+            if len == 0 {
+                *c = Cache::default();
+            } else if len < c.len {
+                c.k.truncate(len * row);
+                c.v.truncate(len * row);
+                c.len = len;
+            }
         }
     }
 
-    /// Appends `[1, kv heads, s, d]` to the position-major `cache`, which grows with use in
-    /// steps of [`GROW_POSITIONS`] (not doubling: a long answer's cache would otherwise hold up
-    /// to twice what it uses).
-    fn append(cache: &mut Vec<f32>, new: &[f32], kv_heads: usize, s: usize, d: usize) {
-        let want = cache.len() + new.len();
+    /// Bytes the caches hold (allocated).
+    pub fn bytes(&self) -> usize {
+        self.caches
+            .iter()
+            .map(|c| (c.k.capacity() + c.v.capacity()) * 4)
+            .sum()
+    }
+
+    /// Appends row `i` of `[1, kv heads, s, d]` to the position-major `cache`, which grows
+    /// with use in steps of [`GROW_POSITIONS`] (not doubling: a long answer's cache would
+    /// otherwise hold up to twice what it uses).
+    fn append(
+        cache: &mut Vec<f32>,
+        new: &[f32],
+        kv_heads: usize,
+        (s, i): (usize, usize),
+        d: usize,
+    ) {
+        let want = cache.len() + kv_heads * d;
         if want > cache.capacity() {
             let step = GROW_POSITIONS * kv_heads * d;
             cache.reserve_exact(want.div_ceil(step) * step - cache.len());
         }
-        for pos in 0..s {
-            for g in 0..kv_heads {
-                let at = (g * s + pos) * d;
-                cache.extend_from_slice(&new[at..at + d]);
-            }
+        for g in 0..kv_heads {
+            let at = (g * s + i) * d;
+            cache.extend_from_slice(&new[at..at + d]);
         }
     }
 }
@@ -177,11 +232,13 @@ impl OpState for KvAttentionState {
     }
 
     fn resolve_symbols(&mut self, state: &mut TurnState) -> TractResult<()> {
-        let shape = [1, self.kv_heads, self.len, self.d];
+        // slot 0's: a model with open rows reads positions from its input, not this symbol
+        let len = self.len();
+        let shape = [1, self.kv_heads, len, self.d];
         DynKeyValueCacheState::resolve_symbols(
             state,
             self.past_sequence_fact.clone(),
-            (self.len > 0).then_some(&shape[..]),
+            (len > 0).then_some(&shape[..]),
         )
     }
 
@@ -208,10 +265,17 @@ impl KvAttention {
         st: &mut KvAttentionState,
         inputs: TVec<TValue>,
     ) -> TractResult<TVec<TValue>> {
-        ensure!(
-            matches!(inputs.len(), 3 | 4),
-            "KvAttention takes Q, K, V and an optional mask"
-        );
+        if self.rows {
+            ensure!(
+                inputs.len() == 5,
+                "KvAttention with rows takes Q, K, V, positions and slots"
+            );
+        } else {
+            ensure!(
+                matches!(inputs.len(), 3 | 4),
+                "KvAttention takes Q, K, V and an optional mask"
+            );
+        }
         let dt = inputs[0].datum_type();
         let q = inputs[0].cast_to::<f32>()?;
         let k_new = inputs[1].cast_to::<f32>()?;
@@ -234,35 +298,38 @@ impl KvAttention {
             "K {ks:?} does not fit Q {qs:?}"
         );
         ensure!(
-            st.len == 0 || (st.kv_heads, st.d) == (kv_heads, d),
+            st.caches.iter().all(|c| c.len == 0) || (st.kv_heads, st.d) == (kv_heads, d),
             "K/V shape changed within a conversation"
         );
-        (st.kv_heads, st.d) = (kv_heads, d);
-        // everything is checked before the cache grows: a bad input leaves it as it was
-        let len = st.len + s;
-        let mask = match inputs.get(3) {
-            Some(m) => {
-                let m = m.cast_to::<f32>()?.into_owned();
-                let ms = m.shape();
-                ensure!(
-                    ms.len() == 4
-                        && ms[0] == 1
-                        && (ms[1] == 1 || ms[1] == heads)
-                        && ms[2] == s
-                        && ms[3] == len,
-                    "mask {ms:?} does not fit [1, 1 | {heads}, {s}, {len}]"
-                );
-                Some(m)
-            }
-            None => None,
+        // everything is checked before a cache grows: a bad input leaves them as they were
+        let (rows, mask) = if self.rows {
+            (row_plan(st, &inputs[3], &inputs[4], s)?, None)
+        } else {
+            let past = st.slot_len(0);
+            let rows: Vec<Row> = (0..s)
+                .map(|i| Row {
+                    slot: 0,
+                    pos: past + i,
+                })
+                .collect();
+            (rows, check_mask(inputs.get(3), heads, s, past + s)?)
         };
-        KvAttentionState::append(&mut st.k, floats(&k_new)?, kv_heads, s, d);
-        KvAttentionState::append(&mut st.v, floats(&v_new)?, kv_heads, s, d);
-        st.len = len;
+        (st.kv_heads, st.d) = (kv_heads, d);
+        let need = rows.iter().map(|r| r.slot + 1).max().unwrap_or(1);
+        if st.caches.len() < need {
+            st.caches.resize_with(need, Cache::default);
+        }
+        let (k_new, v_new) = (floats(&k_new)?, floats(&v_new)?);
+        for (i, r) in rows.iter().enumerate() {
+            let c = &mut st.caches[r.slot];
+            KvAttentionState::append(&mut c.k, k_new, kv_heads, (s, i), d);
+            KvAttentionState::append(&mut c.v, v_new, kv_heads, (s, i), d);
+            c.len += 1;
+        }
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
 
         let mut out = vec![0f32; heads * s * d];
-        self.queries(st, floats(&q)?, s, mask.as_ref(), scale, &mut out)?;
+        self.queries(st, floats(&q)?, &rows, mask.as_ref(), scale, &mut out)?;
         let out = Tensor::from_shape(&[1, heads, s, d], &out)?;
         let out = if dt == f32::datum_type() {
             out
@@ -272,19 +339,20 @@ impl KvAttention {
         Ok(tvec!(out.into_tvalue()))
     }
 
-    /// `s` queries (the last `s` positions of the cache), every head: the (head, query) pairs
-    /// split over the team in equal runs. A causal query sees the keys up to its own position,
-    /// a masked one every key plus its mask row.
+    /// The queries of `rows` (each at its position of its slot's cache, which already holds
+    /// it), every head: the (head, query) pairs split over the team in equal runs. A causal
+    /// query sees its slot's keys up to its own position, a masked one every key plus its mask
+    /// row.
     fn queries(
         &self,
         st: &KvAttentionState,
         q: &[f32],
-        s: usize,
+        rows: &[Row],
         mask: Option<&Tensor>,
         scale: f32,
         out: &mut [f32],
     ) -> TractResult<()> {
-        let (len, kv_heads, d) = (st.len, st.kv_heads, st.d);
+        let (kv_heads, d, s) = (st.kv_heads, st.d, rows.len());
         let heads = q.len() / (s * d);
         let group = heads / kv_heads;
         let mask = match mask {
@@ -303,14 +371,21 @@ impl KvAttention {
             parts.push(Mutex::new((r, mine)));
             rest = tail;
         }
+        let longest = rows
+            .iter()
+            .map(|r| st.caches[r.slot].len)
+            .max()
+            .unwrap_or(0);
         let job = |p: usize| {
             let Some(part) = parts.get(p) else { return };
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
             let (range, out) = &mut *part;
-            let mut scores = vec![0f32; len];
+            let mut scores = vec![0f32; longest];
             for (pair, o) in range.clone().zip(out.chunks_exact_mut(d)) {
                 let (h, i) = (pair / s, pair % s);
-                let rows = |m| Rows {
+                let cache = &st.caches[rows[i].slot];
+                let len = cache.len;
+                let view = |m| Rows {
                     m,
                     stride: kv_heads * d,
                     off: h / group * d,
@@ -321,13 +396,13 @@ impl KvAttention {
                         let mh = if per_head { h } else { 0 };
                         (len, Some(&m[(mh * s + i) * len..][..len]))
                     }
-                    None if self.causal => (len - s + i + 1, None),
+                    None if self.causal => (rows[i].pos + 1, None),
                     None => (len, None),
                 };
                 attend(
                     isa,
                     &q[pair * d..][..d],
-                    (rows(&st.k), rows(&st.v)),
+                    (view(&cache.k), view(&cache.v)),
                     scale,
                     mrow,
                     &mut scores[..seen],
@@ -341,6 +416,72 @@ impl KvAttention {
         }
         Ok(())
     }
+}
+
+/// Where one row of a run goes: its conversation's slot and its position there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Row {
+    slot: usize,
+    pos: usize,
+}
+
+/// The rows of a run with open rows, checked against the caches: slots below [`MAX_SLOTS`],
+/// and each slot's rows at the positions right after its cache, in order (a run appends; a
+/// conversation rolled back is truncated first).
+fn row_plan(
+    st: &KvAttentionState,
+    positions: &Tensor,
+    slots: &Tensor,
+    s: usize,
+) -> TractResult<Vec<Row>> {
+    let (positions, slots) = (positions.cast_to::<i64>()?, slots.cast_to::<i64>()?);
+    let (p, sl) = (
+        positions.try_as_plain_ram()?.as_slice::<i64>()?.to_vec(),
+        slots.try_as_plain_ram()?.as_slice::<i64>()?.to_vec(),
+    );
+    ensure!(
+        p.len() == s && sl.len() == s,
+        "KvAttention: {} positions and {} slots for {s} rows",
+        p.len(),
+        sl.len()
+    );
+    let mut next: std::collections::HashMap<usize, usize> = Default::default();
+    let mut rows = Vec::with_capacity(s);
+    for (&pos, &slot) in p.iter().zip(&sl) {
+        ensure!(
+            (0..MAX_SLOTS as i64).contains(&slot),
+            "KvAttention: slot {slot} is not in 0..{MAX_SLOTS}"
+        );
+        let slot = slot as usize;
+        let want = next.entry(slot).or_insert_with(|| st.slot_len(slot));
+        ensure!(
+            pos == *want as i64,
+            "KvAttention: a row of slot {slot} at position {pos}, its cache continues at {want}"
+        );
+        *want += 1;
+        rows.push(Row {
+            slot,
+            pos: pos as usize,
+        });
+    }
+    Ok(rows)
+}
+
+/// The mask of a run without open rows, checked: `[1, 1 | heads, s, len]`.
+fn check_mask(
+    mask: Option<&TValue>,
+    heads: usize,
+    s: usize,
+    len: usize,
+) -> TractResult<Option<Tensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    let m = m.cast_to::<f32>()?.into_owned();
+    let ms = m.shape();
+    ensure!(
+        ms.len() == 4 && ms[0] == 1 && (ms[1] == 1 || ms[1] == heads) && ms[2] == s && ms[3] == len,
+        "mask {ms:?} does not fit [1, 1 | {heads}, {s}, {len}]"
+    );
+    Ok(Some(m))
 }
 
 /// `o = softmax(scale * K_g q + mask) V_g` for one head over the whole cache.
@@ -364,8 +505,9 @@ fn attend(
         return; // every key masked: nothing to attend to
     }
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
+        *s -= max;
     }
+    kernel::exp_nonpositive(scores);
     let inv = 1.0 / sum8(scores);
     for s in scores.iter_mut() {
         *s *= inv;
@@ -393,24 +535,44 @@ fn floats(t: &Tensor) -> TractResult<&[f32]> {
 }
 
 /// Puts a [`KvAttention`] in place of every tract `InPlaceKvSdpa` of an optimized model (same
-/// inputs, same output), sharing `team`.
-pub fn install(model: &mut TypedModel, team: Option<&Arc<Team>>) {
-    for node in &mut model.nodes {
+/// inputs, same output), sharing `team`. `rows`: the model's position and slot inputs, when its
+/// rows are open ([`crate::rows`]): every attention takes them (a mask cannot go with them).
+pub fn install(
+    model: &mut TypedModel,
+    team: Option<&Arc<Team>>,
+    rows: Option<(OutletId, OutletId)>,
+) -> TractResult<()> {
+    for id in 0..model.nodes.len() {
+        let node = &model.nodes[id];
         let Some(op) = node.op_as::<InPlaceKvSdpa>() else {
             continue;
         };
         if op.axis != 2 {
-            continue; // a layout this op does not keep
+            // a layout this op does not keep: tract's own cache cannot take rows
+            ensure!(rows.is_none(), "{}: a cache layout without rows", node.name);
+            continue;
         }
+        let with_rows = rows.is_some();
+        ensure!(
+            !with_rows || (node.inputs.len() == 3 && op.causal),
+            "{}: attention with a mask cannot take rows of several conversations",
+            node.name
+        );
         let ours = KvAttention {
             name: op.name.clone(),
             past_sequence_fact: op.past_sequence_fact.clone(),
             causal: op.causal,
             scale: op.scale,
             team: team.cloned(),
+            rows: with_rows,
         };
-        node.op = Box::new(ours);
+        model.nodes[id].op = Box::new(ours);
+        if let Some((positions, slots)) = rows {
+            model.add_edge(positions, InletId::new(id, 3))?;
+            model.add_edge(slots, InletId::new(id, 4))?;
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ fn op(team: Option<Arc<Team>>) -> KvAttention {
         causal: true,
         scale: None,
         team,
+        rows: false,
     }
 }
 
@@ -325,4 +326,176 @@ fn want_dots(q: &[f32], m: &[f32], stride: usize, off: usize, len: usize) -> Vec
     (0..len)
         .map(|j| (0..q.len()).map(|i| q[i] * m[j * stride + off + i]).sum())
         .collect()
+}
+
+/// One run with open rows: `plan` lists (slot, rows) runs in the order they are fed; each
+/// slot's rows continue its history. Returns per plan entry (got, want).
+fn rows_step(
+    rng: &mut ChaCha8Rng,
+    op: &KvAttention,
+    state: &mut Box<dyn OpState>,
+    hists: &mut [History],
+    plan: &[(usize, usize)],
+    (heads, kv_heads, d): (usize, usize, usize),
+) -> TractResult<Vec<(Vec<f32>, Vec<f32>)>> {
+    let s: usize = plan.iter().map(|p| p.1).sum();
+    let q = random(rng, heads * s * d);
+    let (k, v) = (random(rng, kv_heads * s * d), random(rng, kv_heads * s * d));
+    let (mut positions, mut slots) = (vec![], vec![]);
+    let mut next: Vec<usize> = hists.iter().map(|h| h.len).collect();
+    for &(slot, n) in plan {
+        for _ in 0..n {
+            positions.push(next[slot] as i64);
+            slots.push(slot as i64);
+            next[slot] += 1;
+        }
+    }
+    let t = |shape: &[usize], v: &[f32]| Tensor::from_shape(shape, v).unwrap().into_tvalue();
+    let inputs = tvec![
+        t(&[1, heads, s, d], &q),
+        t(&[1, kv_heads, s, d], &k),
+        t(&[1, kv_heads, s, d], &v),
+        tensor1(&positions).into_tvalue(),
+        tensor1(&slots).into_tvalue(),
+    ];
+    let got = state
+        .eval(&EvalContext::out_of_plan(), op, inputs)?
+        .remove(0);
+    let got = floats(&got)?.to_vec();
+    // the reference: each entry's rows alone, over its slot's whole history
+    let mut out = vec![];
+    let mut row = 0;
+    for &(slot, n) in plan {
+        let h = &mut hists[slot];
+        let pick = |x: &[f32], hs: usize| -> Vec<f32> {
+            (0..hs)
+                .flat_map(|g| (row..row + n).flat_map(move |i| x[(g * s + i) * d..][..d].to_vec()))
+                .collect()
+        };
+        let (kk, vv) = (pick(&k, kv_heads), pick(&v, kv_heads));
+        for pos in 0..n {
+            for g in 0..kv_heads {
+                h.k.extend_from_slice(&kk[(g * n + pos) * d..][..d]);
+                h.v.extend_from_slice(&vv[(g * n + pos) * d..][..d]);
+            }
+        }
+        h.len += n;
+        let want = reference(h, &pick(&q, heads), heads, kv_heads, n, d, None);
+        out.push((pick(&got, heads), want));
+        row += n;
+    }
+    Ok(out)
+}
+
+#[test]
+fn rows_of_several_conversations_each_see_their_own_cache() {
+    let dims = (6, 2, 16);
+    for threads in [1, 2, 3] {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut op = op((threads > 1).then(|| Arc::new(Team::new(threads))));
+        op.rows = true;
+        let mut state = new_state(&op);
+        let mut hists: Vec<History> = (0..4).map(|_| History::default()).collect();
+        // prompts of different lengths joining at different steps, decode rows in any order,
+        // a slot's rows split in two runs of one step
+        let steps: [&[(usize, usize)]; 6] = [
+            &[(0, 5), (2, 3)],
+            &[(0, 1), (1, 4), (2, 1)],
+            &[(2, 1), (0, 1), (1, 1)],
+            &[(3, 7), (1, 1), (3, 2)],
+            &[(1, 1), (2, 1), (3, 1), (0, 1)],
+            &[(0, 1)],
+        ];
+        for (t, plan) in steps.into_iter().enumerate() {
+            let res = rows_step(&mut rng, &op, &mut state, &mut hists, plan, dims).unwrap();
+            for ((got, want), (slot, n)) in res.iter().zip(plan) {
+                assert_close(
+                    got,
+                    want,
+                    &format!("{threads} threads, step {t}, slot {slot} x{n}"),
+                );
+            }
+        }
+        let kv = state.downcast_mut::<KvAttentionState>().unwrap();
+        for (slot, h) in hists.iter().enumerate() {
+            assert_eq!(kv.slot_len(slot), h.len, "slot {slot}");
+        }
+        // forgetting one slot leaves the others as they were
+        kv.truncate_slot(1, 0);
+        hists[1] = History::default();
+        let res = rows_step(
+            &mut rng,
+            &op,
+            &mut state,
+            &mut hists,
+            &[(1, 2), (3, 1)],
+            dims,
+        );
+        for (got, want) in res.unwrap() {
+            assert_close(&got, &want, "after forgetting slot 1");
+        }
+    }
+}
+
+#[test]
+fn rows_out_of_order_or_out_of_range_are_errors_that_change_nothing() {
+    let mut op = op(None);
+    op.rows = true;
+    let mut state = new_state(&op);
+    let (heads, kv_heads, d) = (4, 2, 8);
+    let t = |shape: &[usize]| Tensor::zero::<f32>(shape).unwrap().into_tvalue();
+    let run = |state: &mut Box<dyn OpState>, positions: &[i64], slots: &[i64]| {
+        let s = positions.len();
+        let inputs = tvec![
+            t(&[1, heads, s, d]),
+            t(&[1, kv_heads, s, d]),
+            t(&[1, kv_heads, s, d]),
+            tensor1(positions).into_tvalue(),
+            tensor1(slots).into_tvalue(),
+        ];
+        state.eval(&EvalContext::out_of_plan(), &op, inputs)
+    };
+    run(&mut state, &[0, 1, 0], &[0, 0, 5]).unwrap();
+    for (what, positions, slots) in [
+        ("a gap", &[2i64, 3][..], &[0i64, 5][..]),
+        ("a position already held", &[1, 2], &[0, 0]),
+        ("rows of a slot out of order", &[3, 2], &[0, 0]),
+        ("a negative slot", &[2, 0], &[0, -1]),
+        ("a slot past the limit", &[2, 0], &[0, MAX_SLOTS as i64]),
+        ("fewer slots than rows", &[2, 1], &[0]),
+    ] {
+        let err = run(&mut state, positions, slots);
+        assert!(err.is_err(), "{what}");
+    }
+    let kv = state.downcast_ref::<KvAttentionState>().unwrap();
+    assert_eq!((kv.slot_len(0), kv.slot_len(5), kv.slot_len(1)), (2, 1, 0));
+}
+
+#[test]
+fn the_vectorized_exp_is_within_two_ulp_of_the_exact_value() {
+    let mut xs: Vec<f32> = (0..200_000)
+        .map(|i| -(i as f32) * 87.0 / 200_000.0)
+        .collect();
+    xs.extend([
+        0.0,
+        -0.0,
+        -1e-30,
+        -86.99,
+        -87.0,
+        -87.5,
+        -1e4,
+        f32::NEG_INFINITY,
+    ]);
+    let mut got = xs.clone();
+    kernel::exp_nonpositive(&mut got);
+    for (&x, &e) in xs.iter().zip(&got) {
+        if x < -87.0 {
+            assert_eq!(e, 0.0, "e^{x}");
+            continue;
+        }
+        let want = (x as f64).exp();
+        let ulp = (want as f32).to_bits().abs_diff(e.to_bits());
+        assert!(ulp <= 2, "e^{x}: {e} against {want} ({ulp} ulp)");
+    }
+    assert_eq!(got[xs.len() - 8], 1.0);
 }
