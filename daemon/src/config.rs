@@ -86,9 +86,14 @@ pub struct ModelSection {
     /// tract threads per engine worker.
     #[serde(deserialize_with = "positive")]
     pub threads: usize,
-    /// Engine workers (answers generated at once).
+    /// Answers generated at once (decoded together: one pass over the weights per step).
     #[serde(deserialize_with = "positive")]
     pub slots: usize,
+    /// The most memory the running answers' KV caches may take, in MB: each running answer
+    /// reserves what its prompt and `max_tokens` can fill; a request that does not fit beside
+    /// the running ones waits in the queue.
+    #[serde(deserialize_with = "positive")]
+    pub kv_memory_mb: usize,
     /// The most tokens one conversation holds (its KV cache grows to this): default the
     /// model's own context, at most `fieldllm_engine::graph::DEFAULT_CONTEXT`; more than the
     /// model's own is refused at load.
@@ -101,12 +106,20 @@ pub struct ModelSection {
     pub activations: Activations,
 }
 
+impl ModelSection {
+    /// `kv_memory_mb` in bytes.
+    pub fn kv_memory_bytes(&self) -> u64 {
+        self.kv_memory_mb as u64 * 1_000_000
+    }
+}
+
 impl Default for ModelSection {
     fn default() -> Self {
         ModelSection {
             path: None,
             threads: 2,
-            slots: 1,
+            slots: 4,
+            kv_memory_mb: 1024,
             context: None,
             activations: Activations::default(),
         }
@@ -518,7 +531,7 @@ mod tests {
         assert_eq!(c.mqtt.broker, BrokerSetting::Embedded);
         assert_eq!(c.mqtt.embedded_listen.to_string(), "127.0.0.1:1883");
         assert_eq!(c.mqtt.protocol, Protocol::V5);
-        assert_eq!((c.limits.queue, c.model.threads, c.model.slots), (16, 2, 1));
+        assert_eq!((c.limits.queue, c.model.threads, c.model.slots), (16, 2, 4));
     }
 
     #[test]

@@ -35,7 +35,7 @@ struct Bench {
 fn bench(gate: Gate, queue: usize, slots: usize) -> Bench {
     let engine: Arc<dyn Engine> = Arc::new(ScriptedEngine::new(gate.clone()));
     Bench {
-        s: Scheduler::start(engine.clone(), SchedulerConfig { queue, slots }).unwrap(),
+        s: Scheduler::start(engine.clone(), SchedulerConfig::new(queue, slots)).unwrap(),
         intake: Intake::new(Limits::default(), engine),
         gate,
     }
@@ -613,8 +613,8 @@ fn smollm2() -> Arc<Model> {
 /// stop string the last answer may have been cut at) answers exactly as a fresh session does.
 #[test]
 fn smollm2_a_kept_conversation_answers_as_a_fresh_one() {
-    let engine: Arc<dyn Engine> = Arc::new(ModelEngine(smollm2()));
-    let s = Scheduler::start(engine.clone(), SchedulerConfig { queue: 4, slots: 1 }).unwrap();
+    let engine: Arc<dyn Engine> = Arc::new(ModelEngine::new(smollm2(), true).unwrap());
+    let s = Scheduler::start(engine.clone(), SchedulerConfig::new(4, 1)).unwrap();
     let intake = Intake::new(Limits::default(), engine);
     let conv = Conversation::new();
     let greedy = |r: &mut Request| {

@@ -42,6 +42,35 @@ fn answers_started_together_are_all_counted() {
         );
         assert!(p50 > 0.0 && p50 <= max && max <= wall * 1e3, "{row}");
     }
+    // the three answers were decoded together: runs carried more than one of them
+    assert_eq!(r["batched"], true, "{r}");
+    let per_run = rows[1]["answers_per_run"].as_f64().unwrap();
+    assert!(per_run > 1.0 && per_run <= 3.0, "{r}");
+    assert!(rows[1]["rss_mb"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[test]
+fn separate_answers_run_on_states_of_their_own() {
+    let tiny = model_dir("tiny-llama");
+    let o = run(&[
+        "bench",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--parallel",
+        "2",
+        "--gen",
+        "4",
+        "--threads",
+        "1",
+        "--separate",
+        "--json",
+    ]);
+    let (out, err) = texts(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["batched"], false, "{r}");
+    assert_eq!(r["rows"][0]["answers_per_run"], 0.0, "{r}");
+    assert_eq!(r["stall"], serde_json::json!([]), "{r}");
 }
 
 #[test]

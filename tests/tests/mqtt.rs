@@ -238,12 +238,16 @@ async fn final_of(c: &mut Client, id: &str) -> Response {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_sent_again_with_its_id_is_answered() {
     let broker = Mosquitto::start("allow_anonymous true");
-    let d = Daemon::start(&daemon_config(
-        broker.port,
-        "n7",
-        "smollm2-135m-instruct.gguf",
-        "queue = 1\n",
-    ));
+    // one answer at a time, so the second waits and the third finds the queue full
+    let d = Daemon::start(
+        &daemon_config(
+            broker.port,
+            "n7",
+            "smollm2-135m-instruct.gguf",
+            "queue = 1\n",
+        )
+        .replace("threads = 1\n", "threads = 1\nslots = 1\n"),
+    );
     let mut c = Client::connect(broker.port, "t-retry").await;
     c.wait_status("n7", "ready").await;
     c.sub("retry/replies").await;

@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// aggregate and per-answer tok/s and time to first token.
     #[arg(long, value_name = "N", conflicts_with_all = ["service", "perplexity", "docs", "profile"])]
     parallel: Vec<usize>,
+    /// With --parallel: each answer on a tract state of its own, each step reading every
+    /// weight for itself (how slots ran before answers were decoded together).
+    #[arg(long, requires = "parallel")]
+    separate: bool,
     /// What the matrix products quantize activations to: 8bit or precise (as `[model]
     /// activations`).
     #[arg(long, default_value_t = Activations::default())]
@@ -175,6 +179,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             max_tokens: u32::try_from(a.generate).context("--gen is too large")?,
             threads: a.threads.first().copied().unwrap_or(2),
             activations: a.activations,
+            batched: !a.separate,
         };
         return super::bench_parallel::run(b, &a.model.dir()?, a.json);
     }

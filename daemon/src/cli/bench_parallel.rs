@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use fieldllm_engine::ggml::Activations;
 use fieldllmd::proto::Request;
 use fieldllmd::request::{Intake, Limits, Origin};
-use fieldllmd::scheduler::{ModelEngine, Reply, Scheduler, SchedulerConfig, Transport};
+use fieldllmd::scheduler::{Engine, ModelEngine, Reply, Scheduler, SchedulerConfig, Transport};
 use serde::Serialize;
 
 /// What to measure.
@@ -30,6 +30,8 @@ pub struct ParallelBench {
     pub threads: usize,
     /// What the products quantize activations to.
     pub activations: Activations,
+    /// Answers decoded together (else each on a state of its own).
+    pub batched: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,6 +43,14 @@ struct Row {
     per_answer_tok_s: f64,
     ttft_p50_ms: f64,
     ttft_max_ms: f64,
+    /// The longest wait between two chunks of one answer.
+    max_gap_ms: f64,
+    /// Answers per shared run (mean), and the share of the wall time the runs took.
+    answers_per_run: f64,
+    busy_pct: f64,
+    /// Resident memory after the answers, and the part that is not mapped files.
+    rss_mb: f64,
+    anon_mb: f64,
 }
 
 /// Questions that ask for long answers, one per answer (in turn), so the prompts differ.
@@ -65,6 +75,8 @@ fn request(id: String, i: usize, max_tokens: u32) -> Request {
 #[derive(Default)]
 struct Answer {
     first: Option<Instant>,
+    last: Option<Instant>,
+    max_gap: Duration,
     end: Option<Instant>,
     tokens: u32,
 }
@@ -106,6 +118,10 @@ fn level(
         match r {
             Reply::Chunk(_) => {
                 a.first.get_or_insert(now);
+                if let Some(last) = a.last {
+                    a.max_gap = a.max_gap.max(now - last);
+                }
+                a.last = Some(now);
             }
             Reply::Done(d) => {
                 a.first.get_or_insert(now);
@@ -140,7 +156,97 @@ fn level(
         per_answer_tok_s: per_answer.iter().sum::<f64>() / per_answer.len().max(1) as f64,
         ttft_p50_ms: ttft.get(ttft.len() / 2).copied().unwrap_or(0.0),
         ttft_max_ms: ttft.last().copied().unwrap_or(0.0),
+        max_gap_ms: answers
+            .values()
+            .map(|a| a.max_gap.as_secs_f64() * 1e3)
+            .fold(0.0, f64::max),
+        answers_per_run: 0.0,
+        busy_pct: 0.0,
+        rss_mb: fieldllmd::rss::rss_bytes().unwrap_or(0) as f64 / 1e6,
+        anon_mb: fieldllmd::rss::anon_rss_bytes().unwrap_or(0) as f64 / 1e6,
     })
+}
+
+/// A long question (about 500 tokens): a manual's page and a question about it.
+fn long_question() -> String {
+    let page = "The pump is driven by a three-phase motor through a flexible coupling. \
+                Check the coupling alignment, the bearing temperatures and the suction \
+                pressure before each start. Low suction pressure causes cavitation, which \
+                sounds like gravel passing through the casing and erodes the impeller. ";
+    format!(
+        "{}Given this page, what should I check first when the pump gets noisy?",
+        page.repeat(10)
+    )
+}
+
+/// The stall a joining prompt causes: `running` answers decode; once each has streamed a few
+/// chunks a long prompt joins. Returns (the running answers' median wait between chunks before
+/// the join, their longest wait from the join until the newcomer's first chunk, the
+/// newcomer's time to first token), in ms.
+fn stall(
+    s: &Scheduler,
+    intake: &Intake,
+    running: usize,
+    tag: &str,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+    let t0 = Instant::now();
+    let origin = || Origin::new(Transport::Local);
+    for i in 0..running {
+        let job = intake
+            .job(request(format!("{tag}-{i}"), i, 96), None, origin(), t0)
+            .map_err(|r| anyhow::anyhow!("bench request refused: {}", r.message))?;
+        s.submit(job, tx.clone());
+    }
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    let mut chunks: HashMap<String, usize> = HashMap::new();
+    let (mut before, mut during) = (Vec::new(), 0f64);
+    let mut joined: Option<Instant> = None;
+    let mut first: Option<Instant> = None;
+    let mut open = running;
+    let joiner = format!("{tag}-join");
+    while open > 0 {
+        let Some(r) = rx.blocking_recv() else {
+            bail!("the scheduler closed with {open} answers open")
+        };
+        let now = Instant::now();
+        let id = r.id().to_string();
+        match r {
+            Reply::Failed(f) => bail!("answer {} failed: {}", f.id, f.message),
+            Reply::Done(_) => open -= 1,
+            Reply::Chunk(_) if id == joiner => {
+                first.get_or_insert(now);
+            }
+            Reply::Chunk(_) => {
+                if let Some(prev) = last.insert(id.clone(), now) {
+                    let gap = (now - prev).as_secs_f64() * 1e3;
+                    match (joined, first) {
+                        (None, _) => before.push(gap),
+                        (Some(_), None) => during = during.max(gap),
+                        _ => {}
+                    }
+                }
+                *chunks.entry(id).or_default() += 1;
+                if joined.is_none() && chunks.len() == running && chunks.values().all(|&c| c >= 8) {
+                    let mut req = request(joiner.clone(), 0, 8);
+                    req.prompt = long_question();
+                    let job = intake
+                        .job(req, None, origin(), now)
+                        .map_err(|r| anyhow::anyhow!("bench request refused: {}", r.message))?;
+                    s.submit(job, tx.clone());
+                    joined = Some(now);
+                    open += 1;
+                }
+            }
+        }
+    }
+    before.sort_by(f64::total_cmp);
+    let median = before.get(before.len() / 2).copied().unwrap_or(0.0);
+    let ttft = match (joined, first) {
+        (Some(j), Some(f)) => (f - j).as_secs_f64() * 1e3,
+        _ => 0.0,
+    };
+    Ok((median, during, ttft))
 }
 
 /// Runs every level and prints a table (or JSON).
@@ -151,7 +257,8 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
     );
     let model = super::bench::load_model(model_dir, b.threads, b.activations)?;
     let name = model.manifest().model.name.clone();
-    let engine = Arc::new(ModelEngine(model));
+    let engine = Arc::new(ModelEngine::new(model, b.batched)?);
+    let batched = engine.batcher().is_some();
     let limits = Limits {
         max_tokens: b.max_tokens.max(Limits::default().max_tokens),
         ..Limits::default()
@@ -164,41 +271,99 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
             SchedulerConfig {
                 queue: n.max(16),
                 slots: n,
+                kv_memory: None,
             },
         )?;
         // first answers pay for allocations
         level(&s, &intake, 1, 8, &format!("warm{n}"))?;
-        rows.push(level(&s, &intake, n, b.max_tokens, &format!("p{n}"))?);
+        let before = engine.batcher().map(|b| b.stats());
+        let mut row = level(&s, &intake, n, b.max_tokens, &format!("p{n}"))?;
+        if let (Some(b), Some(before)) = (engine.batcher(), before) {
+            let after = b.stats();
+            let runs = (after.runs - before.runs).max(1);
+            row.answers_per_run = (after.entries - before.entries) as f64 / runs as f64;
+            row.busy_pct = (after.busy - before.busy).as_secs_f64() / row.wall_s * 100.0;
+        }
+        rows.push(row);
+        s.shutdown(Duration::from_secs(1));
+    }
+    // the stall of a long prompt joining three running answers, by prompt chunk size
+    let mut stalls = Vec::new();
+    let long = engine.prompt(&[fieldllm_engine::chat::Message::new("user", long_question())])?;
+    // a model with a small context (the tiny test model) has no room for the long prompt
+    let room = long.len() + 8 < engine.context_length();
+    if let Some(batcher) = engine.batcher().filter(|_| room) {
+        let s = Scheduler::start(
+            engine.clone(),
+            SchedulerConfig {
+                queue: 16,
+                slots: 4,
+                kv_memory: None,
+            },
+        )?;
+        for chunk in [16, fieldllm_engine::batch::SHARED_PREFILL_CHUNK, 64, 128] {
+            batcher.set_shared_chunk(chunk);
+            let (median, during, ttft) = stall(&s, &intake, 3, &format!("stall{chunk}"))?;
+            stalls.push(serde_json::json!({"chunk": chunk, "median_gap_ms": median, "longest_gap_ms": during, "joiner_ttft_ms": ttft}));
+        }
+        batcher.set_shared_chunk(fieldllm_engine::batch::SHARED_PREFILL_CHUNK);
         s.shutdown(Duration::from_secs(1));
     }
     if json {
         println!(
             "{}",
-            serde_json::json!({"model": name, "threads": b.threads, "max_tokens": b.max_tokens, "rows": rows})
+            serde_json::json!({"model": name, "threads": b.threads, "max_tokens": b.max_tokens, "batched": batched, "rows": rows, "stall": stalls})
         );
         return Ok(());
     }
     println!(
-        "model {name}, {} thread(s), answers of up to {} tokens, started together",
-        b.threads, b.max_tokens
+        "model {name}, {} thread(s), answers of up to {} tokens, started together, {}",
+        b.threads,
+        b.max_tokens,
+        if batched {
+            "decoded together"
+        } else {
+            "each on a state of its own"
+        }
     );
     println!(
-        "| answers | tokens | wall s | aggregate tok/s | per-answer tok/s | TTFT p50 ms | TTFT max ms |"
+        "| answers | tokens | wall s | aggregate tok/s | per-answer tok/s | TTFT p50 ms | TTFT max ms | max gap ms | answers/run | runs' share % | RSS MB | anon MB |"
     );
     println!(
-        "|--------:|-------:|-------:|----------------:|-----------------:|------------:|------------:|"
+        "|--------:|-------:|-------:|----------------:|-----------------:|------------:|------------:|-----------:|------------:|--------------:|-------:|--------:|"
     );
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} |",
             r.answers,
             r.tokens,
             r.wall_s,
             r.aggregate_tok_s,
             r.per_answer_tok_s,
             r.ttft_p50_ms,
-            r.ttft_max_ms
+            r.ttft_max_ms,
+            r.max_gap_ms,
+            r.answers_per_run,
+            r.busy_pct,
+            r.rss_mb,
+            r.anon_mb
         );
+    }
+    if !stalls.is_empty() {
+        println!("a ~500-token prompt joining 3 answers that are decoding:");
+        println!(
+            "| prompt chunk | their median gap ms | their longest gap ms | newcomer's TTFT ms |"
+        );
+        println!("|--:|--:|--:|--:|");
+        for st in &stalls {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0} |",
+                st["chunk"],
+                st["median_gap_ms"].as_f64().unwrap_or(0.0),
+                st["longest_gap_ms"].as_f64().unwrap_or(0.0),
+                st["joiner_ttft_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

@@ -207,13 +207,14 @@ pub fn run(b: ServiceBench, model_dir: &std::path::Path, json: bool) -> anyhow::
         b.concurrency.clone()
     };
     let mut rows = Vec::new();
-    let engine = Arc::new(ModelEngine(model));
+    let engine = Arc::new(ModelEngine::new(model, true)?);
     let intake = Intake::new(Limits::default(), engine.clone());
+    // the daemon's defaults (slots, KV budget), a longer queue
     let s = Scheduler::start(
         engine,
         SchedulerConfig {
             queue: 64,
-            slots: 1,
+            ..SchedulerConfig::default()
         },
     )?;
     // warm-up: first requests pay for allocations

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use fieldllm_engine::chat::Message;
-use fieldllm_engine::{EngineError, Event, GenerateParams, Model, Outcome, Session, generate};
+use fieldllm_engine::{
+    Batcher, EngineError, Event, GenerateParams, Model, Outcome, Session, generate,
+};
 
 /// What the scheduler and the request checks need of a model.
 pub trait Engine: Send + Sync + 'static {
@@ -20,6 +22,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// A fresh session (an empty KV cache).
     fn session(&self) -> Result<Box<dyn EngineSession>, EngineError>;
+
+    /// Bytes of KV cache one token of a conversation takes (0: not counted): what the
+    /// scheduler's KV budget reserves per token of a running answer.
+    fn kv_bytes_per_token(&self) -> u64 {
+        0
+    }
 }
 
 /// One conversation's state in an [`Engine`].
@@ -36,21 +44,58 @@ pub trait EngineSession: Send {
     ) -> Result<Outcome, EngineError>;
 }
 
-/// The real model.
+/// The real model. Its sessions share one batcher when the model's rows are open (answers
+/// running at once are decoded together, [`fieldllm_engine::batch`]), else each has a state of
+/// its own.
 #[derive(Debug, Clone)]
-pub struct ModelEngine(pub Arc<Model>);
+pub struct ModelEngine {
+    model: Arc<Model>,
+    batch: Option<Arc<Batcher>>,
+}
+
+impl ModelEngine {
+    /// The engine of `model`: answers decoded together when `batched` and the model allows it.
+    pub fn new(model: Arc<Model>, batched: bool) -> Result<ModelEngine, EngineError> {
+        let batch = if batched && model.rows {
+            Some(Batcher::new(&model)?)
+        } else {
+            None
+        };
+        if batched && batch.is_none() {
+            tracing::info!("this model's graph runs one answer at a time: answers are not batched");
+        }
+        Ok(ModelEngine { model, batch })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The batcher, when answers are decoded together.
+    pub fn batcher(&self) -> Option<&Arc<Batcher>> {
+        self.batch.as_ref()
+    }
+}
 
 impl Engine for ModelEngine {
     fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        self.0.chat_prompt(messages)
+        self.model.chat_prompt(messages)
     }
 
     fn context_length(&self) -> usize {
-        self.0.context_length
+        self.model.context_length
     }
 
     fn session(&self) -> Result<Box<dyn EngineSession>, EngineError> {
-        Ok(Box::new(Session::new(&self.0)?))
+        Ok(Box::new(match &self.batch {
+            Some(b) => b.session()?,
+            None => Session::new(&self.model)?,
+        }))
+    }
+
+    fn kv_bytes_per_token(&self) -> u64 {
+        fieldllm_engine::graph::kv_bytes(&self.model.manifest().architecture, 1)
     }
 }
 

@@ -36,6 +36,7 @@ pub use conversation::Conversation;
 pub use engine::{Engine, EngineSession, ModelEngine};
 pub use event::{Chunk, Code, Done, Failure, Finish, Reply, Timings, TokenLogprobs, Usage};
 pub use job::{Job, Priority, Transport};
+pub use queue::KvBudget;
 
 use queue::{Cancel, Queue};
 
@@ -49,15 +50,28 @@ pub struct SchedulerConfig {
     pub queue: usize,
     /// Engine worker threads (answers generated at once).
     pub slots: usize,
+    /// Bytes of KV cache the running answers may reserve together (`None`: no bound).
+    pub kv_memory: Option<u64>,
+}
+
+impl SchedulerConfig {
+    /// `queue` waiting and `slots` running jobs, the configuration file's KV budget.
+    pub fn new(queue: usize, slots: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            queue,
+            slots,
+            kv_memory: Some(crate::config::ModelSection::default().kv_memory_bytes()),
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
     /// The configuration file's defaults.
     fn default() -> Self {
-        SchedulerConfig {
-            queue: crate::config::LimitsSection::default().queue,
-            slots: crate::config::ModelSection::default().slots,
-        }
+        SchedulerConfig::new(
+            crate::config::LimitsSection::default().queue,
+            crate::config::ModelSection::default().slots,
+        )
     }
 }
 
@@ -103,6 +117,8 @@ pub struct Stats {
     pub running: usize,
     /// Jobs finished since start.
     pub answered: u64,
+    /// Bytes of KV cache the running jobs have reserved.
+    pub kv_reserved: u64,
     /// Decode speed of the last finished answer.
     pub last_decode_tok_s: f32,
     /// The thermal state the scheduler obeys.
@@ -129,8 +145,19 @@ impl Scheduler {
         if config.slots == 0 {
             return Err(StartError::NoSlots);
         }
+        let mut queue = Queue::new(config.queue);
+        let per_token = engine.kv_bytes_per_token();
+        if let Some(limit) = config.kv_memory
+            && per_token > 0
+        {
+            queue = queue.with_kv(KvBudget {
+                limit,
+                per_token,
+                context: engine.context_length(),
+            });
+        }
         let shared = Arc::new(Shared {
-            state: Mutex::new(Queue::new(config.queue)),
+            state: Mutex::new(queue),
             wake: Condvar::new(),
             idle: Condvar::new(),
             decode_cap: AtomicU32::new(0),
@@ -204,6 +231,7 @@ impl Scheduler {
             queued: st.depth(),
             running: st.running,
             answered: st.answered,
+            kv_reserved: st.kv_reserved,
             last_decode_tok_s: st.last_decode_tok_s,
             thermal: st.thermal,
         }

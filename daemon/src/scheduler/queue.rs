@@ -19,6 +19,27 @@ use super::job::Job;
 /// How long a client refused with `busy` is told to wait.
 pub(super) const BUSY_RETRY_MS: u32 = 1000;
 
+/// The KV memory the running answers may reserve (`[model] kv_memory_mb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBudget {
+    /// Bytes the running answers may reserve together.
+    pub limit: u64,
+    /// Bytes one token of a conversation takes.
+    pub per_token: u64,
+    /// Tokens one conversation holds at most.
+    pub context: usize,
+}
+
+impl KvBudget {
+    /// What `job` reserves: its prompt (the whole conversation) and `max_tokens`, at most the
+    /// context, rounded up to the cache's growth step (what its cache can grow to).
+    pub fn reservation(&self, job: &Job) -> u64 {
+        use fieldllm_engine::attention::GROW_POSITIONS;
+        let tokens = (job.prompt.len() + job.params.max_tokens).min(self.context);
+        tokens.div_ceil(GROW_POSITIONS) as u64 * GROW_POSITIONS as u64 * self.per_token
+    }
+}
+
 /// An accepted job waiting for a worker.
 pub(super) struct Waiting {
     pub(super) job: Job,
@@ -81,6 +102,10 @@ pub(super) struct Queue {
     pub(super) thermal: ThermalState,
     limits: ThermalLimits,
     pub(super) retry_after_ms: u32,
+    kv: Option<KvBudget>,
+    /// KV bytes reserved by each running job, and their sum.
+    reserved: HashMap<String, u64>,
+    pub(super) kv_reserved: u64,
 }
 
 impl Queue {
@@ -98,7 +123,17 @@ impl Queue {
             thermal: ThermalState::Nominal,
             limits: Policy::default().limits(ThermalState::Nominal),
             retry_after_ms: 0,
+            kv: None,
+            reserved: HashMap::new(),
+            kv_reserved: 0,
         }
+    }
+
+    /// The queue with a KV budget: a job runs only when its reservation fits beside the
+    /// running ones'; one that could never fit is refused.
+    pub(super) fn with_kv(mut self, kv: KvBudget) -> Queue {
+        self.kv = Some(kv);
+        self
     }
 
     /// Jobs waiting.
@@ -157,6 +192,24 @@ impl Queue {
         if let Err(f) = self.admit(&job.id) {
             return Err((f, sink));
         }
+        if let Some(kv) = self.kv
+            && kv.reservation(&job) > kv.limit
+        {
+            let mb = |b: u64| b.div_ceil(1_000_000);
+            let f = Failure::new(
+                &job.id,
+                Code::TooLarge,
+                format!(
+                    "this request needs {} MB of KV cache ({} prompt tokens and max_tokens {}), \
+                     more than the {} MB the running answers may take ([model] kv_memory_mb)",
+                    mb(kv.reservation(&job)),
+                    job.prompt.len(),
+                    job.params.max_tokens,
+                    mb(kv.limit)
+                ),
+            );
+            return Err((f, sink));
+        }
         let control = Arc::new(Control::default());
         self.active.insert(job.id.clone(), control.clone());
         self.order += 1;
@@ -173,20 +226,40 @@ impl Queue {
     /// once, whatever the limits), else the first in line if the thermal limits allow one more
     /// running answer.
     pub(super) fn next_job(&mut self) -> Option<Waiting> {
-        let open = self.limits.accept && self.running < self.limits.max_running;
+        let open = self.limits.accept
+            && self.running < self.limits.max_running
+            && self.waiting.peek().is_some_and(|w| self.kv_fits(&w.job));
         let job = if open || self.waiting.peek().is_some_and(Waiting::stopped) {
             self.waiting.pop()
         } else {
             self.take_waiting(Waiting::stopped)
         };
-        if job.is_some() {
+        if let Some(w) = &job {
             self.running += 1;
+            if let Some(kv) = self.kv
+                && !w.stopped()
+            {
+                let r = kv.reservation(&w.job);
+                self.kv_reserved += r;
+                self.reserved.insert(w.job.id.clone(), r);
+            }
         }
         job
     }
 
+    /// Whether `job`'s KV reservation fits beside the running jobs' (the first always does:
+    /// a job larger than the whole budget was refused at the door).
+    fn kv_fits(&self, job: &Job) -> bool {
+        self.kv.is_none_or(|kv| {
+            self.reserved.is_empty() || self.kv_reserved + kv.reservation(job) <= kv.limit
+        })
+    }
+
     /// A running job ended; `decode_tok_s` is its speed (0: none measured).
     pub(super) fn finished(&mut self, id: &str, decode_tok_s: f32) {
+        if let Some(r) = self.reserved.remove(id) {
+            self.kv_reserved -= r;
+        }
         self.running = self.running.saturating_sub(1);
         self.active.remove(id);
         self.answered += 1;
@@ -317,6 +390,57 @@ mod tests {
         assert_eq!(order(&mut q), ["h1", "h2", "n1", "n2", "low"]);
         assert_eq!(q.answered, 5);
         assert!(q.idle());
+    }
+
+    /// 1000 bytes a token, room for 1536 tokens: a job of 3 prompt tokens and `max_tokens`
+    /// 300 reserves 512 positions (two of the cache's 256-position steps), so three run at
+    /// once and a fourth waits for one of them; a job that can never fit is refused.
+    #[test]
+    fn the_kv_budget_holds_back_what_does_not_fit_and_refuses_what_never_will() {
+        let kv = KvBudget {
+            limit: 1536 * 1000,
+            per_token: 1000,
+            context: 2048,
+        };
+        let mut q = Queue::new(8).with_kv(kv);
+        let sized = |id: &str, max_tokens: usize| {
+            let mut j = job(id, Priority::Normal);
+            j.params.max_tokens = max_tokens;
+            j
+        };
+        for id in ["a", "b", "c", "d"] {
+            q.submit(sized(id, 300), sink())
+                .map_err(|(f, _)| f)
+                .unwrap();
+        }
+        assert_eq!(kv.reservation(&sized("x", 300)), 512 * 1000);
+        let running: Vec<_> = (0..3).map(|_| q.next_job().unwrap()).collect();
+        assert_eq!(q.kv_reserved, 1536 * 1000);
+        assert!(q.next_job().is_none(), "the fourth waits");
+        assert_eq!(q.depth(), 1);
+        q.finished(&running[1].job.id, 0.0);
+        assert_eq!(q.kv_reserved, 1024 * 1000);
+        assert_eq!(q.next_job().unwrap().job.id, "d");
+        // the context caps a reservation; more than the whole budget is refused at the door
+        let huge = sized("huge", 100_000);
+        assert_eq!(kv.reservation(&huge), 2048 * 1000);
+        let f = q.submit(huge, sink()).map_err(|(f, _)| f).unwrap_err();
+        assert_eq!(f.code, Code::TooLarge);
+        assert!(f.message.contains("kv_memory_mb"), "{}", f.message);
+        // a waiting job that was stopped still leaves at once, budget or not
+        q.submit(sized("e", 300), sink())
+            .map_err(|(f, _)| f)
+            .unwrap();
+        q.submit(sized("f", 300), sink())
+            .map_err(|(f, _)| f)
+            .unwrap();
+        assert!(q.next_job().is_none());
+        assert!(matches!(q.cancel("f"), Cancel::Withdrawn(_)));
+        q.active["e"].stop(StopReason::Deadline);
+        let e = q.next_job().unwrap();
+        assert_eq!(e.job.id, "e");
+        q.finished("e", 0.0);
+        assert_eq!(q.kv_reserved, 1536 * 1000, "a stopped job reserves nothing");
     }
 
     #[test]
