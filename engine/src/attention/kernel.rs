@@ -35,37 +35,6 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// `e^x` in place for softmax's shifted scores (`x <= 0`), in plain Rust the compiler
-/// vectorizes at any target's baseline (4 lanes of SSE2 or NEON): Cephes' `expf` (`x` split
-/// into `n ln 2 + r`, a degree-5 polynomial in `r`, `2^n` put in the exponent bits), within 2
-/// ulp of the exact value; below -87 (under f32's normal range, and -inf) it gives 0. The
-/// scalar `f32::exp` per score (a libm call a key) was most of a decode step's attention.
-pub fn exp_nonpositive(xs: &mut [f32]) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts: n * C1 is exact for the n that occur
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: adding it rounds to an integer, which its low mantissa bits then hold
-    const MAGIC: f32 = 12_582_912.0;
-    const FLOOR: f32 = -87.0;
-    for x in xs {
-        let v = x.max(FLOOR);
-        let t = v * LOG2E + MAGIC;
-        let n = t - MAGIC;
-        let r = v - n * C1 - n * C2;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-            * r
-            + 1.666_666_5e-1)
-            * r
-            + 0.5;
-        let y = p * (r * r) + r + 1.0;
-        // n (-126..=0 here) + 127 into the exponent field: 2^n
-        let exponent = (t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23;
-        let e = y * f32::from_bits(exponent as u32);
-        *x = if *x < FLOOR { 0.0 } else { e };
-    }
-}
-
 /// `scores[j] = q . k_j` for `j` in `0..scores.len()`.
 pub fn dots(isa: Isa, q: &[f32], k: Rows<'_>, scores: &mut [f32]) {
     assert_eq!(q.len(), k.d, "query and keys differ in length");

@@ -505,9 +505,8 @@ fn attend(
         return; // every key masked: nothing to attend to
     }
     for s in scores.iter_mut() {
-        *s -= max;
+        *s = (*s - max).exp();
     }
-    kernel::exp_nonpositive(scores);
     let inv = 1.0 / sum8(scores);
     for s in scores.iter_mut() {
         *s *= inv;
