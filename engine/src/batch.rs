@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tract_core::internal::*;
 
 use super::attention::{KvAttentionState, MAX_SLOTS};
-use super::session::{PREFILL_CHUNK, Session};
+use super::session::{OpProfile, PREFILL_CHUNK, Session};
 use super::{EngineError, Model};
 
 /// Prompt tokens per run while other sessions are answering.
@@ -43,6 +43,8 @@ pub struct Batcher {
     turn: Condvar,
     /// Prompt tokens per run while others answer ([`SHARED_PREFILL_CHUNK`] unless set).
     shared_chunk: std::sync::atomic::AtomicUsize,
+    /// Every op of every run timed into it, while set ([`Batcher::start_profile`]).
+    profile: Mutex<Option<OpProfile>>,
 }
 
 #[derive(Debug)]
@@ -113,7 +115,22 @@ impl Batcher {
             }),
             turn: Condvar::new(),
             shared_chunk: SHARED_PREFILL_CHUNK.into(),
+            profile: Mutex::new(None),
         }))
+    }
+
+    /// From now on, times every op of every run (as `fieldllmd bench --profile` does for one
+    /// session) until [`Batcher::take_profile`]; a run costs a little more meanwhile.
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap_or_else(PoisonError::into_inner) = Some(OpProfile::default());
+    }
+
+    /// What the runs since [`Batcher::start_profile`] spent, by op; stops timing.
+    pub fn take_profile(&self) -> Option<OpProfile> {
+        self.profile
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Sets the prompt tokens per run while other sessions answer (at least 1; a benchmark's
@@ -229,7 +246,20 @@ impl Batcher {
         // a panic inside tract must not leave the other sessions waiting for the state forever
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let inputs = self.model.step_inputs(&entries)?;
-            let out = state.run(inputs).map_err(EngineError::graph)?;
+            let mut profile = self.profile.lock().unwrap_or_else(PoisonError::into_inner);
+            let out = match profile.as_mut() {
+                None => {
+                    drop(profile);
+                    state.run(inputs)
+                }
+                Some(p) => state.run_plan_with_eval(inputs, |ctx, st, node, inputs| {
+                    let start = Instant::now();
+                    let out = tract_core::plan::eval(ctx, st, node, inputs);
+                    p.add(node.op.name().as_ref(), start.elapsed());
+                    out
+                }),
+            }
+            .map_err(EngineError::graph)?;
             self.model.step_logits(&out, entries.len())
         }))
         .unwrap_or_else(|_| Err(EngineError::Graph("the engine panicked in a run".into())));

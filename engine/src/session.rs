@@ -45,11 +45,24 @@ fn heads_in_parallel(on: bool) {
     }
 }
 
-/// Wall time spent in each kind of op over profiled runs ([`Session::feed_profiled`]).
+/// Wall time spent in each kind of op over profiled runs ([`Session::feed_profiled`],
+/// [`crate::batch::Batcher::start_profile`]).
 #[derive(Debug, Default)]
 pub struct OpProfile {
     /// Op name -> (nodes evaluated, total time).
     pub ops: std::collections::BTreeMap<String, (u64, std::time::Duration)>,
+}
+
+impl OpProfile {
+    /// Counts one evaluation of an op named `op` that took `time`.
+    pub fn add(&mut self, op: &str, time: std::time::Duration) {
+        if let Some(e) = self.ops.get_mut(op) {
+            e.0 += 1;
+            e.1 += time;
+        } else {
+            self.ops.insert(op.to_string(), (1, time));
+        }
+    }
 }
 
 /// One conversation: its KV cache and the tokens in it. Sessions of one model are independent,
@@ -205,9 +218,7 @@ impl Session {
                     Some(p) => state.run_plan_with_eval(input, |ctx, state, node, inputs| {
                         let start = std::time::Instant::now();
                         let out = tract_core::plan::eval(ctx, state, node, inputs);
-                        let entry = p.ops.entry(node.op.name().to_string()).or_default();
-                        entry.0 += 1;
-                        entry.1 += start.elapsed();
+                        p.add(node.op.name().as_ref(), start.elapsed());
                         out
                     }),
                 }

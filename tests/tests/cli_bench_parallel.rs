@@ -50,6 +50,36 @@ fn answers_started_together_are_all_counted() {
 }
 
 #[test]
+fn shared_runs_are_timed_by_op() {
+    let tiny = model_dir("tiny-llama");
+    let o = run(&[
+        "bench",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--parallel",
+        "1",
+        "--parallel",
+        "2",
+        "--gen",
+        "4",
+        "--threads",
+        "1",
+        "--profile",
+    ]);
+    let (out, err) = texts(&o);
+    assert!(o.status.success(), "{err}");
+    // one table per level, each with the attention of the shared runs and their total
+    for n in [1, 2] {
+        let at = out
+            .find(&format!("shared runs with {n} answers started"))
+            .unwrap_or_else(|| panic!("no profile of level {n}:\n{out}"));
+        let table = &out[at..];
+        let end = table.find("| total |").expect("a total row");
+        assert!(table[..end].contains("| KvAttention |"), "{out}");
+    }
+}
+
+#[test]
 fn separate_answers_run_on_states_of_their_own() {
     let tiny = model_dir("tiny-llama");
     let o = run(&[

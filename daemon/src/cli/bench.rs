@@ -88,7 +88,7 @@ pub struct BenchArgs {
     /// Measure answers started together instead: this many at once through an in-process
     /// scheduler with as many slots (repeatable: one row each), each asked for --gen tokens;
     /// aggregate and per-answer tok/s and time to first token.
-    #[arg(long, value_name = "N", conflicts_with_all = ["service", "perplexity", "docs", "profile"])]
+    #[arg(long, value_name = "N", conflicts_with_all = ["service", "perplexity", "docs"])]
     parallel: Vec<usize>,
     /// With --parallel: each answer on a tract state of its own, each step reading every
     /// weight for itself (how slots ran before answers were decoded together).
@@ -180,6 +180,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             threads: a.threads.first().copied().unwrap_or(2),
             activations: a.activations,
             batched: !a.separate,
+            profile: a.profile,
         };
         return super::bench_parallel::run(b, &a.model.dir()?, a.json);
     }
@@ -343,7 +344,7 @@ fn profile_prefill(model: &std::sync::Arc<Model>, ids: &[u32]) -> anyhow::Result
 
 /// The ops of `profile` by nodes per graph run (`runs`) and time per token (`n` tokens in
 /// `elapsed`), and what the graph's runs spent outside them.
-fn profile_table(
+pub(super) fn profile_table(
     profile: OpProfile,
     elapsed: std::time::Duration,
     n: usize,

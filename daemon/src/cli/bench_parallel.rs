@@ -32,6 +32,8 @@ pub struct ParallelBench {
     pub activations: Activations,
     /// Answers decoded together (else each on a state of its own).
     pub batched: bool,
+    /// Time every op of the shared runs of each level (decoded together only).
+    pub profile: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -259,6 +261,7 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
     let name = model.manifest().model.name.clone();
     let engine = Arc::new(ModelEngine::new(model, b.batched)?);
     let batched = engine.batcher().is_some();
+    let mut profiles = Vec::new();
     let limits = Limits {
         max_tokens: b.max_tokens.max(Limits::default().max_tokens),
         ..Limits::default()
@@ -277,12 +280,20 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         // first answers pay for allocations
         level(&s, &intake, 1, 8, &format!("warm{n}"))?;
         let before = engine.batcher().map(|b| b.stats());
+        if let Some(batcher) = engine.batcher().filter(|_| b.profile) {
+            batcher.start_profile();
+        }
         let mut row = level(&s, &intake, n, b.max_tokens, &format!("p{n}"))?;
-        if let (Some(b), Some(before)) = (engine.batcher(), before) {
-            let after = b.stats();
+        if let (Some(batcher), Some(before)) = (engine.batcher(), before) {
+            let after = batcher.stats();
             let runs = (after.runs - before.runs).max(1);
             row.answers_per_run = (after.entries - before.entries) as f64 / runs as f64;
             row.busy_pct = (after.busy - before.busy).as_secs_f64() / row.wall_s * 100.0;
+            if let Some(p) = batcher.take_profile() {
+                let busy = after.busy - before.busy;
+                let table = super::bench::profile_table(p, busy, runs as usize, runs as usize);
+                profiles.push((n, row.answers_per_run, table));
+            }
         }
         rows.push(row);
         s.shutdown(Duration::from_secs(1));
@@ -347,6 +358,11 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
             r.busy_pct,
             r.rss_mb,
             r.anon_mb
+        );
+    }
+    for (n, per_run, table) in &profiles {
+        println!(
+            "\nshared runs with {n} answers started ({per_run:.2} answers a run), per run:\n{table}"
         );
     }
     if !stalls.is_empty() {
