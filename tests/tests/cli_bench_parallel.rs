@@ -5,25 +5,21 @@
 
 use fieldllm_tests::{assert_clean_failure, model_dir, run, texts};
 
-#[test]
-fn answers_started_together_are_all_counted() {
+/// `fieldllmd bench` on the tiny model at one thread with `args` after it; its stdout, once it
+/// exited 0.
+fn tiny_bench(args: &[&str]) -> String {
     let tiny = model_dir("tiny-llama");
-    let o = run(&[
-        "bench",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--parallel",
-        "1",
-        "--parallel",
-        "3",
-        "--gen",
-        "8",
-        "--threads",
-        "1",
-        "--json",
-    ]);
+    let mut all = vec!["bench", "--model", tiny.to_str().unwrap(), "--threads", "1"];
+    all.extend_from_slice(args);
+    let o = run(&all);
     let (out, err) = texts(&o);
     assert!(o.status.success(), "{err}");
+    out
+}
+
+#[test]
+fn answers_started_together_are_all_counted() {
+    let out = tiny_bench(&["--parallel", "1", "--parallel", "3", "--gen", "8", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     eprintln!("{r}");
     let rows = r["rows"].as_array().unwrap();
@@ -51,23 +47,15 @@ fn answers_started_together_are_all_counted() {
 
 #[test]
 fn shared_runs_are_timed_by_op() {
-    let tiny = model_dir("tiny-llama");
-    let o = run(&[
-        "bench",
-        "--model",
-        tiny.to_str().unwrap(),
+    let out = tiny_bench(&[
         "--parallel",
         "1",
         "--parallel",
         "2",
         "--gen",
         "4",
-        "--threads",
-        "1",
         "--profile",
     ]);
-    let (out, err) = texts(&o);
-    assert!(o.status.success(), "{err}");
     // one table per level, each with the attention of the shared runs and their total
     for n in [1, 2] {
         let at = out
@@ -81,22 +69,7 @@ fn shared_runs_are_timed_by_op() {
 
 #[test]
 fn separate_answers_run_on_states_of_their_own() {
-    let tiny = model_dir("tiny-llama");
-    let o = run(&[
-        "bench",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--parallel",
-        "2",
-        "--gen",
-        "4",
-        "--threads",
-        "1",
-        "--separate",
-        "--json",
-    ]);
-    let (out, err) = texts(&o);
-    assert!(o.status.success(), "{err}");
+    let out = tiny_bench(&["--parallel", "2", "--gen", "4", "--separate", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["batched"], false, "{r}");
     assert_eq!(r["rows"][0]["answers_per_run"], 0.0, "{r}");

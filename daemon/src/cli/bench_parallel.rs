@@ -55,6 +55,18 @@ struct Row {
     anon_mb: f64,
 }
 
+/// The stall a long prompt joining running answers causes, at one prompt chunk size.
+#[derive(Debug, Serialize)]
+struct Stall {
+    chunk: usize,
+    /// The running answers' median wait between chunks before the join.
+    median_gap_ms: f64,
+    /// Their longest wait from the join until the newcomer's first chunk.
+    longest_gap_ms: f64,
+    /// The newcomer's time to first token.
+    joiner_ttft_ms: f64,
+}
+
 /// Questions that ask for long answers, one per answer (in turn), so the prompts differ.
 const QUESTIONS: [&str; 4] = [
     "Explain step by step how to find why a hydraulic pump loses pressure.",
@@ -182,15 +194,9 @@ fn long_question() -> String {
 }
 
 /// The stall a joining prompt causes: `running` answers decode; once each has streamed a few
-/// chunks a long prompt joins. Returns (the running answers' median wait between chunks before
-/// the join, their longest wait from the join until the newcomer's first chunk, the
-/// newcomer's time to first token), in ms.
-fn stall(
-    s: &Scheduler,
-    intake: &Intake,
-    running: usize,
-    tag: &str,
-) -> anyhow::Result<(f64, f64, f64)> {
+/// chunks a long prompt joins (the batcher's prompt chunk is `chunk`).
+fn stall(s: &Scheduler, intake: &Intake, running: usize, chunk: usize) -> anyhow::Result<Stall> {
+    let tag = format!("stall{chunk}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
     let t0 = Instant::now();
     let origin = || Origin::new(Transport::Local);
@@ -248,7 +254,12 @@ fn stall(
         (Some(j), Some(f)) => (f - j).as_secs_f64() * 1e3,
         _ => 0.0,
     };
-    Ok((median, during, ttft))
+    Ok(Stall {
+        chunk,
+        median_gap_ms: median,
+        longest_gap_ms: during,
+        joiner_ttft_ms: ttft,
+    })
 }
 
 /// Runs every level and prints a table (or JSON).
@@ -314,8 +325,7 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         )?;
         for chunk in [16, fieldllm_engine::batch::SHARED_PREFILL_CHUNK, 64, 128] {
             batcher.set_shared_chunk(chunk);
-            let (median, during, ttft) = stall(&s, &intake, 3, &format!("stall{chunk}"))?;
-            stalls.push(serde_json::json!({"chunk": chunk, "median_gap_ms": median, "longest_gap_ms": during, "joiner_ttft_ms": ttft}));
+            stalls.push(stall(&s, &intake, 3, chunk)?);
         }
         batcher.set_shared_chunk(fieldllm_engine::batch::SHARED_PREFILL_CHUNK);
         s.shutdown(Duration::from_secs(1));
@@ -374,10 +384,7 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         for st in &stalls {
             println!(
                 "| {} | {:.0} | {:.0} | {:.0} |",
-                st["chunk"],
-                st["median_gap_ms"].as_f64().unwrap_or(0.0),
-                st["longest_gap_ms"].as_f64().unwrap_or(0.0),
-                st["joiner_ttft_ms"].as_f64().unwrap_or(0.0)
+                st.chunk, st.median_gap_ms, st.longest_gap_ms, st.joiner_ttft_ms
             );
         }
     }

@@ -67,11 +67,6 @@ impl ModelEngine {
         Ok(ModelEngine { model, batch })
     }
 
-    /// The model.
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
-    }
-
     /// The batcher, when answers are decoded together.
     pub fn batcher(&self) -> Option<&Arc<Batcher>> {
         self.batch.as_ref()

@@ -36,9 +36,7 @@ pub use conversation::Conversation;
 pub use engine::{Engine, EngineSession, ModelEngine};
 pub use event::{Chunk, Code, Done, Failure, Finish, Reply, Timings, TokenLogprobs, Usage};
 pub use job::{Job, Priority, Transport};
-pub use queue::KvBudget;
-
-use queue::{Cancel, Queue};
+use queue::{Cancel, KvBudget, Queue};
 
 /// Where a job's replies go. Sending never blocks the worker thread.
 pub type ReplySink = UnboundedSender<Reply>;
@@ -117,8 +115,6 @@ pub struct Stats {
     pub running: usize,
     /// Jobs finished since start.
     pub answered: u64,
-    /// Bytes of KV cache the running jobs have reserved.
-    pub kv_reserved: u64,
     /// Decode speed of the last finished answer.
     pub last_decode_tok_s: f32,
     /// The thermal state the scheduler obeys.
@@ -231,7 +227,6 @@ impl Scheduler {
             queued: st.depth(),
             running: st.running,
             answered: st.answered,
-            kv_reserved: st.kv_reserved,
             last_decode_tok_s: st.last_decode_tok_s,
             thermal: st.thermal,
         }

@@ -106,17 +106,7 @@ impl EvalOp for KvAttention {
 
 impl TypedOp for KvAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        if self.rows {
-            ensure!(
-                inputs.len() == 5,
-                "KvAttention with rows takes Q, K, V, positions and slots"
-            );
-        } else {
-            ensure!(
-                matches!(inputs.len(), 3 | 4),
-                "KvAttention takes Q, K, V and an optional mask"
-            );
-        }
+        self.check_arity(inputs.len())?;
         ensure!(
             inputs[..3].iter().all(|f| f.rank() == 4),
             "KvAttention takes rank-4 Q, K, V"
@@ -260,22 +250,28 @@ impl OpState for KvAttentionState {
 }
 
 impl KvAttention {
+    /// Q, K, V and an optional mask; with rows, Q, K, V, positions and slots.
+    fn check_arity(&self, n: usize) -> TractResult<()> {
+        if self.rows {
+            ensure!(
+                n == 5,
+                "KvAttention with rows takes Q, K, V, positions and slots"
+            );
+        } else {
+            ensure!(
+                matches!(n, 3 | 4),
+                "KvAttention takes Q, K, V and an optional mask"
+            );
+        }
+        Ok(())
+    }
+
     fn eval_with(
         &self,
         st: &mut KvAttentionState,
         inputs: TVec<TValue>,
     ) -> TractResult<TVec<TValue>> {
-        if self.rows {
-            ensure!(
-                inputs.len() == 5,
-                "KvAttention with rows takes Q, K, V, positions and slots"
-            );
-        } else {
-            ensure!(
-                matches!(inputs.len(), 3 | 4),
-                "KvAttention takes Q, K, V and an optional mask"
-            );
-        }
+        self.check_arity(inputs.len())?;
         let dt = inputs[0].datum_type();
         let q = inputs[0].cast_to::<f32>()?;
         let k_new = inputs[1].cast_to::<f32>()?;
