@@ -413,6 +413,9 @@ async fn a_pulled_cable_is_reopened_and_mqtt_answers_meanwhile() {
 
     // MQTT during the outage
     let mut c = Client::connect(broker.port, "t-plug").await;
+    // the console can greet before the daemon's MQTT subscription is live: a question published
+    // before it would reach nobody (requests are not retained)
+    c.wait_status("plug", "ready").await;
     c.sub("fieldllm/v1/plug/resp/#").await;
     c.request(
         "plug",
