@@ -89,6 +89,10 @@ pub struct ModelSection {
     /// Answers generated at once (decoded together: one pass over the weights per step).
     #[serde(deserialize_with = "positive")]
     pub slots: usize,
+    /// Whether the running answers share one state and are decoded together (one weight pass
+    /// per step for all of them). `false` gives each answer a state of its own, each reading
+    /// every weight per token: the way before batching, kept to compare and to fall back on.
+    pub batch: bool,
     /// The most memory the running answers' KV caches may take, in MB: each running answer
     /// reserves what its prompt and `max_tokens` can fill; a request that does not fit beside
     /// the running ones waits in the queue.
@@ -119,6 +123,7 @@ impl Default for ModelSection {
             path: None,
             threads: 2,
             slots: 4,
+            batch: true,
             kv_memory_mb: 1024,
             context: None,
             activations: Activations::default(),
@@ -587,6 +592,11 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("precise"), "{e}");
         let c = Config::parse("[model]\nactivations = \"precise\"\n").unwrap();
         assert_eq!(c.model.activations, Activations::Precise);
+        assert!(Config::parse("").unwrap().model.batch);
+        let c = Config::parse("[model]\nbatch = false\n").unwrap();
+        assert!(!c.model.batch);
+        let e = err("[model]\nbatch = \"no\"\n");
+        assert!(e.contains("line 2") && e.contains("batch"), "{e}");
         let e = err("[mqtt]\nprotocol = \"4\"\n");
         assert!(e.contains("line 2") && e.contains("3.1.1"), "{e}");
         let e = err("[mqtt]\nbroker = \"mqtts://b\"\n");

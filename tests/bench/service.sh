@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The MQTT service's cost, measured: requests per second and p50/p99 latency through the broker
 # against the bare engine (an in-process scheduler) on the tiny model, and the daemon's idle
-# CPU and memory; once with mosquitto, once with the embedded broker. Not part of CI.
+# CPU and memory; once with mosquitto, once with the embedded broker. Not part of CI. Many
+# devices asking at once, on the real model: tests/bench/service_devices.sh.
 #
 #   tests/bench/service.sh [REQUESTS]      (default 200 per row)
 #
@@ -47,7 +48,7 @@ serve() { # name, config text
   printf '%s\n' "$2" > "$work/$1.toml"
   "$bin" serve --config "$work/$1.toml" 2> "$work/$1.log" &
   pids+=($!)
-  wait_log "$work/$1.log" "connected to the broker"
+  wait_log "$work/$1.log" "subscribed: taking requests"
   echo $! > "$work/$1.pid"
 }
 

@@ -49,9 +49,13 @@ pub struct BenchArgs {
     /// With --service: requests per row.
     #[arg(long, default_value_t = 200, requires = "service")]
     requests: usize,
-    /// With --service: requests in flight (repeatable) [default: 1 and 4].
+    /// With --service: devices asking at once, each on its own connection, one question at a
+    /// time (repeatable) [default: 1 and 4].
     #[arg(long, requires = "service")]
     concurrency: Vec<usize>,
+    /// With --service: only through the broker (no in-process rows, no model loaded here).
+    #[arg(long, requires = "service")]
+    mqtt_only: bool,
     /// With --service: tokens per answer.
     #[arg(long, default_value_t = 16, requires = "service")]
     max_tokens: u32,
@@ -170,6 +174,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             concurrency: a.concurrency.clone(),
             max_tokens: a.max_tokens,
             threads: a.threads.first().copied().unwrap_or(1),
+            mqtt_only: a.mqtt_only,
         };
         return super::bench_service::run(b, &a.model.dir()?, a.json);
     }

@@ -101,7 +101,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     .with_context(|| format!("loading model {}", dir.display()))?;
     // what the load parsed and dropped goes back to the kernel, not to the heap's free lists
     fieldllmd::rss::release_freed_memory();
-    let engine = Arc::new(ModelEngine::new(model.clone(), true)?);
+    let engine = Arc::new(ModelEngine::new(model.clone(), config.model.batch)?);
     let mut intake = Intake::new(Limits::from(&config.limits), engine.clone());
     if let Some(library) = library(&config).context("starting the document search thread")? {
         intake = intake.with_library(library);

@@ -296,7 +296,7 @@ async fn event_loop(
             Ok(LinkEvent::Subscribed) if unacked > 0 => {
                 unacked -= 1;
                 if unacked == 0 {
-                    tracing::debug!("subscribed");
+                    tracing::info!("subscribed: taking requests");
                     let c = client.clone();
                     let topic = topics.status.clone();
                     let status = svc.status("ready", 0, 0, 0, 0.0, started.elapsed().as_secs());
