@@ -59,6 +59,8 @@ struct Inner {
     released: Vec<usize>,
     /// Sessions answering now ([`Batcher::member`]).
     members: usize,
+    /// Of them, those stepped away for a while ([`Presence::away`]): runs do not wait for them.
+    away: usize,
     /// Tokens handed in for the next run.
     pending: Vec<Pending>,
     /// When the first of them was handed in.
@@ -88,6 +90,9 @@ pub struct BatchStats {
     pub rows: u64,
     /// Time spent in them (the graph runs, outside the lock).
     pub busy: Duration,
+    /// Runs that went when [`GATHER_WINDOW`] ran out, without the tokens of some session
+    /// answering (one slow to sample, or waiting on its caller without stepping away).
+    pub window_runs: u64,
 }
 
 impl Batcher {
@@ -107,6 +112,7 @@ impl Batcher {
                 next_slot: 0,
                 released: Vec::new(),
                 members: 0,
+                away: 0,
                 pending: Vec::new(),
                 first_pending: None,
                 done: HashMap::new(),
@@ -218,7 +224,11 @@ impl Batcher {
                 continue;
             }
             let waited = g.first_pending.map_or(Duration::ZERO, |t| t.elapsed());
-            if g.pending.len() >= g.members || waited >= GATHER_WINDOW {
+            let everyone = g.pending.len() + g.away >= g.members;
+            if everyone || waited >= GATHER_WINDOW {
+                if !everyone {
+                    g.stats.window_runs += 1;
+                }
                 g = self.lead(g);
                 continue;
             }
@@ -336,6 +346,34 @@ impl Batcher {
                 .map(KvAttentionState::bytes)
                 .sum()
         })
+    }
+}
+
+/// An answering session's way to step out of the gathering while it waits on something other
+/// than the engine (its caller's thermal pacing, a slow reader): the runs meanwhile go without
+/// waiting [`GATHER_WINDOW`] for its tokens. Of a session with a state of its own: does nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Presence(pub(crate) Option<Arc<Batcher>>);
+
+impl Presence {
+    /// Runs `f` stepped away.
+    pub fn away<R>(&self, f: impl FnOnce() -> R) -> R {
+        let Some(b) = &self.0 else { return f() };
+        b.lock().away += 1;
+        // a leader waiting for this session's tokens need not wait any more
+        b.turn.notify_all();
+        let _back = Back(b);
+        f()
+    }
+}
+
+/// Counts a stepped-away session back in when dropped (on unwind too).
+struct Back<'a>(&'a Batcher);
+
+impl Drop for Back<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.away = g.away.saturating_sub(1);
     }
 }
 

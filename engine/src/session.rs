@@ -123,6 +123,15 @@ impl Session {
         }
     }
 
+    /// This session's way to step out of its shared state's gathering while its caller waits
+    /// between tokens ([`crate::batch::Presence`]).
+    pub fn presence(&self) -> crate::batch::Presence {
+        crate::batch::Presence(match &self.exec {
+            Exec::Own(_) => None,
+            Exec::Shared { batch, .. } => Some(batch.clone()),
+        })
+    }
+
     /// The model.
     pub fn model(&self) -> &Arc<Model> {
         &self.model

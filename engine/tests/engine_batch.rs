@@ -242,3 +242,59 @@ fn a_panicking_or_cancelled_answer_leaves_the_others_as_they_were() {
     let s = batch.session().unwrap();
     drop(s);
 }
+
+/// Answer A waits on its caller between two tokens while answer B decodes; `away`: A steps
+/// away meanwhile. Returns the runs B's answer made that waited out the gathering window for A.
+fn runs_waiting_for_an_absent_answer(model: &Arc<Model>, away: bool) -> u64 {
+    use fieldllm_engine::{GenerateParams, generate};
+    let params = |max_tokens| GenerateParams {
+        max_tokens,
+        sampling: fieldllm_engine::SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ..GenerateParams::default()
+    };
+    let never = AtomicBool::new(false);
+    let batch = Batcher::new(model).unwrap();
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<()>();
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let batch = &batch;
+        let (never, params) = (&never, &params);
+        let a = scope.spawn(move || {
+            let mut s = batch.session().unwrap();
+            let presence = s.presence();
+            let mut first = true;
+            generate(&mut s, &[1, 2, 3, 4], &params(6), never, &mut |_| {
+                if std::mem::take(&mut first) {
+                    let wait = || {
+                        out_tx.send(()).unwrap();
+                        back_rx.recv().unwrap();
+                    };
+                    if away { presence.away(wait) } else { wait() }
+                }
+            })
+            .unwrap()
+        });
+        out_rx.recv().unwrap();
+        let before = batch.stats();
+        let mut b = batch.session().unwrap();
+        let answer = generate(&mut b, &[5, 6, 7], &params(8), never, &mut |_| ()).unwrap();
+        let after = batch.stats();
+        back_tx.send(()).unwrap();
+        assert_eq!(a.join().unwrap().tokens.len(), 6);
+        assert!(after.runs - before.runs >= answer.tokens.len() as u64 - 1);
+        after.window_runs - before.window_runs
+    })
+}
+
+#[test]
+fn an_answer_stepped_away_is_not_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_artifact(&tmp, "tiny-blocks");
+    // present but not handing in: every run of the other answer waits the window out
+    assert!(runs_waiting_for_an_absent_answer(&model, false) >= 7);
+    // stepped away: none does
+    assert_eq!(runs_waiting_for_an_absent_answer(&model, true), 0);
+}

@@ -50,6 +50,8 @@ struct Row {
     /// Answers per shared run (mean), and the share of the wall time the runs took.
     answers_per_run: f64,
     busy_pct: f64,
+    /// Runs that went when the gathering window ran out, without some answer's token (%).
+    window_runs_pct: f64,
     /// Resident memory after the answers, and the part that is not mapped files.
     rss_mb: f64,
     anon_mb: f64,
@@ -176,6 +178,7 @@ fn level(
             .fold(0.0, f64::max),
         answers_per_run: 0.0,
         busy_pct: 0.0,
+        window_runs_pct: 0.0,
         rss_mb: fieldllmd::rss::rss_bytes().unwrap_or(0) as f64 / 1e6,
         anon_mb: fieldllmd::rss::anon_rss_bytes().unwrap_or(0) as f64 / 1e6,
     })
@@ -300,6 +303,8 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
             let runs = (after.runs - before.runs).max(1);
             row.answers_per_run = (after.entries - before.entries) as f64 / runs as f64;
             row.busy_pct = (after.busy - before.busy).as_secs_f64() / row.wall_s * 100.0;
+            row.window_runs_pct =
+                (after.window_runs - before.window_runs) as f64 / runs as f64 * 100.0;
             if let Some(p) = batcher.take_profile() {
                 let busy = after.busy - before.busy;
                 let table = super::bench::profile_table(p, busy, runs as usize, runs as usize);
@@ -348,14 +353,14 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         }
     );
     println!(
-        "| answers | tokens | wall s | aggregate tok/s | per-answer tok/s | TTFT p50 ms | TTFT max ms | max gap ms | answers/run | runs' share % | RSS MB | anon MB |"
+        "| answers | tokens | wall s | aggregate tok/s | per-answer tok/s | TTFT p50 ms | TTFT max ms | max gap ms | answers/run | window runs % | runs' share % | RSS MB | anon MB |"
     );
     println!(
-        "|--------:|-------:|-------:|----------------:|-----------------:|------------:|------------:|-----------:|------------:|--------------:|-------:|--------:|"
+        "|--------:|-------:|-------:|----------------:|-----------------:|------------:|------------:|-----------:|------------:|--------------:|--------------:|-------:|--------:|"
     );
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.answers,
             r.tokens,
             r.wall_s,
@@ -365,6 +370,7 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
             r.ttft_max_ms,
             r.max_gap_ms,
             r.answers_per_run,
+            r.window_runs_pct,
             r.busy_pct,
             r.rss_mb,
             r.anon_mb

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use fieldllm_engine::batch::Presence;
+
 /// Why a job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -83,20 +85,24 @@ pub(super) struct Pacer<'a> {
 }
 
 impl Pacer<'_> {
-    pub(super) fn wait(&mut self, stop: &AtomicBool) {
+    /// Sleeps until this answer's next token is due (or `stop`), stepped away from the answers
+    /// decoded with it meanwhile, so their steps do not wait for it.
+    pub(super) fn wait(&mut self, stop: &AtomicBool, presence: &Presence) {
         let cap = f32::from_bits(self.cap.load(Ordering::Acquire));
         if cap <= 0.0 {
             self.next = None;
             return;
         }
-        if let Some(at) = self.next {
-            loop {
-                let now = Instant::now();
-                if now >= at || stop.load(Ordering::Acquire) {
-                    break;
+        if let Some(at) = self.next.filter(|at| *at > Instant::now()) {
+            presence.away(|| {
+                loop {
+                    let now = Instant::now();
+                    if now >= at || stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    std::thread::sleep((at - now).min(Duration::from_millis(50)));
                 }
-                std::thread::sleep((at - now).min(Duration::from_millis(50)));
-            }
+            });
         }
         self.next = Some(Instant::now() + Duration::from_secs_f32(1.0 / cap));
     }

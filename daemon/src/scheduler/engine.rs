@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use fieldllm_engine::batch::Presence;
 use fieldllm_engine::chat::Message;
 use fieldllm_engine::{
     Batcher, EngineError, Event, GenerateParams, Model, Outcome, Session, generate,
@@ -42,6 +43,12 @@ pub trait EngineSession: Send {
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, EngineError>;
+
+    /// How an answer steps out of the answers decoded with it while its worker paces it (the
+    /// others' steps then do not wait for it); of an engine that batches nothing, nothing.
+    fn presence(&self) -> Presence {
+        Presence::default()
+    }
 }
 
 /// The real model. Its sessions share one batcher when the model's rows are open (answers
@@ -113,5 +120,9 @@ impl EngineSession for Session {
             );
         }
         generate(self, new, params, cancel, on_event)
+    }
+
+    fn presence(&self) -> Presence {
+        Session::presence(self)
     }
 }

@@ -171,10 +171,11 @@ fn run_job(
         cap: &shared.decode_cap,
         next: None,
     };
+    let presence = session.presence();
     let result = session.generate(&job.prompt, &job.params, &control.flag, &mut |ev| {
         if let Event::Token { .. } = ev {
             shared.beat(n);
-            pacer.wait(&control.flag);
+            pacer.wait(&control.flag, &presence);
         }
         if let Some(d) = deadline
             && Instant::now() >= d
