@@ -8,7 +8,8 @@
 //! loop ([`crate::generate()`]: sampling, stop strings, logprobs, cancel, whatever its caller
 //! does between tokens), and only its runs meet here. A session that wants to run hands in its
 //! tokens and waits; whoever finds the gathering complete (every answering session has handed
-//! in, or [`GATHER_WINDOW`] has passed since the first) leads: takes the state and everything
+//! in, or [`GATHER_WINDOW`] has passed since the first hand-in or since the last run ended,
+//! whichever is later) leads: takes the state and everything
 //! handed in, runs it as one, hands each its logits. So answers join and leave between any two
 //! steps, a panic in one answer's sampling ends that answer alone (its thread unwinds, its slot
 //! is given back), and a new prompt's chunks ride in the same runs as the others' decode steps.
@@ -65,6 +66,8 @@ struct Inner {
     pending: Vec<Pending>,
     /// When the first of them was handed in.
     first_pending: Option<Instant>,
+    /// When the last run gave the state back.
+    free_since: Instant,
     /// Results of the last runs, by ticket.
     done: HashMap<u64, Result<Vec<f32>, String>>,
     next_ticket: u64,
@@ -115,6 +118,7 @@ impl Batcher {
                 away: 0,
                 pending: Vec::new(),
                 first_pending: None,
+                free_since: Instant::now(),
                 done: HashMap::new(),
                 next_ticket: 0,
                 stats: BatchStats::default(),
@@ -223,7 +227,12 @@ impl Batcher {
                 g = self.turn.wait(g).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            let waited = g.first_pending.map_or(Duration::ZERO, |t| t.elapsed());
+            // the window opens at the first hand-in, or when the state came back if that was
+            // later: the sessions of the run that just ended get their moment to sample and
+            // hand in, rather than the answers splitting into two halves that take turns
+            let waited = g
+                .first_pending
+                .map_or(Duration::ZERO, |t| t.max(g.free_since).elapsed());
             let everyone = g.pending.len() + g.away >= g.members;
             if everyone || waited >= GATHER_WINDOW {
                 if !everyone {
@@ -287,6 +296,7 @@ impl Batcher {
             g.free.push(slot);
         }
         g.state = Some(state);
+        g.free_since = Instant::now();
         g.stats.runs += 1;
         g.stats.entries += batch.len() as u64;
         g.stats.rows += batch.iter().map(|p| p.tokens.len() as u64).sum::<u64>();
