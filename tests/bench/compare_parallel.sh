@@ -17,10 +17,13 @@ cd "$root"
 cargo build --release --locked -p fieldllmd
 models/setup.sh target/release/fieldllmd >/dev/null
 gguf=$(models/fetch.sh)
-artifact=models/build/smollm2-135m-instruct.gguf
 . tests/bench/llama_cpp.sh   # $server_bin
 out="$cache/parallel-$(date +%Y%m%dT%H%M%S)"
 mkdir -p "$out"
+# the GGUF as a user's `fieldllmd model import` makes it (the Rust import: its blocks kept, the
+# rotary embedding one op), not the artifact of the converter's ONNX graph
+artifact="$out/artifact"
+target/release/fieldllmd model import "$gguf" "$artifact" > "$out/import.log"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 pargs=(); for n in "${levels[@]}"; do pargs+=(--parallel "$n"); done

@@ -22,11 +22,12 @@ if [ -z "${FIELDLLMD_BIN:-}" ]; then
   cargo build --release --locked -p fieldllmd
 fi
 bin=${FIELDLLMD_BIN:-target/release/fieldllmd}
-models/setup.sh "$bin" >/dev/null
-model=models/build/smollm2-135m-instruct.gguf
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+# the GGUF as a user's `fieldllmd model import` makes it
+model="$work/smollm2-q4_1"
+"$bin" model import "$(models/fetch.sh)" "$model" >/dev/null
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_log() { for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; cat "$1" >&2; exit 1; }
@@ -45,7 +46,7 @@ echo "|---|--:|--:|--:|--:|--:|"
 row() { # label, extra [model] lines
   local node="dev$RANDOM"
   printf '[model]\npath = "%s"\nthreads = %s\n%b\n[mqtt]\nbroker = "mqtt://127.0.0.1:%s"\nnode_id = "%s"\n[limits]\nqueue = 64\nmax_tokens = %s\n' \
-    "$root/$model" "$threads" "$2" "$port" "$node" "$gen" > "$work/$node.toml"
+    "$model" "$threads" "$2" "$port" "$node" "$gen" > "$work/$node.toml"
   "$bin" serve --config "$work/$node.toml" 2> "$work/$node.log" &
   local pid=$!
   wait_log "$work/$node.log" "subscribed: taking requests"
