@@ -24,7 +24,7 @@ mkdir -p "$out"
 # rotary embedding one op), not the artifact of the converter's ONNX graph
 artifact="$out/artifact"
 target/release/fieldllmd model import "$gguf" "$artifact" > "$out/import.log"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. tests/bench/lib.sh   # free_port, wait_log
 
 pargs=(); for n in "${levels[@]}"; do pargs+=(--parallel "$n"); done
 target/release/fieldllmd bench --model "$artifact" --threads "$threads" "${pargs[@]}" --gen "$gen" \

@@ -18,8 +18,7 @@ work=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_log() { for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; cat "$1" >&2; exit 1; }
+. tests/bench/lib.sh   # free_port, wait_log
 rss_mb() { awk '/^VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 mkdir -p "$work/files"
@@ -49,7 +48,7 @@ embedder = "$root/models/build/all-minilm-l6-v2"
 EOF
   RUST_LOG=info "$bin" serve --no-console --config "$work/$enabled.toml" 2>"$work/$enabled.log" &
   pid=$!
-  wait_log "$work/$enabled.log" "serving"
+  wait_log "$work/$enabled.log" "serving" 30
   sleep 1
   started=$(rss_mb "$pid")
   for q in "${questions[@]}"; do

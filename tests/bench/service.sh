@@ -26,8 +26,7 @@ chmod 777 "$work"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_log() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; cat "$1" >&2; exit 1; }
+. tests/bench/lib.sh   # free_port, wait_log
 
 # idle CPU (% of one core over $idle_s s) and RSS of a process
 idle() {
@@ -48,7 +47,7 @@ serve() { # name, config text
   printf '%s\n' "$2" > "$work/$1.toml"
   "$bin" serve --config "$work/$1.toml" 2> "$work/$1.log" &
   pids+=($!)
-  wait_log "$work/$1.log" "subscribed: taking requests"
+  wait_log "$work/$1.log" "subscribed: taking requests" 20
   echo $! > "$work/$1.pid"
 }
 

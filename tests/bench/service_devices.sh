@@ -29,8 +29,7 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 model="$work/smollm2-q4_1"
 "$bin" model import "$(models/fetch.sh)" "$model" >/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_log() { for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; cat "$1" >&2; exit 1; }
+. tests/bench/lib.sh   # free_port, wait_log
 
 port=$(free_port)
 printf "listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n" "$port" > "$work/mosquitto.conf"
@@ -49,7 +48,7 @@ row() { # label, extra [model] lines
     "$model" "$threads" "$2" "$port" "$node" "$gen" > "$work/$node.toml"
   "$bin" serve --config "$work/$node.toml" 2> "$work/$node.log" &
   local pid=$!
-  wait_log "$work/$node.log" "subscribed: taking requests"
+  wait_log "$work/$node.log" "subscribed: taking requests" 60
   "$bin" bench --service "mqtt://127.0.0.1:$port" --node "$node" --model "$model" --mqtt-only \
     --concurrency 1 --concurrency "$devices" --requests "$requests" --max-tokens "$gen" --json > "$work/$node.json"
   local hwm
