@@ -73,8 +73,14 @@ def level(port, n, gen):
     ttft = sorted((a["first"] - t0) * 1e3 for a in out if a["first"])
     per = [(a["tokens"] - 1) / (a["end"] - a["first"]) for a in out
            if a["first"] and a["tokens"] > 1 and a["end"] > a["first"]]
+    # the decode phase, as fieldllmd bench counts it: tokens after each answer's first, from
+    # the first answer's first token to the last answer's end
+    firsts = [a["first"] for a in out if a["first"]]
+    span = max(a["end"] for a in out) - min(firsts) if firsts else 0
+    decoded = sum(max(a["tokens"] - 1, 0) for a in out)
     return {
         "answers": n, "tokens": tokens, "wall_s": wall, "aggregate_tok_s": tokens / wall,
+        "decode_tok_s": decoded / span if span > 0 else 0,
         "per_answer_tok_s": sum(per) / max(len(per), 1),
         "ttft_p50_ms": ttft[len(ttft) // 2] if ttft else 0, "ttft_max_ms": ttft[-1] if ttft else 0,
         "max_gap_ms": max(a["gap"] for a in out) * 1e3,

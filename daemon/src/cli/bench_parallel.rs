@@ -4,9 +4,12 @@
 //! The answers go through an in-process scheduler with N slots, the daemon's own path (validate,
 //! queue, a worker and a session per answer), greedy, each asked for `--gen` tokens. A warm-up
 //! answer runs first. Aggregate tok/s is every answer's tokens over the wall time from submit
-//! to the last final event; per-answer tok/s is each answer's tokens after its first over the
-//! time from its first chunk to its end (the mean over answers); time to first token is from
-//! submit to the answer's first chunk.
+//! to the last final event (the prompts' prefill included); aggregate decode tok/s is every
+//! answer's tokens after its first over the time from the first answer's first chunk to the
+//! last final event (the decode phase: the prompts are measured by time to first token);
+//! per-answer tok/s is each answer's tokens after its first over the time from its first chunk
+//! to its end (the mean over answers); time to first token is from submit to the answer's
+//! first chunk.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +45,8 @@ struct Row {
     tokens: u64,
     wall_s: f64,
     aggregate_tok_s: f64,
+    /// Tokens after each answer's first over the span from the first first token to the end.
+    decode_tok_s: f64,
     per_answer_tok_s: f64,
     ttft_p50_ms: f64,
     ttft_max_ms: f64,
@@ -164,8 +169,19 @@ fn level(
                 .then(|| f64::from(a.tokens - 1) / span.as_secs_f64())
         })
         .collect();
+    let first = answers.values().filter_map(|a| a.first).min();
+    let end = answers.values().filter_map(|a| a.end).max();
+    let decoded: u64 = answers
+        .values()
+        .map(|a| u64::from(a.tokens.saturating_sub(1)))
+        .sum();
+    let decode_tok_s = match (first, end) {
+        (Some(f), Some(e)) if e > f => decoded as f64 / (e - f).as_secs_f64(),
+        _ => 0.0,
+    };
     Ok(Row {
         answers: n,
+        decode_tok_s,
         tokens,
         wall_s: wall.as_secs_f64(),
         aggregate_tok_s: tokens as f64 / wall.as_secs_f64(),
@@ -353,18 +369,19 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         }
     );
     println!(
-        "| answers | tokens | wall s | aggregate tok/s | per-answer tok/s | TTFT p50 ms | TTFT max ms | max gap ms | answers/run | window runs % | runs' share % | RSS MB | anon MB |"
+        "| answers | tokens | wall s | aggregate tok/s | aggregate decode tok/s | per-answer tok/s | TTFT p50 ms | TTFT max ms | max gap ms | answers/run | window runs % | runs' share % | RSS MB | anon MB |"
     );
     println!(
-        "|--------:|-------:|-------:|----------------:|-----------------:|------------:|------------:|-----------:|------------:|--------------:|--------------:|-------:|--------:|"
+        "|--------:|-------:|-------:|----------------:|-----------------------:|-----------------:|------------:|------------:|-----------:|------------:|--------------:|--------------:|-------:|--------:|"
     );
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.answers,
             r.tokens,
             r.wall_s,
             r.aggregate_tok_s,
+            r.decode_tok_s,
             r.per_answer_tok_s,
             r.ttft_p50_ms,
             r.ttft_max_ms,

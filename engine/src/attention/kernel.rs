@@ -30,7 +30,7 @@ pub struct Rows<'a> {
 impl<'a> Rows<'a> {
     /// Position `j`'s vector (bounds-checked).
     #[inline(always)]
-    fn row(&self, j: usize) -> &'a [f32] {
+    pub(super) fn row(&self, j: usize) -> &'a [f32] {
         &self.m[j * self.stride + self.off..][..self.d]
     }
 }

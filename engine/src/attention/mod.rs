@@ -10,9 +10,14 @@
 //! team: tract's flash kernel ran a prefill's attention on one thread while the others waited,
 //! 20% of a 128-token prefill (SmolLM2 Q4_0, 2 threads, `fieldllmd bench --profile`).
 //!
-//! The cache is position-major, `[position, kv head, head dim]`: appending a token is a copy to
-//! the end and forgetting the tail of a conversation ([`KvAttentionState::truncate`]) is a
-//! length change, where tract's cache op could not be truncated at all.
+//! The cache keeps each kv head's keys (and values) apart, `[position, head dim]`: appending a
+//! token is a copy to the end of each and forgetting the tail of a conversation
+//! ([`KvAttentionState::truncate`]) is a length change, where tract's cache op could not be
+//! truncated at all. A head's attention then reads one contiguous run of memory: with the
+//! heads interleaved by position (`[position, kv head, head dim]`, as before) each read skipped
+//! the other heads' rows, and a 4-answer decode step's attention took 25-30% longer (one
+//! thread, SmolLM2's shape, `cargo test --release -p fieldllm-engine --lib attend_speed --
+//! --ignored`); decoding several answers together spends a quarter of a step there.
 //!
 //! One state keeps a cache per conversation (a *slot*). In a model whose rows are open
 //! ([`crate::rows`]) the op takes two more inputs, each row's position and slot, so one run
@@ -29,6 +34,8 @@ use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 use crate::cpu::{Isa, Team, part_of};
 use kernel::Rows;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod kernel;
 
 /// Scaled dot-product attention of `Q [1, heads, queries, d]` over the cache extended with
@@ -128,13 +135,61 @@ pub struct KvAttentionState {
     d: usize,
 }
 
-/// One conversation's keys and values.
+/// One conversation's keys and values: `[kv heads, cap, d]` each, head `g`'s first `len`
+/// positions at `g * cap * d`. One allocation each (not one per head): a cache's memory comes
+/// from and goes back to the system whole, where small per-head buffers stayed in the heap
+/// after their answers ended (+60 MB resident after 4 answers of SmolLM2).
 #[derive(Clone, Debug, Default)]
 struct Cache {
-    /// `[len, kv heads, d]`
     k: Vec<f32>,
     v: Vec<f32>,
     len: usize,
+    /// Positions each head has room for.
+    cap: usize,
+}
+
+impl Cache {
+    /// Room for one more position in every head, growing by [`GROW_POSITIONS`] (not doubling:
+    /// a long answer's cache would otherwise hold up to twice what it uses).
+    fn reserve_one(&mut self, kv_heads: usize, d: usize) {
+        if self.len < self.cap {
+            return;
+        }
+        let cap = self.cap + GROW_POSITIONS;
+        for m in [&mut self.k, &mut self.v] {
+            // zeroed memory comes mapped but untouched: resident as positions fill it
+            let mut grown = vec![0f32; kv_heads * cap * d];
+            for g in 0..kv_heads {
+                let used = &m[g * self.cap * d..][..self.len * d];
+                grown[g * cap * d..][..self.len * d].copy_from_slice(used);
+            }
+            *m = grown;
+        }
+        self.cap = cap;
+    }
+
+    /// Appends row `i` of `[1, kv heads, s, d]` K and V to every head.
+    fn append(
+        &mut self,
+        (k, v): (&[f32], &[f32]),
+        kv_heads: usize,
+        (s, i): (usize, usize),
+        d: usize,
+    ) {
+        self.reserve_one(kv_heads, d);
+        for g in 0..kv_heads {
+            let (from, to) = ((g * s + i) * d, (g * self.cap + self.len) * d);
+            self.k[to..to + d].copy_from_slice(&k[from..from + d]);
+            self.v[to..to + d].copy_from_slice(&v[from..from + d]);
+        }
+        self.len += 1;
+    }
+
+    /// Head `g`'s keys and values so far, `[len, d]` each.
+    fn head(&self, g: usize, d: usize) -> (&[f32], &[f32]) {
+        let at = g * self.cap * d;
+        (&self.k[at..][..self.len * d], &self.v[at..][..self.len * d])
+    }
 }
 
 /// Most slots one state keeps: a row naming a slot past it is refused (a bad input must not
@@ -168,13 +223,10 @@ impl KvAttentionState {
     /// Keeps the first `len` positions of `slot` (no-op if there are fewer); `len` 0 also gives
     /// the slot's memory back.
     pub fn truncate_slot(&mut self, slot: usize, len: usize) {
-        let row = self.kv_heads * self.d;
         if let Some(c) = self.caches.get_mut(slot) {
             if len == 0 {
                 *c = Cache::default();
             } else if len < c.len {
-                c.k.truncate(len * row);
-                c.v.truncate(len * row);
                 c.len = len;
             }
         }
@@ -186,27 +238,6 @@ impl KvAttentionState {
             .iter()
             .map(|c| (c.k.capacity() + c.v.capacity()) * 4)
             .sum()
-    }
-
-    /// Appends row `i` of `[1, kv heads, s, d]` to the position-major `cache`, which grows
-    /// with use in steps of [`GROW_POSITIONS`] (not doubling: a long answer's cache would
-    /// otherwise hold up to twice what it uses).
-    fn append(
-        cache: &mut Vec<f32>,
-        new: &[f32],
-        kv_heads: usize,
-        (s, i): (usize, usize),
-        d: usize,
-    ) {
-        let want = cache.len() + kv_heads * d;
-        if want > cache.capacity() {
-            let step = GROW_POSITIONS * kv_heads * d;
-            cache.reserve_exact(want.div_ceil(step) * step - cache.len());
-        }
-        for g in 0..kv_heads {
-            let at = (g * s + i) * d;
-            cache.extend_from_slice(&new[at..at + d]);
-        }
     }
 }
 
@@ -317,10 +348,7 @@ impl KvAttention {
         }
         let (k_new, v_new) = (floats(&k_new)?, floats(&v_new)?);
         for (i, r) in rows.iter().enumerate() {
-            let c = &mut st.caches[r.slot];
-            KvAttentionState::append(&mut c.k, k_new, kv_heads, (s, i), d);
-            KvAttentionState::append(&mut c.v, v_new, kv_heads, (s, i), d);
-            c.len += 1;
+            st.caches[r.slot].append((k_new, v_new), kv_heads, (s, i), d);
         }
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
 
@@ -381,10 +409,11 @@ impl KvAttention {
                 let (h, i) = (pair / s, pair % s);
                 let cache = &st.caches[rows[i].slot];
                 let len = cache.len;
+                let (k, v) = cache.head(h / group, d);
                 let view = |m| Rows {
                     m,
-                    stride: kv_heads * d,
-                    off: h / group * d,
+                    stride: d,
+                    off: 0,
                     d,
                 };
                 let (seen, mrow) = match mask {
@@ -398,7 +427,7 @@ impl KvAttention {
                 attend(
                     isa,
                     &q[pair * d..][..d],
-                    (view(&cache.k), view(&cache.v)),
+                    (view(k), view(v)),
                     scale,
                     mrow,
                     &mut scores[..seen],
@@ -490,6 +519,10 @@ fn attend(
     scores: &mut [f32],
     o: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::fits(isa, q.len()) {
+        return avx512::attend(isa, q, (k, v), scale, mask, scores, o);
+    }
     kernel::dots(isa, q, k, scores);
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {

@@ -240,6 +240,39 @@ fn truncating_forgets_the_tail_exactly() {
     }
 }
 
+/// A cache that grows past its room (every kv head's rows move to a larger buffer) keeps every
+/// head's history, and a truncated one grows again from where it was cut.
+#[test]
+fn caches_that_grow_past_their_room_keep_every_head() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let op = op(Some(Arc::new(Team::new(2))));
+    let mut state = new_state(&op);
+    let mut h = History::default();
+    let chunk = GROW_POSITIONS - 3;
+    for (i, s) in [chunk, 1, 1, 1, 1, 1].into_iter().enumerate() {
+        let (got, want) = step(&mut rng, &op, &mut state, &mut h, 6, 3, s, 16, None);
+        assert_close(&got, &want, &format!("chunk {i} of {s}"));
+    }
+    let kv = state.downcast_mut::<KvAttentionState>().unwrap();
+    assert_eq!(kv.len(), GROW_POSITIONS + 2);
+    let grown = kv.bytes();
+    assert_eq!(
+        grown,
+        2 * 2 * GROW_POSITIONS * 3 * 16 * 4,
+        "two steps of room, K and V"
+    );
+    kv.truncate(GROW_POSITIONS - 1);
+    h.len = GROW_POSITIONS - 1;
+    h.k.truncate(h.len * 3 * 16);
+    h.v.truncate(h.len * 3 * 16);
+    for t in 0..4 {
+        let (got, want) = step(&mut rng, &op, &mut state, &mut h, 6, 3, 1, 16, None);
+        assert_close(&got, &want, &format!("after truncate, step {t}"));
+    }
+    let kv = state.downcast_mut::<KvAttentionState>().unwrap();
+    assert_eq!(kv.bytes(), grown, "the room kept, not grown again");
+}
+
 #[test]
 fn shapes_that_do_not_fit_are_errors() {
     let op = op(None);
@@ -319,6 +352,110 @@ fn every_instruction_set_matches_plain_rust_on_awkward_sizes() {
                 );
             }
         }
+    }
+}
+
+/// One head's attention, each instruction set's path against the plain one and f64: head
+/// dimensions the AVX-512 path takes and not, lengths around its 16 keys, masks with `-inf`.
+#[test]
+fn every_instruction_set_attends_a_head_as_plain_rust_does() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for &isa in crate::cpu::tested_isas() {
+        for (d, kv_heads, len, masked) in [
+            (64, 3, 115, false),
+            (64, 3, 16, true),
+            (128, 2, 33, false),
+            (16, 1, 1, false),
+            (48, 2, 47, true),
+            (8, 1, 5, false),
+            (64, 1, 0, false),
+            (64, 3, 20, true),
+        ] {
+            let k = random(&mut rng, len * kv_heads * d);
+            let v = random(&mut rng, len * kv_heads * d);
+            let q = random(&mut rng, d);
+            let mut mask = random(&mut rng, len);
+            if masked && len > 3 {
+                mask[1] = f32::NEG_INFINITY;
+                mask[len - 2] = f32::NEG_INFINITY;
+            }
+            let mask = masked.then_some(&mask[..]);
+            for g in 0..kv_heads {
+                let rows = |m| Rows {
+                    m,
+                    stride: kv_heads * d,
+                    off: g * d,
+                    d,
+                };
+                let run = |isa| {
+                    let (mut scores, mut o) = (vec![f32::NAN; len], vec![f32::NAN; d]);
+                    attend(
+                        isa,
+                        &q,
+                        (rows(&k), rows(&v)),
+                        0.3,
+                        mask,
+                        &mut scores,
+                        &mut o,
+                    );
+                    o
+                };
+                let what = format!("{isa:?} d {d} len {len} masked {masked}");
+                assert_close(&run(isa), &run(Isa::Scalar), &what);
+                // and f64
+                let scores: Vec<f64> = (0..len)
+                    .map(|j| {
+                        let kj = &k[j * kv_heads * d + g * d..][..d];
+                        let dot: f64 = q.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        dot * 0.3 + mask.map_or(0.0, |m| m[j] as f64)
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                let want: Vec<f32> = (0..d)
+                    .map(|e| {
+                        let acc: f64 = (0..len)
+                            .map(|j| w[j] / sum * v[j * kv_heads * d + g * d + e] as f64)
+                            .sum();
+                        if len == 0 { 0.0 } else { acc as f32 }
+                    })
+                    .collect();
+                assert_close(&run(isa), &want, &format!("{what} vs f64"));
+            }
+        }
+    }
+}
+
+/// Every key masked gives zeros on every path.
+#[test]
+fn a_head_with_every_key_masked_attends_to_nothing() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (d, len) = (64, 20);
+    let (k, v, q) = (
+        random(&mut rng, len * d),
+        random(&mut rng, len * d),
+        random(&mut rng, d),
+    );
+    let mask = vec![f32::NEG_INFINITY; len];
+    for &isa in crate::cpu::tested_isas() {
+        let rows = |m| Rows {
+            m,
+            stride: d,
+            off: 0,
+            d,
+        };
+        let (mut scores, mut o) = (vec![0f32; len], vec![f32::NAN; d]);
+        attend(
+            isa,
+            &q,
+            (rows(&k), rows(&v)),
+            0.125,
+            Some(&mask),
+            &mut scores,
+            &mut o,
+        );
+        assert!(o.iter().all(|&x| x == 0.0), "{isa:?}: {o:?}");
     }
 }
 
@@ -469,4 +606,78 @@ fn rows_out_of_order_or_out_of_range_are_errors_that_change_nothing() {
     }
     let kv = state.downcast_ref::<KvAttentionState>().unwrap();
     assert_eq!((kv.slot_len(0), kv.slot_len(5), kv.slot_len(1)), (2, 1, 0));
+}
+
+/// Not a test: `cargo test --release -p fieldllm-engine --lib attention::tests::attend_speed --
+/// --ignored --nocapture` times one thread's attention of a 4-answer decode step of SmolLM2's
+/// shape (30 layers, 9 heads over 3 kv heads, d 64, 115 positions), 2 MB of other memory read
+/// between layers as the products would; and the time to read those caches once, straight.
+#[test]
+#[ignore]
+fn attend_speed() {
+    let (layers, answers, heads, kv_heads, d, len) = (30, 4, 9, 3, 64, 115);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..layers * answers)
+        .map(|_| {
+            (
+                random(&mut rng, len * kv_heads * d),
+                random(&mut rng, len * kv_heads * d),
+            )
+        })
+        .collect();
+    let q = random(&mut rng, heads * d);
+    let sweep = vec![1u8; 2 << 20];
+    let isa = Isa::best();
+    let mut o = vec![0f32; d];
+    let mut scores = vec![0f32; len];
+    let mut best = std::time::Duration::MAX;
+    let mut sink = 0u64;
+    for _ in 0..20 {
+        let mut t = std::time::Duration::ZERO;
+        for l in 0..layers {
+            sink += sweep.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
+            let start = std::time::Instant::now();
+            for a in 0..answers {
+                let (k, v) = &caches[l * answers + a];
+                for h in 0..heads {
+                    // the cache's layout: each kv head's rows apart
+                    let view = |m| Rows {
+                        m,
+                        stride: d,
+                        off: h / 3 * d * len,
+                        d,
+                    };
+                    attend(
+                        isa,
+                        &q[h * d..][..d],
+                        (view(k), view(v)),
+                        0.125,
+                        None,
+                        &mut scores,
+                        &mut o,
+                    );
+                }
+            }
+            t += start.elapsed();
+        }
+        best = best.min(t);
+    }
+    println!("{isa:?}: one 4-answer step's attention on one thread {best:?} ({sink})");
+    let mut read = std::time::Duration::MAX;
+    for _ in 0..20 {
+        let start = std::time::Instant::now();
+        for (k, v) in &caches {
+            for m in [k, v] {
+                let mut acc = [0u32; 16];
+                for c in m.chunks_exact(16) {
+                    for (a, x) in acc.iter_mut().zip(c) {
+                        *a = a.wrapping_add(x.to_bits());
+                    }
+                }
+                sink += acc.iter().map(|&a| a as u64).sum::<u64>();
+            }
+        }
+        read = read.min(start.elapsed());
+    }
+    println!("reading the same caches once, straight: {read:?} ({sink})");
 }

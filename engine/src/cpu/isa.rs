@@ -9,7 +9,7 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA: `vpmaddubsw` + `vpmaddwd`.
     Avx2,
-    /// x86-64 AVX-512 VNNI (256-bit): `vpdpbusd`.
+    /// x86-64 AVX-512 VNNI (256-bit): `vpdpbusd`; AVX-512F for attention.
     Avx512Vnni,
     /// aarch64 NEON: widening multiplies `smull` / `smlal`.
     Neon,
@@ -37,7 +37,10 @@ impl Isa {
                 && is_x86_feature_detected!("f16c")
             {
                 v.push(Isa::Avx2);
-                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+                {
                     v.push(Isa::Avx512Vnni);
                 }
             }
