@@ -1,4 +1,4 @@
-//! The two loops of one query's attention over a position-major cache, per instruction set:
+//! The two loops of one query's attention over a kv head's rows of the cache, per instruction set:
 //! the scores (`q . k_j` for every position `j`) and the weighted sum of the values
 //! (`sum_j w_j v_j`). Written with intrinsics because the compiler's vectorizer, given plain
 //! loops over four keys at once, interleaved the keys instead of walking the head dimension
@@ -13,15 +13,16 @@
 
 use crate::cpu::Isa;
 
-/// The vectors of one kv head in a position-major cache: position `j`'s is
+/// The vectors of one kv head in the cache: position `j`'s is
 /// `m[j * stride + off..][..d]`.
 #[derive(Clone, Copy, Debug)]
 pub struct Rows<'a> {
-    /// The whole cache, `[positions, kv heads, d]`.
+    /// The rows: a kv head's own (`[positions, d]`, the cache's layout), or every head's by
+    /// position (`[positions, kv heads, d]`).
     pub m: &'a [f32],
-    /// Values per position (kv heads x d).
+    /// Values from one position's vector to the next (d, or kv heads x d).
     pub stride: usize,
-    /// Where this head's vector starts within a position (head x d).
+    /// Where the head's first vector starts (0, or head x d).
     pub off: usize,
     /// The head dimension.
     pub d: usize,

@@ -384,8 +384,16 @@ impl KvAttention {
             None => None,
         };
         let pairs = heads * s;
-        let threads = self.team.as_ref().map_or(1, |t| t.threads()).min(pairs);
+        let team = self.team.as_ref().map_or(1, |t| t.threads());
+        let threads = team.min(pairs);
         let isa = Isa::best();
+        // a group's heads together when there are enough groups to share out evenly (not one
+        // answer's decode step: its 3 groups would leave a thread of 2 idle a third of the time)
+        #[cfg(target_arch = "x86_64")]
+        if mask.is_none() && group > 1 && avx512::fits(isa, d) && kv_heads * s >= 4 * team {
+            self.group_queries(st, q, rows, scale, out);
+            return Ok(());
+        }
         // each part takes its own contiguous run of `out`; the mutexes are never contended
         let mut rest = &mut out[..];
         let mut parts = Vec::with_capacity(threads);
@@ -440,6 +448,81 @@ impl KvAttention {
             _ => job(0),
         }
         Ok(())
+    }
+}
+
+impl KvAttention {
+    /// [`Self::queries`] a kv head's group of heads at a time ([`avx512::attend_group`]): the
+    /// (kv head, row) units split over the team in equal runs, each computed into a scratch
+    /// of its own and put in place after.
+    #[cfg(target_arch = "x86_64")]
+    fn group_queries(
+        &self,
+        st: &KvAttentionState,
+        q: &[f32],
+        rows: &[Row],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let (kv_heads, d, s) = (st.kv_heads, st.d, rows.len());
+        let group = q.len() / (s * d) / kv_heads;
+        let units = kv_heads * s;
+        let threads = self.team.as_ref().map_or(1, |t| t.threads()).min(units);
+        let isa = Isa::best();
+        let mut scratch = vec![0f32; units * group * d];
+        let mut rest = &mut scratch[..];
+        let mut parts = Vec::with_capacity(threads);
+        for p in 0..threads {
+            let r = part_of(units, threads, 1, p);
+            let (mine, tail) = rest.split_at_mut(r.len() * group * d);
+            parts.push(Mutex::new((r, mine)));
+            rest = tail;
+        }
+        let seen = |r: &Row| {
+            if self.causal {
+                r.pos + 1
+            } else {
+                st.caches[r.slot].len
+            }
+        };
+        let longest = rows.iter().map(seen).max().unwrap_or(0);
+        let job = |p: usize| {
+            let Some(part) = parts.get(p) else { return };
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            let (range, out) = &mut *part;
+            let mut scores = vec![0f32; group * longest.max(1)];
+            for (u, o) in range.clone().zip(out.chunks_exact_mut(group * d)) {
+                let (g, i) = (u / s, u % s);
+                let seen = seen(&rows[i]);
+                let (k, v) = st.caches[rows[i].slot].head(g, d);
+                let view = |m| Rows {
+                    m,
+                    stride: d,
+                    off: 0,
+                    d,
+                };
+                let first = &q[(g * group * s + i) * d..];
+                avx512::attend_group(
+                    isa,
+                    (first, s * d),
+                    (view(k), view(v)),
+                    scale,
+                    seen,
+                    &mut scores[..group * seen],
+                    o,
+                );
+            }
+        };
+        match &self.team {
+            Some(team) if threads > 1 => team.run(&job),
+            _ => job(0),
+        }
+        for (u, o) in scratch.chunks_exact(group * d).enumerate() {
+            let (g, i) = (u / s, u % s);
+            for (t, o) in o.chunks_exact(d).enumerate() {
+                out[((g * group + t) * s + i) * d..][..d].copy_from_slice(o);
+            }
+        }
     }
 }
 

@@ -427,6 +427,79 @@ fn every_instruction_set_attends_a_head_as_plain_rust_does() {
     }
 }
 
+/// A kv head's group of heads at once (AVX-512) against each head by plain Rust, and bit for
+/// bit against each head alone on AVX-512: group sizes 1 to 8 (passes of up to 4 heads, of 1 at
+/// d 128), lengths around 16, none.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_group_of_heads_attends_as_each_head_alone() {
+    let isa = Isa::best();
+    if !super::avx512::fits(isa, 64) {
+        return; // no AVX-512 here
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    for (d, group, len) in [
+        (64, 3, 115),
+        (64, 4, 16),
+        (128, 4, 33),
+        (128, 3, 7),
+        (16, 8, 47),
+        (32, 5, 1),
+        (64, 2, 0),
+        (48, 1, 18),
+    ] {
+        let (k, v) = (random(&mut rng, len * d), random(&mut rng, len * d));
+        let stride = 3 * d; // queries of one row: one head's apart from the next
+        let q = random(&mut rng, group * stride);
+        let rows = |m| Rows {
+            m,
+            stride: d,
+            off: 0,
+            d,
+        };
+        let mut got = vec![f32::NAN; group * d];
+        let mut scores = vec![f32::NAN; group * len];
+        super::avx512::attend_group(
+            isa,
+            (&q, stride),
+            (rows(&k), rows(&v)),
+            0.3,
+            len,
+            &mut scores,
+            &mut got,
+        );
+        for h in 0..group {
+            let mut want = vec![f32::NAN; d];
+            let mut sc = vec![0f32; len];
+            attend(
+                Isa::Scalar,
+                &q[h * stride..][..d],
+                (rows(&k), rows(&v)),
+                0.3,
+                None,
+                &mut sc,
+                &mut want,
+            );
+            let what = format!("d {d} group {group} len {len} head {h}");
+            assert_close(&got[h * d..][..d], &want, &what);
+            // and the same bits as the head alone on AVX-512: an answer's tokens must not
+            // depend on whether its step ran grouped (several answers) or not (one)
+            let mut alone = vec![f32::NAN; d];
+            attend(
+                isa,
+                &q[h * stride..][..d],
+                (rows(&k), rows(&v)),
+                0.3,
+                None,
+                &mut sc,
+                &mut alone,
+            );
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got[h * d..][..d]), bits(&alone), "{what}: bits");
+        }
+    }
+}
+
 /// Every key masked gives zeros on every path.
 #[test]
 fn a_head_with_every_key_masked_attends_to_nothing() {
@@ -574,6 +647,38 @@ fn rows_of_several_conversations_each_see_their_own_cache() {
     }
 }
 
+/// SmolLM2's shape (9 heads over 3 kv heads, d 64): a decode step of four answers at
+/// different lengths, and a prompt chunk beside them, on one and two threads (the kv head's
+/// group of heads together on AVX-512) match the reference.
+#[test]
+fn decode_steps_of_four_answers_match_the_reference() {
+    let dims = (9, 3, 64);
+    for threads in [1, 2] {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let mut op = op((threads > 1).then(|| Arc::new(Team::new(threads))));
+        op.rows = true;
+        let mut state = new_state(&op);
+        let mut hists: Vec<History> = (0..4).map(|_| History::default()).collect();
+        let steps: [&[(usize, usize)]; 5] = [
+            &[(0, 21), (1, 3), (2, 17), (3, 40)],
+            &[(0, 1), (1, 1), (2, 1), (3, 1)],
+            &[(3, 1), (1, 1), (0, 1), (2, 1)],
+            &[(0, 1), (1, 1), (2, 1), (3, 1)],
+            &[(0, 1), (1, 9), (2, 1), (3, 1)],
+        ];
+        for (t, plan) in steps.into_iter().enumerate() {
+            let res = rows_step(&mut rng, &op, &mut state, &mut hists, plan, dims).unwrap();
+            for ((got, want), (slot, n)) in res.iter().zip(plan) {
+                assert_close(
+                    got,
+                    want,
+                    &format!("{threads} threads, step {t}, slot {slot} x{n}"),
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn rows_out_of_order_or_out_of_range_are_errors_that_change_nothing() {
     let mut op = op(None);
@@ -663,6 +768,42 @@ fn attend_speed() {
         best = best.min(t);
     }
     println!("{isa:?}: one 4-answer step's attention on one thread {best:?} ({sink})");
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::fits(isa, d) {
+        let mut best = std::time::Duration::MAX;
+        let mut out = vec![0f32; 3 * d];
+        let mut scores = vec![0f32; 3 * len];
+        for _ in 0..20 {
+            let mut t = std::time::Duration::ZERO;
+            for l in 0..layers {
+                sink += sweep.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
+                let start = std::time::Instant::now();
+                for a in 0..answers {
+                    let (k, v) = &caches[l * answers + a];
+                    for g in 0..kv_heads {
+                        let view = |m| Rows {
+                            m,
+                            stride: d,
+                            off: g * d * len,
+                            d,
+                        };
+                        super::avx512::attend_group(
+                            isa,
+                            (&q[g * 3 * d..], d),
+                            (view(k), view(v)),
+                            0.125,
+                            len,
+                            &mut scores,
+                            &mut out,
+                        );
+                    }
+                }
+                t += start.elapsed();
+            }
+            best = best.min(t);
+        }
+        println!("the same, a kv head's group of heads together: {best:?} ({sink})");
+    }
     let mut read = std::time::Duration::MAX;
     for _ in 0..20 {
         let start = std::time::Instant::now();
