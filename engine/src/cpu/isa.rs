@@ -9,7 +9,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA: `vpmaddubsw` + `vpmaddwd`.
     Avx2,
-    /// x86-64 AVX-512 VNNI (256-bit): `vpdpbusd`; AVX-512F for attention.
+    /// x86-64 AVX-512 VNNI: `vpdpbusd` (256-bit, and 512-bit for the 4-bit forms); AVX-512F
+    /// and BW for attention and those 512-bit tiles.
     Avx512Vnni,
     /// aarch64 NEON: widening multiplies `smull` / `smlal`.
     Neon,
@@ -38,6 +39,7 @@ impl Isa {
             {
                 v.push(Isa::Avx2);
                 if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512vl")
                 {

@@ -38,6 +38,8 @@ pub(crate) const EIGHT_BIT_HALF: u8 = 2;
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod i8mm;
 #[cfg(target_arch = "x86_64")]
@@ -157,7 +159,11 @@ unsafe fn run_groups(isa: Isa, w: &Packed<'_>, groups: Range<usize>, x: &Quantiz
         Isa::Avx2 => unsafe { x86::gemm_avx2(w, groups, x, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract
-        Isa::Avx512Vnni => unsafe { x86::gemm_vnni(w, groups, x, out) },
+        Isa::Avx512Vnni => unsafe {
+            // the 4-bit forms two groups at a time on 512-bit registers, the rest on 256
+            let left = avx512::gemm_pairs(w, groups, x, out);
+            x86::gemm_vnni(w, left, x, out)
+        },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above
         Isa::Neon => unsafe { arm::gemm_neon(w, groups, x, out) },

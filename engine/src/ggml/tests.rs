@@ -489,3 +489,43 @@ fn packed_forms_read_the_gguf_bytes() {
     assert_eq!(per_row_block(BlockKind::Q5_0), 22.0);
     assert_eq!(per_row_block(BlockKind::Q4K), 18.5);
 }
+
+/// A row's product has the same bits in a tile of any height, on every instruction set: alone
+/// (a decode step), among 2-4 rows (answers decoded together) or among 8 or more (a prompt's
+/// chunk, which AVX-512 runs on 512-bit tiles of two row groups, an odd last group on the
+/// 256-bit kernel). An answer's tokens must not depend on the batch it ran in.
+#[test]
+fn a_row_has_the_same_bits_in_a_tile_of_any_height() {
+    let isas = crate::cpu::tested_isas();
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    for kind in KINDS {
+        // 9 groups (pairs and an odd last one), 2 groups, one partial group
+        for (n, k) in [(67, 224), (16, 576), (5, 96)] {
+            let k = row_len(kind, k);
+            let bytes = random_packed(&mut rng, kind, n, k);
+            let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
+            for rows in [2, 4, 8, 9, 37] {
+                let x = random_acts(&mut rng, rows, k);
+                let mut q = QuantizedActs::default();
+                q.quantize(&x, rows, k);
+                for &isa in isas {
+                    let mut all = vec![f32::NAN; rows * n];
+                    gemm(isa, &p, &q, &mut all);
+                    for (r, want) in all.chunks_exact(n).enumerate() {
+                        let mut one = QuantizedActs::default();
+                        one.quantize(&x[r * k..(r + 1) * k], 1, k);
+                        let mut alone = vec![f32::NAN; n];
+                        gemm(isa, &p, &one, &mut alone);
+                        assert!(
+                            alone
+                                .iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} {kind:?} n={n} k={k}: row {r} of {rows} differs from alone"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

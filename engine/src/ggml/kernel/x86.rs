@@ -44,7 +44,11 @@ fn dp_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
 /// `w` is of `F`'s kind, `g` and `b` a group and block of it.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn four_bit<const F: u8>(w: &Packed<'_>, g: usize, b: usize) -> (*const u8, __m256, __m256) {
+pub(super) unsafe fn four_bit<const F: u8>(
+    w: &Packed<'_>,
+    g: usize,
+    b: usize,
+) -> (*const u8, __m256, __m256) {
     let widen = |p: *const u8| {
         // SAFETY: the caller's block holds 8 f16 at p
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
