@@ -22,6 +22,22 @@ use std::arch::x86_64::*;
 use super::kernel::Rows;
 use crate::cpu::Isa;
 
+/// `$f::<W>(args)` for `W = d / 16` (1..=8): a head's output stays in `W` registers, so each
+/// width the kernels take is its own instance.
+macro_rules! by_width {
+    ($d:expr, $f:ident($($a:expr),*)) => {
+        match $d / 16 {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            7 => $f::<7>($($a),*),
+            _ => $f::<8>($($a),*),
+        }
+    };
+}
 /// Whether this path runs for `isa` and head dimension `d`.
 pub fn fits(isa: Isa, d: usize) -> bool {
     isa == Isa::Avx512Vnni && d.is_multiple_of(16) && (16..=128).contains(&d)
@@ -61,18 +77,7 @@ pub fn attend(
         mask,
     };
     // SAFETY: the CPU has AVX-512 (Isa::Avx512Vnni detects it); the bounds are checked above
-    unsafe {
-        match d / 16 {
-            1 => head::<1>(x, scores, o),
-            2 => head::<2>(x, scores, o),
-            3 => head::<3>(x, scores, o),
-            4 => head::<4>(x, scores, o),
-            5 => head::<5>(x, scores, o),
-            6 => head::<6>(x, scores, o),
-            7 => head::<7>(x, scores, o),
-            _ => head::<8>(x, scores, o),
-        }
-    }
+    unsafe { by_width!(d, head(x, scores, o)) }
 }
 
 /// One head's inputs.
@@ -153,6 +158,23 @@ unsafe fn scores_of<const N: usize>(x: Head<'_>, scores: &mut [f32]) -> f32 {
         max = max.max(s);
     }
     max
+}
+
+/// The largest of `scores`, 16 at a time (a scalar fold took ~0.1 ms of a 4-answer step).
+#[target_feature(enable = "avx512f")]
+fn max_of(scores: &[f32]) -> f32 {
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for chunk in scores.chunks(16) {
+        let live: __mmask16 = if chunk.len() == 16 {
+            0xffff
+        } else {
+            (1u16 << chunk.len()) - 1
+        };
+        // SAFETY: the mask covers the chunk's values only
+        let s = unsafe { _mm512_maskz_loadu_ps(live, chunk.as_ptr()) };
+        m = _mm512_mask_max_ps(m, live, m, s);
+    }
+    _mm512_reduce_max_ps(m)
 }
 
 /// `scores[j] = exp(scores[j] - max)`; returns their sum.
@@ -246,18 +268,7 @@ pub fn attend_group(
         len,
     };
     // SAFETY: the CPU has AVX-512 (Isa::Avx512Vnni detects it); the bounds are checked above
-    unsafe {
-        match d / 16 {
-            1 => group_of::<1>(x, scores, o),
-            2 => group_of::<2>(x, scores, o),
-            3 => group_of::<3>(x, scores, o),
-            4 => group_of::<4>(x, scores, o),
-            5 => group_of::<5>(x, scores, o),
-            6 => group_of::<6>(x, scores, o),
-            7 => group_of::<7>(x, scores, o),
-            _ => group_of::<8>(x, scores, o),
-        }
-    }
+    unsafe { by_width!(d, group_of(x, scores, o)) }
 }
 
 /// One group's inputs.
@@ -286,8 +297,7 @@ unsafe fn group_of<const N: usize>(x: Group<'_>, scores: &mut [f32], o: &mut [f3
         let p = (16 / N).clamp(1, 4).min(x.group - h0);
         for (h, inv) in (h0..h0 + p).zip(&mut inv) {
             let row = &mut scores[h * len..][..len];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            *inv = 1.0 / exp_in_place(row, max);
+            *inv = 1.0 / exp_in_place(row, max_of(row));
         }
         let w = &scores[h0 * len..];
         let out = &mut o[h0 * d..];

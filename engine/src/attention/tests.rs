@@ -733,76 +733,73 @@ fn attend_speed() {
     let q = random(&mut rng, heads * d);
     let sweep = vec![1u8; 2 << 20];
     let isa = Isa::best();
-    let mut o = vec![0f32; d];
-    let mut scores = vec![0f32; len];
-    let mut best = std::time::Duration::MAX;
     let mut sink = 0u64;
-    for _ in 0..20 {
-        let mut t = std::time::Duration::ZERO;
-        for l in 0..layers {
-            sink += sweep.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
-            let start = std::time::Instant::now();
-            for a in 0..answers {
-                let (k, v) = &caches[l * answers + a];
-                for h in 0..heads {
-                    // the cache's layout: each kv head's rows apart
-                    let view = |m| Rows {
-                        m,
-                        stride: d,
-                        off: h / 3 * d * len,
-                        d,
-                    };
-                    attend(
-                        isa,
-                        &q[h * d..][..d],
-                        (view(k), view(v)),
-                        0.125,
-                        None,
-                        &mut scores,
-                        &mut o,
-                    );
-                }
-            }
-            t += start.elapsed();
-        }
-        best = best.min(t);
-    }
-    println!("{isa:?}: one 4-answer step's attention on one thread {best:?} ({sink})");
-    #[cfg(target_arch = "x86_64")]
-    if super::avx512::fits(isa, d) {
+    // the best of 20 rounds of `step(layer's caches of each answer)` over every layer, with
+    // 2 MB of other memory read between layers, as the products do
+    type Caches = [(Vec<f32>, Vec<f32>)];
+    let mut time = |step: &mut dyn FnMut(&Caches)| {
         let mut best = std::time::Duration::MAX;
-        let mut out = vec![0f32; 3 * d];
-        let mut scores = vec![0f32; 3 * len];
         for _ in 0..20 {
             let mut t = std::time::Duration::ZERO;
             for l in 0..layers {
                 sink += sweep.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
                 let start = std::time::Instant::now();
-                for a in 0..answers {
-                    let (k, v) = &caches[l * answers + a];
-                    for g in 0..kv_heads {
-                        let view = |m| Rows {
-                            m,
-                            stride: d,
-                            off: g * d * len,
-                            d,
-                        };
-                        super::avx512::attend_group(
-                            isa,
-                            (&q[g * 3 * d..], d),
-                            (view(k), view(v)),
-                            0.125,
-                            len,
-                            &mut scores,
-                            &mut out,
-                        );
-                    }
-                }
+                step(&caches[l * answers..][..answers]);
                 t += start.elapsed();
             }
             best = best.min(t);
         }
-        println!("the same, a kv head's group of heads together: {best:?} ({sink})");
+        best
+    };
+    let (mut o, mut scores) = (vec![0f32; d], vec![0f32; len]);
+    let best = time(&mut |layer| {
+        for (k, v) in layer {
+            for h in 0..heads {
+                // the cache's layout: each kv head's rows apart
+                let view = |m| Rows {
+                    m,
+                    stride: d,
+                    off: h / 3 * d * len,
+                    d,
+                };
+                attend(
+                    isa,
+                    &q[h * d..][..d],
+                    (view(k), view(v)),
+                    0.125,
+                    None,
+                    &mut scores,
+                    &mut o,
+                );
+            }
+        }
+    });
+    println!("{isa:?}: one 4-answer step's attention on one thread {best:?}");
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::fits(isa, d) {
+        let (mut out, mut scores) = (vec![0f32; 3 * d], vec![0f32; 3 * len]);
+        let best = time(&mut |layer| {
+            for (k, v) in layer {
+                for g in 0..kv_heads {
+                    let view = |m| Rows {
+                        m,
+                        stride: d,
+                        off: g * d * len,
+                        d,
+                    };
+                    super::avx512::attend_group(
+                        isa,
+                        (&q[g * 3 * d..], d),
+                        (view(k), view(v)),
+                        0.125,
+                        len,
+                        &mut scores,
+                        &mut out,
+                    );
+                }
+            }
+        });
+        println!("the same, a kv head's group of heads together: {best:?}");
     }
     let mut read = std::time::Duration::MAX;
     for _ in 0..20 {
