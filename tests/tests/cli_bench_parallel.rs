@@ -19,7 +19,10 @@ fn tiny_bench(args: &[&str]) -> String {
 
 #[test]
 fn answers_started_together_are_all_counted() {
-    let out = tiny_bench(&["--parallel", "1", "--parallel", "3", "--gen", "8", "--json"]);
+    // 64 tokens an answer: the tiny model answers 8 in about a millisecond, which a loaded
+    // machine can let one answer finish before the next one's thread has started (CI saw three
+    // answers run one after another, one a run)
+    let out = tiny_bench(&["--parallel", "1", "--parallel", "3", "--gen", "64", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     eprintln!("{r}");
     let rows = r["rows"].as_array().unwrap();
@@ -28,7 +31,7 @@ fn answers_started_together_are_all_counted() {
         assert_eq!(row["answers"], n);
         // every answer gives at least one token and at most what it asked for
         let tokens = row["tokens"].as_u64().unwrap();
-        assert!((n..=8 * n).contains(&tokens), "{row}");
+        assert!((n..=64 * n).contains(&tokens), "{row}");
         let agg = row["aggregate_tok_s"].as_f64().unwrap();
         let wall = row["wall_s"].as_f64().unwrap();
         assert!((agg * wall - tokens as f64).abs() < 0.5, "{row}");
