@@ -22,7 +22,15 @@ fn answers_started_together_are_all_counted() {
     // 64 tokens an answer: the tiny model answers 8 in about a millisecond, which a loaded
     // machine can let one answer finish before the next one's thread has started (CI saw three
     // answers run one after another, one a run)
-    let out = tiny_bench(&["--parallel", "1", "--parallel", "3", "--gen", "64", "--json"]);
+    let out = tiny_bench(&[
+        "--parallel",
+        "1",
+        "--parallel",
+        "3",
+        "--gen",
+        "64",
+        "--json",
+    ]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     eprintln!("{r}");
     let rows = r["rows"].as_array().unwrap();
