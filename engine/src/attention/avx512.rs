@@ -160,16 +160,18 @@ unsafe fn scores_of<const N: usize>(x: Head<'_>, scores: &mut [f32]) -> f32 {
     max
 }
 
+/// The lanes of a chunk of `n <= 16` values.
+#[inline(always)]
+fn live(n: usize) -> __mmask16 {
+    if n == 16 { 0xffff } else { (1u16 << n) - 1 }
+}
+
 /// The largest of `scores`, 16 at a time (a scalar fold took ~0.1 ms of a 4-answer step).
 #[target_feature(enable = "avx512f")]
 fn max_of(scores: &[f32]) -> f32 {
     let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
     for chunk in scores.chunks(16) {
-        let live: __mmask16 = if chunk.len() == 16 {
-            0xffff
-        } else {
-            (1u16 << chunk.len()) - 1
-        };
+        let live = live(chunk.len());
         // SAFETY: the mask covers the chunk's values only
         let s = unsafe { _mm512_maskz_loadu_ps(live, chunk.as_ptr()) };
         m = _mm512_mask_max_ps(m, live, m, s);
@@ -183,11 +185,7 @@ fn exp_in_place(scores: &mut [f32], max: f32) -> f32 {
     let m = _mm512_set1_ps(max);
     let mut sum = _mm512_setzero_ps();
     for chunk in scores.chunks_mut(16) {
-        let live: __mmask16 = if chunk.len() == 16 {
-            0xffff
-        } else {
-            (1u16 << chunk.len()) - 1
-        };
+        let live = live(chunk.len());
         let p = chunk.as_mut_ptr();
         // SAFETY: the mask covers the chunk's values only
         let e = exp16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(live, p) }, m));

@@ -15,7 +15,7 @@ use std::ops::Range;
 use super::super::packed::{GROUP, Packed};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
 use super::x86::four_bit;
-use super::{FOUR_BIT, FOUR_BIT_K, FOUR_BIT_ZERO, Out};
+use super::{FOUR_BIT, FOUR_BIT_K, FOUR_BIT_ZERO, Out, drive_tiles};
 
 /// `lo` in lanes 0..8, `hi` in 8..16.
 #[target_feature(enable = "avx512f")]
@@ -108,8 +108,8 @@ unsafe fn pair<const C: usize, const F: u8>(
     }
 }
 
-/// Every tile of `F`'s row groups `groups` taken two at a time: 8 activation rows at a time,
-/// then 4, 2, 1. Returns the groups left (the last of an odd count).
+/// Every tile of `F`'s row groups `groups` taken two at a time, activation rows walked as
+/// every kernel walks them ([`drive_tiles`]: 8 at a time, then 4, 2, 1). Returns the groups left (the last of an odd count).
 ///
 /// # Safety
 /// As [`pair`], for every group of `groups`.
@@ -122,25 +122,8 @@ unsafe fn pairs<const F: u8>(
 ) -> Range<usize> {
     let mut g = groups.start;
     while g + 2 <= groups.end {
-        let mut c = 0;
-        // SAFETY: g and g + 1 lie in the caller's groups
-        unsafe {
-            while c + 8 <= x.rows {
-                pair::<8, F>(w, g, x, c, out);
-                c += 8;
-            }
-            if c + 4 <= x.rows {
-                pair::<4, F>(w, g, x, c, out);
-                c += 4;
-            }
-            if c + 2 <= x.rows {
-                pair::<2, F>(w, g, x, c, out);
-                c += 2;
-            }
-            if c < x.rows {
-                pair::<1, F>(w, g, x, c, out);
-            }
-        }
+        // SAFETY: g and g + 1 lie in the caller's groups; each tile starting at g takes both
+        unsafe { drive_tiles!(pair::<F>, w, g..g + 1, x, out, eights if true) };
         g += 2;
     }
     g..groups.end
