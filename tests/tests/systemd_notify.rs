@@ -137,7 +137,9 @@ async fn an_answer_without_a_token_for_stall_s_stops_the_watchdog() {
             "sd3",
             "smollm2-135m-instruct.gguf",
             "stall_s = 1\n",
-        ),
+        )
+        // room for the long prompt below
+        .replace("max_prompt_bytes = 2048", "max_prompt_bytes = 8192"),
         &[
             ("NOTIFY_SOCKET", path.as_os_str()),
             ("WATCHDOG_USEC", "400000".as_ref()),
@@ -149,7 +151,9 @@ async fn an_answer_without_a_token_for_stall_s_stops_the_watchdog() {
     tokio::task::block_in_place(|| {
         recv_until(&sock, &mut seen, "READY=1", Duration::from_secs(60));
     });
-    let prompt = "The hydraulic pump of line 3 loses pressure under load. ".repeat(34);
+    // ~1,700 tokens (6.8 KB; `max_prompt_bytes` raised for it): 34 repeats prefilled in ~1.1 s once the
+    // prompt kernels got faster, too close to stall_s; this outlasts it by a few times
+    let prompt = "The hydraulic pump of line 3 loses pressure under load. ".repeat(120);
     c.request(
         "sd3",
         format!(r#"{{"id":"s1","prompt":"{prompt}","maxTokens":2}}"#),
