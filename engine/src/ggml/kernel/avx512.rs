@@ -5,6 +5,12 @@
 //! multiply-adds per instruction; several activation rows (answers decoded together, prefill)
 //! are where the 256-bit kernel was bound by its instructions rather than by the weights' reads.
 //!
+//! From 2 to 7 activation rows (a decode step of 2 to 7 answers) the 4-bit forms and the
+//! 8-bit forms with one scale take [`spread`] and [`spread8`]: one group, 8 rows, each row's 8
+//! values in a 64-bit lane against one 64-bit activation broadcast, half the 256-bit kernel's
+//! `vpdpbusd`s (SmolLM2's 1536 x 576 products in cache, one thread, `gemm_bench 2 4`, GMAC/s:
+//! Q4_1 135 -> 156 at 2 rows, 165 -> 194 at 4; Q8_0 at 4 rows 85 on AVX2 -> 161).
+//!
 //! Each lane does exactly what the 256-bit kernel does for its row (integer sums, then the same
 //! `d * xd`, the same two fused multiply-adds per block), so a product has the same bits on
 //! either kernel, and in a tile of any height.
@@ -12,10 +18,10 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::super::packed::{GROUP, Packed};
+use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
 use super::x86::four_bit;
-use super::{FOUR_BIT, FOUR_BIT_K, FOUR_BIT_ZERO, Out, drive_tiles};
+use super::{EIGHT_BIT, EIGHT_BIT_MIN, FOUR_BIT, FOUR_BIT_K, FOUR_BIT_ZERO, Out, drive_tiles};
 
 /// `lo` in lanes 0..8, `hi` in 8..16.
 #[target_feature(enable = "avx512f")]
@@ -108,6 +114,149 @@ unsafe fn pair<const C: usize, const F: u8>(
     }
 }
 
+/// One row group of a 4-bit form (`F`: Q4_1, Q4_0 or Q4_K) x C activation rows, for the few
+/// rows of a decode step: each 32-bit lane of a group's 256-bit vector (4 bytes of one row)
+/// widened to 64 bits, its low nibbles in the low half and its high nibbles in the high half,
+/// so one `vpdpbusd` takes 8 values of each of the 8 rows against one 64-bit broadcast of 8
+/// activation bytes, where the 256-bit kernel takes two. One group, one stream of weights, as
+/// the 256-bit kernel reads them. A row's two halves are summed as integers before the scale
+/// step (exact), which is then the 256-bit kernel's, lane for lane: the same bits.
+///
+/// # Safety
+/// The CPU has the features below; `g` is a group of `w`, of `F`'s kind; `out` as
+/// [`super::run_groups`] asks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,avx2,fma,f16c")]
+unsafe fn spread<const C: usize, const F: u8>(
+    w: &Packed<'_>,
+    g: usize,
+    x: &QuantizedActs,
+    c0: usize,
+    out: Out,
+) {
+    let nb = w.blocks_per_row();
+    let mut acc = [_mm256_setzero_ps(); C];
+    let mask = _mm512_set1_epi8(0x0f);
+    for b in 0..nb {
+        // SAFETY: g and b are a group and block of w, of F's kind (the caller's contract)
+        let (vals, d, m) = unsafe { four_bit::<F>(w, g, b) };
+        // two chains a row (even and odd vectors), so the dot products overlap
+        let mut even = [_mm512_setzero_si512(); C];
+        let mut odd = [_mm512_setzero_si512(); C];
+        for v in 0..4 {
+            // SAFETY: each block holds 4 vectors of 32 bytes of values
+            let q = _mm512_cvtepu32_epi64(unsafe {
+                _mm256_loadu_si256(vals.add(v * 32) as *const __m256i)
+            });
+            // (q | q << 28) & 0x0f..: the low half's nibbles, then the high half's in bits 32..
+            let t = _mm512_ternarylogic_epi64::<0xa8>(q, _mm512_slli_epi64::<28>(q), mask);
+            for c in 0..C {
+                // SAFETY: row c0 + c of x has nb blocks of 32 bytes; xp..xp + 8 lie in one
+                let x8 = _mm512_set1_epi64(unsafe {
+                    let xp = x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8);
+                    std::ptr::read_unaligned(xp as *const i64)
+                });
+                if v % 2 == 0 {
+                    even[c] = _mm512_dpbusd_epi32(even[c], t, x8);
+                } else {
+                    odd[c] = _mm512_dpbusd_epi32(odd[c], t, x8);
+                }
+            }
+        }
+        for c in 0..C {
+            let s = _mm512_add_epi32(even[c], odd[c]);
+            // each row's two halves added in the low half, which the narrowing keeps
+            let sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)));
+            let xi = (c0 + c) * nb + b;
+            let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
+            acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
+            acc[c] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s[xi]), acc[c]);
+        }
+    }
+    for (c, acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; GROUP];
+        // SAFETY: lanes holds 8 f32
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+        // SAFETY: the caller owns this group's columns
+        unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
+    }
+}
+
+/// One row group of an 8-bit form with one scale a block (`K`: Q8_0, Q8_MIN) x C activation
+/// rows on 512-bit registers: two of the group's 256-bit vectors (values `4ch..4ch + 4` and
+/// the next 4 of each row) interleaved so a row's 8 values sit in one 64-bit lane, against
+/// one 64-bit broadcast of 8 activation bytes: one `vpdpbusd` where the 256-bit kernel
+/// ([`super::x86`]) takes two. The sign moved onto the activation as there; a row's two halves
+/// summed as integers before the scale step, which is the 256-bit kernel's: the same bits.
+///
+/// # Safety
+/// As [`spread`], `w` of `K`'s kind.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,avx2,fma,f16c")]
+unsafe fn spread8<const C: usize, const K: u8>(
+    w: &Packed<'_>,
+    g: usize,
+    x: &QuantizedActs,
+    c0: usize,
+    out: Out,
+) {
+    let nb = w.blocks_per_row();
+    let mut acc = [_mm256_setzero_ps(); C];
+    let vo = values_offset(w.kind);
+    // lane 2r: row r of the first vector, lane 2r + 1: row r of the second
+    let pairs = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    for b in 0..nb {
+        let blk = w.group_block(g, b).as_ptr();
+        let mut even = [_mm512_setzero_si512(); C];
+        let mut odd = [_mm512_setzero_si512(); C];
+        for p in 0..4 {
+            // SAFETY: a group block holds 8 vectors of 32 bytes after the scales
+            let wv = _mm512_permutexvar_epi32(pairs, unsafe {
+                _mm512_loadu_si512(blk.add(vo + p * 64) as *const __m512i)
+            });
+            let wabs = _mm512_abs_epi8(wv);
+            // the weights' signs moved onto the activations: -x where w < 0 (where w == 0,
+            // `vpsignb`'s zero is the product's anyway: |w| is 0)
+            let neg = _mm512_movepi8_mask(wv);
+            for c in 0..C {
+                // SAFETY: row c0 + c of x has nb blocks of 32 bytes; these 8 lie in one
+                let x8 = _mm512_set1_epi64(unsafe {
+                    let xp = x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + p * 8);
+                    std::ptr::read_unaligned(xp as *const i64)
+                });
+                let xs = _mm512_mask_sub_epi8(x8, neg, _mm512_setzero_si512(), x8);
+                if p % 2 == 0 {
+                    even[c] = _mm512_dpbusd_epi32(even[c], wabs, xs);
+                } else {
+                    odd[c] = _mm512_dpbusd_epi32(odd[c], wabs, xs);
+                }
+            }
+        }
+        // SAFETY: the scales are the block's first 32 bytes, Q8_MIN's minimums the next 32
+        let (d, min) = unsafe {
+            (
+                _mm256_loadu_ps(blk as *const f32),
+                _mm256_loadu_ps(blk.add(GROUP * 4) as *const f32),
+            )
+        };
+        for c in 0..C {
+            let s = _mm512_add_epi32(even[c], odd[c]);
+            let sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)));
+            let xi = (c0 + c) * nb + b;
+            let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
+            acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
+            if K == EIGHT_BIT_MIN {
+                acc[c] = _mm256_fmadd_ps(min, _mm256_set1_ps(x.s[xi]), acc[c]);
+            }
+        }
+    }
+    for (c, acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; GROUP];
+        // SAFETY: lanes holds 8 f32
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+        // SAFETY: the caller owns this group's columns
+        unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
+    }
+}
+
 /// Every tile of `F`'s row groups `groups` taken two at a time, activation rows walked as
 /// every kernel walks them ([`drive_tiles`]: 8 at a time, then 4, 2, 1). Returns the groups left (the last of an odd count).
 ///
@@ -136,9 +285,15 @@ unsafe fn pairs<const F: u8>(
 /// threads: 1 row 1.52 -> 1.97 ms, 4 rows 1.83 -> 2.28 ms; 8 rows 3.31 -> 2.33-2.72 ms).
 const PAIRS_FROM: usize = 8;
 
-/// The 4-bit forms' row groups `groups` in pairs when `x` has [`PAIRS_FROM`] rows or more;
-/// returns the groups left to the 256-bit kernel (every group of the forms this kernel does
-/// not take or of fewer rows, else the last of an odd count).
+/// Activation rows from which [`spread`] and [`spread8`] take the decode step: one answer's
+/// step stays on the 256-bit kernel, which read the weights from memory as fast or faster in
+/// the daemon (its steps' products are bound by the weights' reads, not instructions).
+const SPREAD_FROM: usize = 2;
+
+/// The 4-bit forms' row groups `groups` in pairs when `x` has [`PAIRS_FROM`] rows or more,
+/// else one group at a time on [`spread`] (and Q8_0's, Q8_MIN's on [`spread8`]); returns the
+/// groups left to the 256-bit kernel (every group of the forms neither takes, else the last
+/// of an odd count of pairs).
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI; see `run_groups` for `out`.
@@ -148,8 +303,26 @@ pub(super) unsafe fn gemm_pairs(
     x: &QuantizedActs,
     out: Out,
 ) -> Range<usize> {
-    if x.rows < PAIRS_FROM {
+    if x.rows < SPREAD_FROM {
         return groups;
+    }
+    if x.rows < PAIRS_FROM {
+        // SAFETY: forwarded from the caller
+        unsafe {
+            match w.kind {
+                BlockKind::Q4_1 => drive_tiles!(spread::<FOUR_BIT>, w, groups.clone(), x, out),
+                BlockKind::Q4_0 => {
+                    drive_tiles!(spread::<FOUR_BIT_ZERO>, w, groups.clone(), x, out)
+                }
+                BlockKind::Q4K => drive_tiles!(spread::<FOUR_BIT_K>, w, groups.clone(), x, out),
+                BlockKind::Q8_0 => drive_tiles!(spread8::<EIGHT_BIT>, w, groups.clone(), x, out),
+                BlockKind::Q8Min => {
+                    drive_tiles!(spread8::<EIGHT_BIT_MIN>, w, groups.clone(), x, out)
+                }
+                _ => return groups,
+            }
+        }
+        return groups.end..groups.end;
     }
     // SAFETY: forwarded from the caller
     unsafe {
