@@ -715,8 +715,9 @@ fn rows_out_of_order_or_out_of_range_are_errors_that_change_nothing() {
 
 /// Not a test: `cargo test --release -p fieldllm-engine --lib attention::tests::attend_speed --
 /// --ignored --nocapture` times one thread's attention of a 4-answer decode step of SmolLM2's
-/// shape (30 layers, 9 heads over 3 kv heads, d 64, 115 positions), 2 MB of other memory read
-/// between layers as the products would; and the time to read those caches once, straight.
+/// shape (30 layers, 9 heads over 3 kv heads, d 64, 115 positions), a layer's share of a step's
+/// weights read between layers as the products would; and the time to read those caches once,
+/// straight.
 #[test]
 #[ignore]
 fn attend_speed() {
@@ -731,18 +732,27 @@ fn attend_speed() {
         })
         .collect();
     let q = random(&mut rng, heads * d);
-    let sweep = vec![1u8; 2 << 20];
+    // a step's weights (SmolLM2 Q4_1: ~112 MB), a layer's share read between two layers, each
+    // its own: the caches come back from memory each step, as in the daemon (a 2 MB sweep read
+    // again and again stayed in cache, and the caches with it: 0.6 ms where the daemon spends
+    // ~1.6 ms of thread time)
+    let per_layer = (112 << 20) / layers;
+    let sweep = vec![1u8; per_layer * layers];
     let isa = Isa::best();
     let mut sink = 0u64;
     // the best of 20 rounds of `step(layer's caches of each answer)` over every layer, with
-    // 2 MB of other memory read between layers, as the products do
+    // other memory read between layers, as the products do
     type Caches = [(Vec<f32>, Vec<f32>)];
     let mut time = |step: &mut dyn FnMut(&Caches)| {
         let mut best = std::time::Duration::MAX;
         for _ in 0..20 {
             let mut t = std::time::Duration::ZERO;
             for l in 0..layers {
-                sink += sweep.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
+                sink += sweep[l * per_layer..][..per_layer]
+                    .iter()
+                    .step_by(64)
+                    .map(|&b| b as u64)
+                    .sum::<u64>();
                 let start = std::time::Instant::now();
                 step(&caches[l * answers..][..answers]);
                 t += start.elapsed();

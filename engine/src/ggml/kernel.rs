@@ -160,8 +160,9 @@ unsafe fn run_groups(isa: Isa, w: &Packed<'_>, groups: Range<usize>, x: &Quantiz
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract
         Isa::Avx512Vnni => unsafe {
-            // the 4-bit forms two groups at a time on 512-bit registers, the rest on 256
-            let left = avx512::gemm_pairs(w, groups, x, out);
+            // the 4-bit forms (and 2-7 rows of Q8_0 and Q8_MIN) on 512-bit registers, the
+            // rest on 256
+            let left = avx512::gemm_512(w, groups, x, out);
             x86::gemm_vnni(w, left, x, out)
         },
         #[cfg(target_arch = "aarch64")]

@@ -291,13 +291,13 @@ const PAIRS_FROM: usize = 8;
 const SPREAD_FROM: usize = 2;
 
 /// The 4-bit forms' row groups `groups` in pairs when `x` has [`PAIRS_FROM`] rows or more,
-/// else one group at a time on [`spread`] (and Q8_0's, Q8_MIN's on [`spread8`]); returns the
-/// groups left to the 256-bit kernel (every group of the forms neither takes, else the last
-/// of an odd count of pairs).
+/// else from [`SPREAD_FROM`] rows one group at a time on [`spread`] (and Q8_0's, Q8_MIN's on
+/// [`spread8`]); returns the groups left to the 256-bit kernel (all of them for one row or a
+/// form neither takes, else the last of an odd count of pairs).
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI; see `run_groups` for `out`.
-pub(super) unsafe fn gemm_pairs(
+pub(super) unsafe fn gemm_512(
     w: &Packed<'_>,
     groups: Range<usize>,
     x: &QuantizedActs,
