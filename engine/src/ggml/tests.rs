@@ -451,8 +451,11 @@ fn assert_same_products(
         let (mut x, mut y) = (vec![0f32; rows * n], vec![0f32; rows * n]);
         gemm(isa, a, &q, &mut x);
         gemm(isa, b, &q, &mut y);
-        let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
-        assert!(same, "{isa:?} {:?} n={n} k={k} rows={rows}", a.kind);
+        assert!(
+            same_bits(&x, &y),
+            "{isa:?} {:?} n={n} k={k} rows={rows}",
+            a.kind
+        );
     }
 }
 
@@ -523,10 +526,7 @@ fn a_row_has_the_same_bits_in_a_tile_of_any_height() {
                         let mut alone = vec![f32::NAN; n];
                         gemm(isa, &p, &one, &mut alone);
                         assert!(
-                            alone
-                                .iter()
-                                .zip(want)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            same_bits(&alone, want),
                             "{isa:?} {kind:?} n={n} k={k}: row {r} of {rows} differs from alone"
                         );
                     }

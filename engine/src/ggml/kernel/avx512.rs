@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use super::super::packed::{GROUP, Packed, values_offset};
 use super::super::{BLOCK, BlockKind, QuantizedActs};
-use super::x86::four_bit;
+use super::x86::{four_bit, write_tile};
 use super::{EIGHT_BIT, EIGHT_BIT_MIN, FOUR_BIT, FOUR_BIT_K, FOUR_BIT_ZERO, Out, drive_tiles};
 
 /// `lo` in lanes 0..8, `hi` in 8..16.
@@ -114,6 +114,27 @@ unsafe fn pair<const C: usize, const F: u8>(
     }
 }
 
+/// Activation row `r`'s 8 bytes from byte `at` in every 64-bit lane.
+///
+/// # Safety
+/// Row `r` of `x` has 8 bytes from `at`.
+#[target_feature(enable = "avx512f")]
+unsafe fn bcast8(x: &QuantizedActs, r: usize, at: usize) -> __m512i {
+    // SAFETY: the caller's bytes
+    _mm512_set1_epi64(unsafe {
+        std::ptr::read_unaligned(x.qs.as_ptr().add(r * x.k + at) as *const i64)
+    })
+}
+
+/// Each row's sum from its two chains of 64-bit lanes (a row's halves in a lane's two 32-bit
+/// halves): added as integers (exact), one 32-bit lane a row, the 256-bit kernel's layout.
+#[target_feature(enable = "avx512f")]
+fn row_sums(even: __m512i, odd: __m512i) -> __m256i {
+    let s = _mm512_add_epi32(even, odd);
+    // the high half added into the low one, which the narrowing keeps
+    _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)))
+}
+
 /// One row group of a 4-bit form (`F`: Q4_1, Q4_0 or Q4_K) x C activation rows, for the few
 /// rows of a decode step: each 32-bit lane of a group's 256-bit vector (4 bytes of one row)
 /// widened to 64 bits, its low nibbles in the low half and its high nibbles in the high half,
@@ -150,11 +171,8 @@ unsafe fn spread<const C: usize, const F: u8>(
             // (q | q << 28) & 0x0f..: the low half's nibbles, then the high half's in bits 32..
             let t = _mm512_ternarylogic_epi64::<0xa8>(q, _mm512_slli_epi64::<28>(q), mask);
             for c in 0..C {
-                // SAFETY: row c0 + c of x has nb blocks of 32 bytes; xp..xp + 8 lie in one
-                let x8 = _mm512_set1_epi64(unsafe {
-                    let xp = x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + v * 8);
-                    std::ptr::read_unaligned(xp as *const i64)
-                });
+                // SAFETY: row c0 + c of x has nb blocks of 32 bytes; v * 8 + 8 <= 32
+                let x8 = unsafe { bcast8(x, c0 + c, b * BLOCK + v * 8) };
                 if v % 2 == 0 {
                     even[c] = _mm512_dpbusd_epi32(even[c], t, x8);
                 } else {
@@ -163,22 +181,15 @@ unsafe fn spread<const C: usize, const F: u8>(
             }
         }
         for c in 0..C {
-            let s = _mm512_add_epi32(even[c], odd[c]);
-            // each row's two halves added in the low half, which the narrowing keeps
-            let sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)));
+            let sum = row_sums(even[c], odd[c]);
             let xi = (c0 + c) * nb + b;
             let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
             acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
             acc[c] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s[xi]), acc[c]);
         }
     }
-    for (c, acc) in acc.iter().enumerate() {
-        let mut lanes = [0f32; GROUP];
-        // SAFETY: lanes holds 8 f32
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
-        // SAFETY: the caller owns this group's columns
-        unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
-    }
+    // SAFETY: the caller owns this group's columns
+    unsafe { write_tile(out, c0, g, w.n, &acc) };
 }
 
 /// One row group of an 8-bit form with one scale a block (`K`: Q8_0, Q8_MIN) x C activation
@@ -217,11 +228,8 @@ unsafe fn spread8<const C: usize, const K: u8>(
             // `vpsignb`'s zero is the product's anyway: |w| is 0)
             let neg = _mm512_movepi8_mask(wv);
             for c in 0..C {
-                // SAFETY: row c0 + c of x has nb blocks of 32 bytes; these 8 lie in one
-                let x8 = _mm512_set1_epi64(unsafe {
-                    let xp = x.qs.as_ptr().add((c0 + c) * w.k + b * BLOCK + p * 8);
-                    std::ptr::read_unaligned(xp as *const i64)
-                });
+                // SAFETY: as in `spread`
+                let x8 = unsafe { bcast8(x, c0 + c, b * BLOCK + p * 8) };
                 let xs = _mm512_mask_sub_epi8(x8, neg, _mm512_setzero_si512(), x8);
                 if p % 2 == 0 {
                     even[c] = _mm512_dpbusd_epi32(even[c], wabs, xs);
@@ -238,8 +246,7 @@ unsafe fn spread8<const C: usize, const K: u8>(
             )
         };
         for c in 0..C {
-            let s = _mm512_add_epi32(even[c], odd[c]);
-            let sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)));
+            let sum = row_sums(even[c], odd[c]);
             let xi = (c0 + c) * nb + b;
             let dd = _mm256_mul_ps(d, _mm256_set1_ps(x.d[xi]));
             acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), acc[c]);
@@ -248,13 +255,8 @@ unsafe fn spread8<const C: usize, const K: u8>(
             }
         }
     }
-    for (c, acc) in acc.iter().enumerate() {
-        let mut lanes = [0f32; GROUP];
-        // SAFETY: lanes holds 8 f32
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
-        // SAFETY: the caller owns this group's columns
-        unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
-    }
+    // SAFETY: the caller owns this group's columns
+    unsafe { write_tile(out, c0, g, w.n, &acc) };
 }
 
 /// Every tile of `F`'s row groups `groups` taken two at a time, activation rows walked as

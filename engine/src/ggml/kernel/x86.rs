@@ -137,6 +137,28 @@ fn spread_index(v: usize) -> __m256i {
     _mm256_add_epi8(lane, _mm256_set1_epi8(v as i8))
 }
 
+/// A tile's sums, `acc[c]` the 8 rows of group `g` for activation row `c0 + c`, into `out`
+/// (clipped to `n` rows).
+///
+/// # Safety
+/// As [`Out::write_group`], for every activation row of the tile.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn write_tile<const C: usize>(
+    out: Out,
+    c0: usize,
+    g: usize,
+    n: usize,
+    acc: &[__m256; C],
+) {
+    for (c, acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; GROUP];
+        // SAFETY: lanes holds 8 f32
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+        // SAFETY: the caller's contract
+        unsafe { out.write_group(c0 + c, g, n, &lanes) };
+    }
+}
+
 /// 4 activation bytes at `p`, in every lane.
 #[target_feature(enable = "avx2")]
 unsafe fn bcast4(p: *const i8) -> __m256i {
@@ -232,13 +254,8 @@ macro_rules! kernels {
                     acc[c] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s[xi]), acc[c]);
                 }
             }
-            for c in 0..C {
-                let mut lanes = [0f32; GROUP];
-                // SAFETY: lanes holds 8 f32
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
-                // SAFETY: the caller owns this group's columns
-                unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
-            }
+            // SAFETY: the caller owns this group's columns
+            unsafe { write_tile(out, c0, g, w.n, &acc) };
         }
 
         /// One group of 8 rows of an 8-bit form (`K`, see `EIGHT_BIT*`) x C activation rows.
@@ -307,13 +324,8 @@ macro_rules! kernels {
                     }
                 }
             }
-            for c in 0..C {
-                let mut lanes = [0f32; GROUP];
-                // SAFETY: lanes holds 8 f32
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
-                // SAFETY: the caller owns this group's columns
-                unsafe { out.write_group(c0 + c, g, w.n, &lanes) };
-            }
+            // SAFETY: the caller owns this group's columns
+            unsafe { write_tile(out, c0, g, w.n, &acc) };
         }
 
         /// Every tile of row groups `groups`.
