@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fieldllm_engine::attention::KvCache;
 use fieldllm_engine::ggml::Activations;
 use serde::{Deserialize, Deserializer};
 
@@ -108,6 +109,10 @@ pub struct ModelSection {
     /// closer to the f32 model, slower; docs/performance.md measures both).
     #[serde(deserialize_with = "activations")]
     pub activations: Activations,
+    /// What the KV caches keep keys and values as: "f16" (llama.cpp's default: half the memory
+    /// and half the attention's reads; keys and values rounded to 11 bits) or "f32".
+    #[serde(deserialize_with = "kv_cache")]
+    pub kv_cache: KvCache,
 }
 
 impl ModelSection {
@@ -127,6 +132,7 @@ impl Default for ModelSection {
             kv_memory_mb: 1024,
             context: None,
             activations: Activations::default(),
+            kv_cache: KvCache::default(),
         }
     }
 }
@@ -426,6 +432,12 @@ fn activations<'de, D: Deserializer<'de>>(d: D) -> Result<Activations, D::Error>
         .map_err(serde::de::Error::custom)
 }
 
+fn kv_cache<'de, D: Deserializer<'de>>(d: D) -> Result<KvCache, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
 fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
     let v = f32::deserialize(d)?;
     if !(0.0..=1.0).contains(&v) {
@@ -592,6 +604,11 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("precise"), "{e}");
         let c = Config::parse("[model]\nactivations = \"precise\"\n").unwrap();
         assert_eq!(c.model.activations, Activations::Precise);
+        let e = err("[model]\nkv_cache = \"q8_0\"\n");
+        assert!(e.contains("line 2") && e.contains("f16 or f32"), "{e}");
+        assert_eq!(Config::parse("").unwrap().model.kv_cache, KvCache::F16);
+        let c = Config::parse("[model]\nkv_cache = \"f32\"\n").unwrap();
+        assert_eq!(c.model.kv_cache, KvCache::F32);
         assert!(Config::parse("").unwrap().model.batch);
         let c = Config::parse("[model]\nbatch = false\n").unwrap();
         assert!(!c.model.batch);

@@ -604,6 +604,7 @@ fn smollm2() -> Arc<Model> {
             threads: 2,
             context: None,
             activations: Default::default(),
+            kv_cache: Default::default(),
         },
     )
     .unwrap()

@@ -35,6 +35,9 @@ pub struct LoadOptions {
     pub context: Option<usize>,
     /// How the products quantize their activations.
     pub activations: ggml::Activations,
+    /// What the KV caches keep keys and values as (`[model] kv_cache`; halves by default, as
+    /// llama.cpp's `--cache-type-k/v f16`).
+    pub kv_cache: attention::KvCache,
 }
 
 /// The context a model gets when nothing sets it, at most: Llama 3's 131,072 tokens would let
@@ -48,19 +51,30 @@ impl Default for LoadOptions {
             threads: 2,
             context: None,
             activations: ggml::Activations::default(),
+            kv_cache: attention::KvCache::default(),
         }
     }
 }
 
-/// Bytes of KV cache one session holds at `tokens` positions (f32 keys and values).
-pub fn kv_bytes(a: &super::package::Architecture, tokens: usize) -> u64 {
-    kv_cache_bytes(a.layers, a.kv_heads * (a.hidden / a.heads.max(1)), tokens)
+/// Bytes of KV cache one session holds at `tokens` positions, keys and values kept as `kv`.
+pub fn kv_bytes(a: &super::package::Architecture, tokens: usize, kv: attention::KvCache) -> u64 {
+    kv_cache_bytes(
+        a.layers,
+        a.kv_heads * (a.hidden / a.heads.max(1)),
+        tokens,
+        kv,
+    )
 }
 
-/// Bytes of f32 keys and values for `layers` layers of `kv_width` (key/value heads times head
-/// width) at `tokens` positions.
-pub fn kv_cache_bytes(layers: usize, kv_width: usize, tokens: usize) -> u64 {
-    2 * (layers * kv_width) as u64 * 4 * tokens as u64
+/// Bytes of keys and values kept as `kv` for `layers` layers of `kv_width` (key/value heads
+/// times head width) at `tokens` positions.
+pub fn kv_cache_bytes(
+    layers: usize,
+    kv_width: usize,
+    tokens: usize,
+    kv: attention::KvCache,
+) -> u64 {
+    2 * (layers * kv_width) as u64 * kv.bytes() as u64 * tokens as u64
 }
 
 /// A loaded model: immutable, shared by every [`super::Session`] through an `Arc`.
@@ -83,6 +97,8 @@ pub struct Model {
     pub threads: usize,
     /// Whether its rows are open ([`crate::rows`]): one run may carry several conversations.
     pub rows: bool,
+    /// What its KV caches keep keys and values as.
+    pub kv_cache: attention::KvCache,
 }
 
 fn nnef() -> Nnef {
@@ -304,7 +320,7 @@ impl Model {
         } else {
             None
         };
-        attention::install(&mut optimized, team.as_ref(), row_inputs)
+        attention::install(&mut optimized, team.as_ref(), row_inputs, options.kv_cache)
             .map_err(EngineError::graph)?;
         crate::rope::install(&mut optimized).map_err(EngineError::graph)?;
         crate::elementwise::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
@@ -357,6 +373,7 @@ impl Model {
             weights = %m.graph.weights,
             graph = ?m.graph.format,
             threads = options.threads,
+            kv_cache = options.kv_cache.name(),
             load_ms = start.elapsed().as_millis() as u64,
             mapped_mb = crate::mapped::WeightStorage::of(plan.model()).mapped_bytes / 1_000_000,
             "model loaded"
@@ -371,6 +388,7 @@ impl Model {
             load_time: start.elapsed(),
             threads: options.threads,
             rows,
+            kv_cache: options.kv_cache,
         }))
     }
 

@@ -52,10 +52,10 @@ fn tokenizer_reproduces_llama_cpp_ids_for_the_chat_prompt() {
 }
 
 /// f32 graph (the ONNX package, transformed at load) against the NumPy forward pass: the
-/// prompt's logits and greedy decode steps through the KV cache.
+/// prompt's logits and greedy decode steps through the KV cache (kept in f32, as NumPy's).
 #[test]
 fn f32_graph_matches_numpy_on_the_first_positions() {
-    let model = load(F32);
+    let model = load_exact(F32);
     let steps = reference(F32);
     assert_eq!(steps[0].fed, CHAT_IDS);
     let mut s = Session::new(&model).unwrap();

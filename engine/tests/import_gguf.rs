@@ -72,6 +72,7 @@ fn smollm2_imported_in_rust_gives_the_onnx_artifacts_logits_bit_for_bit() {
         context: None,
         // the marks of the products that take 15-bit activations must match too
         activations: Activations::Precise,
+        kv_cache: KvCache::default(),
     };
     let ours = Model::load(&out, &opts).unwrap();
     let theirs = Model::load(&model_dir(ARTIFACT), &opts).unwrap();
@@ -140,6 +141,12 @@ fn tiny_ggufs_match_numpy_for_a_prefill_and_8_decode_steps() {
                     threads: 2,
                     context: None,
                     activations,
+                    // f32 files against NumPy to 1e-5: keys and values kept as NumPy keeps them
+                    kv_cache: if floats_only {
+                        KvCache::F32
+                    } else {
+                        KvCache::default()
+                    },
                 },
             )
             .unwrap();
@@ -228,6 +235,7 @@ fn the_context_is_a_setting_bounded_by_the_models() {
                 threads: 1,
                 context,
                 activations: Default::default(),
+                kv_cache: KvCache::default(),
             },
         )
     };

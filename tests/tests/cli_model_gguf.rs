@@ -131,7 +131,7 @@ fn a_gguf_file_runs_straight_from_the_file() {
     let o = run(&["model", "info", "--json", &smollm2()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     // 30 layers x 3 kv heads x 64 wide x 2 x 4 bytes x 8192 tokens
-    assert_eq!(v["kv_cache_bytes"]["8192"], 30 * 3 * 64 * 2 * 4 * 8192);
+    assert_eq!(v["kv_cache_bytes"]["8192"], 30 * 3 * 64 * 2 * 2 * 8192);
     assert_eq!(v["builds"], true);
 }
 

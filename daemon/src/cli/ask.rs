@@ -215,6 +215,7 @@ fn load_model(a: &AskArgs) -> anyhow::Result<std::sync::Arc<Model>> {
             threads: a.threads,
             context: None,
             activations: Default::default(),
+            kv_cache: Default::default(),
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))

@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context;
+use fieldllm_engine::attention::KvCache;
 use fieldllm_engine::ggml::Activations;
 use fieldllm_engine::sampler::argmax;
 use fieldllm_engine::session::OpProfile;
@@ -102,6 +103,9 @@ pub struct BenchArgs {
     /// activations`).
     #[arg(long, default_value_t = Activations::default())]
     activations: Activations,
+    /// What the KV caches keep keys and values as: f16 or f32 (as `[model] kv_cache`).
+    #[arg(long, default_value_t = KvCache::default())]
+    kv_cache: KvCache,
 }
 
 #[derive(Debug, Serialize)]
@@ -122,6 +126,8 @@ struct Report {
     isa: &'static str,
     /// What the products quantize activations to.
     activations: String,
+    /// What the KV caches keep keys and values as.
+    kv_cache: String,
     rows: Vec<Row>,
     peak_rss_mb: f64,
     /// After the last run, the model still loaded: anonymous memory (heap, KV cache) and
@@ -136,6 +142,7 @@ pub(super) fn load_model(
     dir: &std::path::Path,
     threads: usize,
     activations: Activations,
+    kv_cache: KvCache,
 ) -> anyhow::Result<std::sync::Arc<Model>> {
     Model::load(
         dir,
@@ -144,6 +151,7 @@ pub(super) fn load_model(
             threads,
             context: None,
             activations,
+            kv_cache,
         },
     )
     .with_context(|| format!("loading {}", dir.display()))
@@ -184,6 +192,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             max_tokens: u32::try_from(a.generate).context("--gen is too large")?,
             threads: a.threads.first().copied().unwrap_or(2),
             activations: a.activations,
+            kv_cache: a.kv_cache,
             batched: !a.separate,
             profile: a.profile,
         };
@@ -217,6 +226,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             reference: a.kl_divergence.clone(),
             threads: a.threads.first().copied().unwrap_or(2),
             activations: a.activations,
+            kv_cache: a.kv_cache,
         };
         return super::bench_quality::run(q, a.json);
     }
@@ -237,7 +247,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut weights = String::new();
     let mut anon_file = (0, 0);
     for &t in &threads {
-        let model = load_model(&dir, t, a.activations)?;
+        let model = load_model(&dir, t, a.activations, a.kv_cache)?;
         name = model.manifest().model.name.clone();
         weights = model.manifest().graph.weights.to_string();
         anyhow::ensure!(
@@ -286,6 +296,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         model: name,
         weights,
         activations: a.activations.to_string(),
+        kv_cache: a.kv_cache.to_string(),
         isa: fieldllm_engine::cpu::Isa::best().name(),
         rows,
         peak_rss_mb: fieldllmd::rss::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
@@ -297,10 +308,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model {} ({} weights, {} activations), kernels {}, peak RSS {:.0} MB (at the end: {:.0} MB anonymous, {:.0} MB file-backed)",
+        "model {} ({} weights, {} activations, {} KV cache), kernels {}, peak RSS {:.0} MB (at the end: {:.0} MB anonymous, {:.0} MB file-backed)",
         report.model,
         report.weights,
         report.activations,
+        report.kv_cache,
         report.isa,
         report.peak_rss_mb,
         report.anon_rss_mb,

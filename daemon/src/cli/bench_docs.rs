@@ -263,6 +263,7 @@ fn ttft(
             threads,
             context: None,
             activations: Default::default(),
+            kv_cache: Default::default(),
         },
     )?;
     let grounder = Grounder::new(index, e, Settings::default())?;

@@ -33,6 +33,8 @@ pub struct ParallelBench {
     pub threads: usize,
     /// What the products quantize activations to.
     pub activations: Activations,
+    /// What the KV caches keep keys and values as.
+    pub kv_cache: fieldllm_engine::attention::KvCache,
     /// Answers decoded together (else each on a state of its own).
     pub batched: bool,
     /// Time every op of the shared runs of each level (decoded together only).
@@ -287,7 +289,7 @@ pub fn run(b: ParallelBench, model_dir: &std::path::Path, json: bool) -> anyhow:
         b.levels.iter().all(|&n| n > 0) && b.max_tokens > 0,
         "--parallel and --gen must be positive"
     );
-    let model = super::bench::load_model(model_dir, b.threads, b.activations)?;
+    let model = super::bench::load_model(model_dir, b.threads, b.activations, b.kv_cache)?;
     let name = model.manifest().model.name.clone();
     let engine = Arc::new(ModelEngine::new(model, b.batched)?);
     let batched = engine.batcher().is_some();

@@ -13,6 +13,7 @@ use fieldllm_engine::ggml::Activations;
 use fieldllm_engine::quality;
 
 use super::bench::load_model;
+use fieldllm_engine::attention::KvCache;
 use serde::Serialize;
 
 /// What `--perplexity` measures.
@@ -32,6 +33,8 @@ pub struct QualityBench {
     pub threads: usize,
     /// What the products quantize activations to (both models).
     pub activations: Activations,
+    /// What the model's KV caches keep keys and values as (the f32 reference's: f32).
+    pub kv_cache: KvCache,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,7 +65,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(b.ctx >= 4, "--ctx must be at least 4 tokens");
     let text = std::fs::read_to_string(&b.text)
         .with_context(|| format!("reading {}", b.text.display()))?;
-    let model = load_model(&b.model, b.threads, b.activations)?;
+    let model = load_model(&b.model, b.threads, b.activations, b.kv_cache)?;
     anyhow::ensure!(
         b.ctx <= model.context_length,
         "--ctx {} is larger than the model's context ({})",
@@ -73,7 +76,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
     let reference = b
         .reference
         .as_deref()
-        .map(|d| load_model(d, b.threads, b.activations))
+        .map(|d| load_model(d, b.threads, b.activations, KvCache::F32))
         .transpose()?;
     let q = quality::measure(
         &model,

@@ -244,7 +244,8 @@ fn in_process(
     model_dir: &std::path::Path,
     levels: &[usize],
 ) -> anyhow::Result<(String, Vec<Row>)> {
-    let model = super::bench::load_model(model_dir, b.threads, Default::default())?;
+    let model =
+        super::bench::load_model(model_dir, b.threads, Default::default(), Default::default())?;
     let name = model.manifest().model.name.clone();
     let engine = Arc::new(ModelEngine::new(model, true)?);
     let intake = Intake::new(Limits::default(), engine.clone());

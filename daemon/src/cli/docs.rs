@@ -129,6 +129,7 @@ pub fn run(args: DocsArgs) -> anyhow::Result<()> {
                         threads: args.threads,
                         context: None,
                         activations: Default::default(),
+                        kv_cache: Default::default(),
                     },
                 )?;
                 let rows = super::docs_answers::run(

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use fieldllm_engine::attention::KvCache;
 use fieldllm_engine::graph::{DEFAULT_CONTEXT, import, kv_bytes};
 use fieldllm_engine::import::import_gguf;
 use fieldllm_engine::{Package, WeightFormat};
@@ -137,8 +138,10 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             at.dedup();
             for t in at {
                 println!(
-                    "KV cache        {:.1} MB at {t} tokens (per conversation, grows with use)",
-                    kv_bytes(a, t) as f64 / 1e6
+                    "KV cache        {:.1} MB at {t} tokens (per conversation, grows with use; \
+                     [model] kv_cache = \"f16\", the default; f32: {:.1} MB)",
+                    kv_bytes(a, t, KvCache::F16) as f64 / 1e6,
+                    kv_bytes(a, t, KvCache::F32) as f64 / 1e6
                 );
             }
             println!(

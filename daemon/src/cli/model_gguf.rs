@@ -15,14 +15,16 @@ use serde_json::json;
 pub fn info(path: &Path, json_out: bool, context: Option<usize>) -> anyhow::Result<()> {
     let g = gguf::read(path)?;
     let built = Hyper::read(&g).and_then(|h| h.check_tensors(&g).map(|()| h));
-    // what one conversation's KV cache (f32 keys and values) costs at a few contexts
+    // what one conversation's KV cache (the default f16 keys and values) costs at a few contexts
     let kv: Vec<(usize, u64)> = match &built {
         Ok(h) => {
             let mut at = vec![2048, DEFAULT_CONTEXT.min(h.context), h.context];
             at.extend(context);
             at.sort_unstable();
             at.dedup();
-            at.into_iter().map(|t| (t, h.kv_bytes(t))).collect()
+            at.into_iter()
+                .map(|t| (t, h.kv_bytes(t, Default::default())))
+                .collect()
         }
         Err(_) => vec![],
     };

@@ -96,6 +96,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             threads: config.model.threads,
             context: config.model.context,
             activations: config.model.activations,
+            kv_cache: config.model.kv_cache,
         },
     )
     .with_context(|| format!("loading model {}", dir.display()))?;

@@ -97,7 +97,11 @@ impl Engine for ModelEngine {
     }
 
     fn kv_bytes_per_token(&self) -> u64 {
-        fieldllm_engine::graph::kv_bytes(&self.model.manifest().architecture, 1)
+        fieldllm_engine::graph::kv_bytes(
+            &self.model.manifest().architecture,
+            1,
+            self.model.kv_cache,
+        )
     }
 }
 

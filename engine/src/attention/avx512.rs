@@ -19,7 +19,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kernel::Rows;
+use super::kernel::{Elem, Rows};
 use crate::cpu::Isa;
 
 /// `$f::<W>(args)` for `W = d / 16` (1..=8): a head's output stays in `W` registers, so each
@@ -27,14 +27,14 @@ use crate::cpu::Isa;
 macro_rules! by_width {
     ($d:expr, $f:ident($($a:expr),*)) => {
         match $d / 16 {
-            1 => $f::<1>($($a),*),
-            2 => $f::<2>($($a),*),
-            3 => $f::<3>($($a),*),
-            4 => $f::<4>($($a),*),
-            5 => $f::<5>($($a),*),
-            6 => $f::<6>($($a),*),
-            7 => $f::<7>($($a),*),
-            _ => $f::<8>($($a),*),
+            1 => $f::<1, _>($($a),*),
+            2 => $f::<2, _>($($a),*),
+            3 => $f::<3, _>($($a),*),
+            4 => $f::<4, _>($($a),*),
+            5 => $f::<5, _>($($a),*),
+            6 => $f::<6, _>($($a),*),
+            7 => $f::<7, _>($($a),*),
+            _ => $f::<8, _>($($a),*),
         }
     };
 }
@@ -48,10 +48,10 @@ pub fn fits(isa: Isa, d: usize) -> bool {
 ///
 /// # Panics
 /// If `!fits(isa, q.len())`, or the rows, `o` or the mask are shorter than the positions.
-pub fn attend(
+pub fn attend<T: Elem>(
     isa: Isa,
     q: &[f32],
-    (k, v): (Rows<'_>, Rows<'_>),
+    (k, v): (Rows<'_, T>, Rows<'_, T>),
     scale: f32,
     mask: Option<&[f32]>,
     scores: &mut [f32],
@@ -82,10 +82,10 @@ pub fn attend(
 
 /// One head's inputs.
 #[derive(Clone, Copy)]
-struct Head<'a> {
+struct Head<'a, T> {
     q: &'a [f32],
-    k: Rows<'a>,
-    v: Rows<'a>,
+    k: Rows<'a, T>,
+    v: Rows<'a, T>,
     scale: f32,
     mask: Option<&'a [f32]>,
 }
@@ -95,9 +95,26 @@ struct Head<'a> {
 /// # Safety
 /// Row `j` of `r` is in bounds.
 #[inline(always)]
-unsafe fn row(r: &Rows<'_>, j: usize) -> *const f32 {
+unsafe fn row<T>(r: &Rows<'_, T>, j: usize) -> *const T {
     // SAFETY: the caller's row is in bounds
     unsafe { r.m.as_ptr().add(j * r.stride + r.off) }
+}
+
+/// The 16 values at `p`, widened to f32 (halves) or as they are.
+///
+/// # Safety
+/// `p` points at 16 readable values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16<T: Elem>(p: *const T) -> __m512 {
+    // SAFETY: forwarded (unaligned loads of 16 values of T)
+    unsafe {
+        if T::HALF {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        } else {
+            _mm512_loadu_ps(p.cast())
+        }
+    }
 }
 
 /// How many rows ahead of the one they read the loops ask for keys (values: half as far).
@@ -107,28 +124,29 @@ unsafe fn row(r: &Rows<'_>, j: usize) -> *const f32 {
 /// the weights read between layers, one thread, the grouped path 1.05-1.09 -> 0.80-0.82 ms,
 /// a head at a time 0.81-0.84 -> 0.74-0.78; `fieldllmd bench --parallel 1 --parallel 4
 /// --profile`, a 4-answer step's attention 876-918 -> 760-770 µs (16 and 64 were no better).
+/// With the cache's rows in halves (half the bytes) 16 and 32 are alike and 64 worse.
 const AHEAD: usize = 32;
 
 /// The first rows the loops read, asked for together before they start.
 #[inline(always)]
-fn start_prefetch<const N: usize>(k: &Rows<'_>, v: &Rows<'_>, len: usize) {
+fn start_prefetch<const N: usize, T>(k: &Rows<'_, T>, v: &Rows<'_, T>, len: usize) {
     for j in 0..AHEAD.min(len) {
-        prefetch::<N>(k, j, len);
+        prefetch::<N, T>(k, j, len);
     }
     for j in 0..(AHEAD / 2).min(len) {
-        prefetch::<N>(v, j, len);
+        prefetch::<N, T>(v, j, len);
     }
 }
 
-/// Asks for row `j` of `r` (its `N` cache lines of 16 values) to be brought into L1, if
-/// `j < len`.
+/// Asks for row `j` of `r` (its `N` vectors of 16 values, each 64-byte cache line of them) to
+/// be brought into L1, if `j < len`.
 #[inline(always)]
-fn prefetch<const N: usize>(r: &Rows<'_>, j: usize, len: usize) {
+fn prefetch<const N: usize, T>(r: &Rows<'_, T>, j: usize, len: usize) {
     if j < len {
         let p = r.m.as_ptr().wrapping_add(j * r.stride + r.off);
-        for c in 0..N {
+        for c in (0..N * 16).step_by(64 / size_of::<T>()) {
             // SAFETY: a prefetch is a hint that never faults, whatever the address
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(16 * c) as *const i8) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c) as *const i8) };
         }
     }
 }
@@ -136,17 +154,17 @@ fn prefetch<const N: usize>(r: &Rows<'_>, j: usize, len: usize) {
 /// # Safety
 /// AVX-512F; `N * 16 == q.len()`, the bounds `attend` checks.
 #[target_feature(enable = "avx512f")]
-unsafe fn head<const N: usize>(x: Head<'_>, scores: &mut [f32], o: &mut [f32]) {
-    start_prefetch::<N>(&x.k, &x.v, scores.len());
+unsafe fn head<const N: usize, T: Elem>(x: Head<'_, T>, scores: &mut [f32], o: &mut [f32]) {
+    start_prefetch::<N, T>(&x.k, &x.v, scores.len());
     // SAFETY: forwarded
-    let max = unsafe { scores_of::<N>(x, scores) };
+    let max = unsafe { scores_of::<N, T>(x, scores) };
     if max == f32::NEG_INFINITY || scores.is_empty() {
         o.fill(0.0);
         return; // every key masked: nothing to attend to
     }
     let sum = exp_in_place(scores, max);
     // SAFETY: forwarded
-    unsafe { weighted::<N>(&x.v, scores, 1.0 / sum, o) };
+    unsafe { weighted::<N, T>(&x.v, scores, 1.0 / sum, o) };
 }
 
 /// `scores[j] = scale * q . k_j + mask[j]`; returns their maximum.
@@ -154,7 +172,7 @@ unsafe fn head<const N: usize>(x: Head<'_>, scores: &mut [f32], o: &mut [f32]) {
 /// # Safety
 /// As [`head`].
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_of<const N: usize>(x: Head<'_>, scores: &mut [f32]) -> f32 {
+unsafe fn scores_of<const N: usize, T: Elem>(x: Head<'_, T>, scores: &mut [f32]) -> f32 {
     // SAFETY: q holds N vectors of 16
     let q: [__m512; N] =
         std::array::from_fn(|c| unsafe { _mm512_loadu_ps(x.q.as_ptr().add(16 * c)) });
@@ -162,10 +180,10 @@ unsafe fn scores_of<const N: usize>(x: Head<'_>, scores: &mut [f32]) -> f32 {
         // SAFETY: row j is in bounds (j < scores.len()), and holds N vectors of 16
         let r = unsafe { row(&x.k, j) };
         // SAFETY: as above
-        let mut a = _mm512_mul_ps(q[0], unsafe { _mm512_loadu_ps(r) });
+        let mut a = _mm512_mul_ps(q[0], unsafe { load16(r) });
         for (c, q) in q.iter().enumerate().skip(1) {
             // SAFETY: as above
-            a = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(r.add(16 * c)) }, a);
+            a = _mm512_fmadd_ps(*q, unsafe { load16(r.add(16 * c)) }, a);
         }
         a
     };
@@ -175,7 +193,7 @@ unsafe fn scores_of<const N: usize>(x: Head<'_>, scores: &mut [f32]) -> f32 {
     let mut j = 0;
     while j + 16 <= len {
         for t in 0..16 {
-            prefetch::<N>(&x.k, j + AHEAD + t, len);
+            prefetch::<N, T>(&x.k, j + AHEAD + t, len);
         }
         let s = _mm512_mul_ps(reduce16(std::array::from_fn(|t| dot(j + t))), scale);
         let s = match x.mask {
@@ -240,16 +258,16 @@ fn exp_in_place(scores: &mut [f32], max: f32) -> f32 {
 /// # Safety
 /// As [`head`]; `w.len()` rows of `v` are in bounds.
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted<const N: usize>(v: &Rows<'_>, w: &[f32], inv: f32, o: &mut [f32]) {
+unsafe fn weighted<const N: usize, T: Elem>(v: &Rows<'_, T>, w: &[f32], inv: f32, o: &mut [f32]) {
     let mut a = [_mm512_setzero_ps(); N];
     for (j, &wj) in w.iter().enumerate() {
-        prefetch::<N>(v, j + AHEAD / 2, w.len());
+        prefetch::<N, T>(v, j + AHEAD / 2, w.len());
         // SAFETY: row j is in bounds and holds N vectors of 16
         let r = unsafe { row(v, j) };
         let wj = _mm512_set1_ps(wj);
         for (c, a) in a.iter_mut().enumerate() {
             // SAFETY: as above
-            *a = _mm512_fmadd_ps(wj, unsafe { _mm512_loadu_ps(r.add(16 * c)) }, *a);
+            *a = _mm512_fmadd_ps(wj, unsafe { load16(r.add(16 * c)) }, *a);
         }
     }
     let inv = _mm512_set1_ps(inv);
@@ -269,10 +287,10 @@ unsafe fn weighted<const N: usize>(v: &Rows<'_>, w: &[f32], inv: f32, o: &mut [f
 /// # Panics
 /// If `!fits(isa, d)`, or the queries, rows, scratch or output are shorter than that.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_group(
+pub fn attend_group<T: Elem>(
     isa: Isa,
     (q, q_stride): (&[f32], usize),
-    (k, v): (Rows<'_>, Rows<'_>),
+    (k, v): (Rows<'_, T>, Rows<'_, T>),
     scale: f32,
     len: usize,
     scores: &mut [f32],
@@ -309,12 +327,12 @@ pub fn attend_group(
 
 /// One group's inputs.
 #[derive(Clone, Copy)]
-struct Group<'a> {
+struct Group<'a, T> {
     q: &'a [f32],
     q_stride: usize,
     group: usize,
-    k: Rows<'a>,
-    v: Rows<'a>,
+    k: Rows<'a, T>,
+    v: Rows<'a, T>,
     scale: f32,
     len: usize,
 }
@@ -322,11 +340,11 @@ struct Group<'a> {
 /// # Safety
 /// AVX-512F; `N * 16 == d`, the bounds `attend_group` checks.
 #[target_feature(enable = "avx512f")]
-unsafe fn group_of<const N: usize>(x: Group<'_>, scores: &mut [f32], o: &mut [f32]) {
+unsafe fn group_of<const N: usize, T: Elem>(x: Group<'_, T>, scores: &mut [f32], o: &mut [f32]) {
     let (len, d) = (x.len, N * 16);
-    start_prefetch::<N>(&x.k, &x.v, len);
+    start_prefetch::<N, T>(&x.k, &x.v, len);
     // SAFETY: forwarded
-    unsafe { group_scores::<N>(x, scores) };
+    unsafe { group_scores::<N, T>(x, scores) };
     let mut inv = [0f32; 4];
     let mut h0 = 0;
     while h0 < x.group {
@@ -341,10 +359,10 @@ unsafe fn group_of<const N: usize>(x: Group<'_>, scores: &mut [f32], o: &mut [f3
         // SAFETY: forwarded; p <= 4 heads' weights and outputs follow h0
         unsafe {
             match p {
-                1 => weighted_heads::<N, 1>(&x.v, w, len, inv, out),
-                2 => weighted_heads::<N, 2>(&x.v, w, len, inv, out),
-                3 => weighted_heads::<N, 3>(&x.v, w, len, inv, out),
-                _ => weighted_heads::<N, 4>(&x.v, w, len, inv, out),
+                1 => weighted_heads::<N, 1, T>(&x.v, w, len, inv, out),
+                2 => weighted_heads::<N, 2, T>(&x.v, w, len, inv, out),
+                3 => weighted_heads::<N, 3, T>(&x.v, w, len, inv, out),
+                _ => weighted_heads::<N, 4, T>(&x.v, w, len, inv, out),
             }
         }
         h0 += p;
@@ -356,16 +374,16 @@ unsafe fn group_of<const N: usize>(x: Group<'_>, scores: &mut [f32], o: &mut [f3
 /// # Safety
 /// As [`group_of`].
 #[target_feature(enable = "avx512f")]
-unsafe fn group_scores<const N: usize>(x: Group<'_>, scores: &mut [f32]) {
+unsafe fn group_scores<const N: usize, T: Elem>(x: Group<'_, T>, scores: &mut [f32]) {
     let scale = _mm512_set1_ps(x.scale);
     let dot = |q: &[__m512; N], j: usize| {
         // SAFETY: row j < len is in bounds and holds N vectors of 16
         let r = unsafe { row(&x.k, j) };
         // SAFETY: as above
-        let mut a = _mm512_mul_ps(q[0], unsafe { _mm512_loadu_ps(r) });
+        let mut a = _mm512_mul_ps(q[0], unsafe { load16(r) });
         for (c, q) in q.iter().enumerate().skip(1) {
             // SAFETY: as above
-            a = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(r.add(16 * c)) }, a);
+            a = _mm512_fmadd_ps(*q, unsafe { load16(r.add(16 * c)) }, a);
         }
         a
     };
@@ -379,7 +397,7 @@ unsafe fn group_scores<const N: usize>(x: Group<'_>, scores: &mut [f32]) {
     let mut j = 0;
     while j + 16 <= len {
         for t in 0..16 {
-            prefetch::<N>(&x.k, j + AHEAD + t, len);
+            prefetch::<N, T>(&x.k, j + AHEAD + t, len);
         }
         for h in 0..x.group {
             let q = query(h);
@@ -406,8 +424,8 @@ unsafe fn group_scores<const N: usize>(x: Group<'_>, scores: &mut [f32]) {
 /// # Safety
 /// As [`group_of`]; `w` holds `P * len` weights and `o` `P * N * 16` values.
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_heads<const N: usize, const P: usize>(
-    v: &Rows<'_>,
+unsafe fn weighted_heads<const N: usize, const P: usize, T: Elem>(
+    v: &Rows<'_, T>,
     w: &[f32],
     len: usize,
     inv: [f32; 4],
@@ -415,11 +433,11 @@ unsafe fn weighted_heads<const N: usize, const P: usize>(
 ) {
     let mut a = [[_mm512_setzero_ps(); N]; P];
     for j in 0..len {
-        prefetch::<N>(v, j + AHEAD / 2, len);
+        prefetch::<N, T>(v, j + AHEAD / 2, len);
         // SAFETY: row j < len is in bounds and holds N vectors of 16
         let r = unsafe { row(v, j) };
         // SAFETY: as above
-        let vr: [__m512; N] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(r.add(16 * c)) });
+        let vr: [__m512; N] = std::array::from_fn(|c| unsafe { load16(r.add(16 * c)) });
         for (h, a) in a.iter_mut().enumerate() {
             let wj = _mm512_set1_ps(w[h * len + j]);
             for (a, vr) in a.iter_mut().zip(&vr) {

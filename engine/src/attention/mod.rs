@@ -32,7 +32,8 @@ use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
 use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 
 use crate::cpu::{Isa, Team, part_of};
-use kernel::Rows;
+pub use kernel::KvCache;
+use kernel::{Elem, Rows};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -57,6 +58,8 @@ pub struct KvAttention {
     pub team: Option<Arc<Team>>,
     /// Inputs 4 and 5 are each row's position and slot (no mask).
     pub rows: bool,
+    /// What the caches keep keys and values as.
+    pub kv: KvCache,
 }
 
 impl PartialEq for KvAttention {
@@ -67,12 +70,14 @@ impl PartialEq for KvAttention {
             self.causal,
             self.scale,
             self.rows,
+            self.kv,
         ) == (
             &other.name,
             &other.past_sequence_fact,
             other.causal,
             other.scale,
             other.rows,
+            other.kv,
         )
     }
 }
@@ -86,10 +91,11 @@ impl Op for KvAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "causal={}, scale={:?}, rows={}, threads={}",
+            "causal={}, scale={:?}, rows={}, kv={}, threads={}",
             self.causal,
             self.scale,
             self.rows,
+            self.kv.name(),
             self.team.as_ref().map_or(1, |t| t.threads())
         )])
     }
@@ -104,7 +110,10 @@ impl EvalOp for KvAttention {
         Ok(Some(Box::new(KvAttentionState {
             name: self.name.clone(),
             past_sequence_fact: self.past_sequence_fact.clone(),
-            caches: vec![Cache::default()],
+            caches: match self.kv {
+                KvCache::F16 => Caches::F16(vec![Cache::default()]),
+                KvCache::F32 => Caches::F32(vec![Cache::default()]),
+            },
             kv_heads: 0,
             d: 0,
         })))
@@ -130,7 +139,7 @@ pub struct KvAttentionState {
     name: String,
     past_sequence_fact: TypedFact,
     /// Per slot; slot 0 always exists.
-    caches: Vec<Cache>,
+    caches: Caches,
     kv_heads: usize,
     d: usize,
 }
@@ -139,16 +148,51 @@ pub struct KvAttentionState {
 /// positions at `g * cap * d`. One allocation each (not one per head): a cache's memory comes
 /// from and goes back to the system whole, where small per-head buffers stayed in the heap
 /// after their answers ended (+60 MB resident after 4 answers of SmolLM2).
-#[derive(Clone, Debug, Default)]
-struct Cache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+///
+/// `T`: half-precision floats' bits ([`kernel::narrow`], [`KvCache::F16`], the default, as
+/// llama.cpp's) or f32. A decode step reads every position's key and value of every running
+/// answer from memory (the step's weights evict them from the caches between layers), so
+/// half the bytes is most of the time attention takes once several answers decode together;
+/// and a slot holds twice the positions in the same memory. Halves round keys and values to 11
+/// significant bits; the scores, softmax and sums stay f32 either way.
+#[derive(Clone, Debug)]
+struct Cache<T> {
+    k: Vec<T>,
+    v: Vec<T>,
     len: usize,
     /// Positions each head has room for.
     cap: usize,
 }
 
-impl Cache {
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Cache {
+            k: Vec::new(),
+            v: Vec::new(),
+            len: 0,
+            cap: 0,
+        }
+    }
+}
+
+/// One state's caches, of the op's [`KvCache`] type.
+#[derive(Clone, Debug)]
+enum Caches {
+    F16(Vec<Cache<u16>>),
+    F32(Vec<Cache<f32>>),
+}
+
+/// `$body` with `$c` bound to the state's `Vec<Cache<T>>`, whichever `T` it holds.
+macro_rules! with_caches {
+    ($caches:expr, $c:ident => $body:expr) => {
+        match $caches {
+            Caches::F16($c) => $body,
+            Caches::F32($c) => $body,
+        }
+    };
+}
+
+impl<T: Elem> Cache<T> {
     /// Room for one more position in every head, growing by [`GROW_POSITIONS`] (not doubling:
     /// a long answer's cache would otherwise hold up to twice what it uses).
     fn reserve_one(&mut self, kv_heads: usize, d: usize) {
@@ -158,7 +202,7 @@ impl Cache {
         let cap = self.cap + GROW_POSITIONS;
         for m in [&mut self.k, &mut self.v] {
             // zeroed memory comes mapped but untouched: resident as positions fill it
-            let mut grown = vec![0f32; kv_heads * cap * d];
+            let mut grown = vec![T::default(); kv_heads * cap * d];
             for g in 0..kv_heads {
                 let used = &m[g * self.cap * d..][..self.len * d];
                 grown[g * cap * d..][..self.len * d].copy_from_slice(used);
@@ -171,6 +215,7 @@ impl Cache {
     /// Appends row `i` of `[1, kv heads, s, d]` K and V to every head.
     fn append(
         &mut self,
+        isa: Isa,
         (k, v): (&[f32], &[f32]),
         kv_heads: usize,
         (s, i): (usize, usize),
@@ -179,14 +224,14 @@ impl Cache {
         self.reserve_one(kv_heads, d);
         for g in 0..kv_heads {
             let (from, to) = ((g * s + i) * d, (g * self.cap + self.len) * d);
-            self.k[to..to + d].copy_from_slice(&k[from..from + d]);
-            self.v[to..to + d].copy_from_slice(&v[from..from + d]);
+            kernel::narrow_into(isa, &k[from..from + d], &mut self.k[to..to + d]);
+            kernel::narrow_into(isa, &v[from..from + d], &mut self.v[to..to + d]);
         }
         self.len += 1;
     }
 
     /// Head `g`'s keys and values so far, `[len, d]` each.
-    fn head(&self, g: usize, d: usize) -> (&[f32], &[f32]) {
+    fn head(&self, g: usize, d: usize) -> (&[T], &[T]) {
         let at = g * self.cap * d;
         (&self.k[at..][..self.len * d], &self.v[at..][..self.len * d])
     }
@@ -217,27 +262,35 @@ impl KvAttentionState {
 
     /// Positions in `slot`'s cache.
     pub fn slot_len(&self, slot: usize) -> usize {
-        self.caches.get(slot).map_or(0, |c| c.len)
+        with_caches!(&self.caches, c => c.get(slot).map_or(0, |c| c.len))
     }
 
     /// Keeps the first `len` positions of `slot` (no-op if there are fewer); `len` 0 also gives
     /// the slot's memory back.
     pub fn truncate_slot(&mut self, slot: usize, len: usize) {
-        if let Some(c) = self.caches.get_mut(slot) {
-            if len == 0 {
-                *c = Cache::default();
-            } else if len < c.len {
-                c.len = len;
+        with_caches!(&mut self.caches, c => {
+            if let Some(c) = c.get_mut(slot) {
+                if len == 0 {
+                    *c = Cache::default();
+                } else if len < c.len {
+                    c.len = len;
+                }
             }
-        }
+        })
     }
 
     /// Bytes the caches hold (allocated).
     pub fn bytes(&self) -> usize {
-        self.caches
-            .iter()
-            .map(|c| (c.k.capacity() + c.v.capacity()) * 4)
-            .sum()
+        fn of<T>(caches: &[Cache<T>]) -> usize {
+            caches
+                .iter()
+                .map(|c| (c.k.capacity() + c.v.capacity()) * size_of::<T>())
+                .sum()
+        }
+        match &self.caches {
+            Caches::F16(c) => of(c),
+            Caches::F32(c) => of(c),
+        }
     }
 }
 
@@ -325,7 +378,8 @@ impl KvAttention {
             "K {ks:?} does not fit Q {qs:?}"
         );
         ensure!(
-            st.caches.iter().all(|c| c.len == 0) || (st.kv_heads, st.d) == (kv_heads, d),
+            with_caches!(&st.caches, c => c.iter().all(|c| c.len == 0))
+                || (st.kv_heads, st.d) == (kv_heads, d),
             "K/V shape changed within a conversation"
         );
         // everything is checked before a cache grows: a bad input leaves them as they were
@@ -343,17 +397,22 @@ impl KvAttention {
         };
         (st.kv_heads, st.d) = (kv_heads, d);
         let need = rows.iter().map(|r| r.slot + 1).max().unwrap_or(1);
-        if st.caches.len() < need {
-            st.caches.resize_with(need, Cache::default);
-        }
         let (k_new, v_new) = (floats(&k_new)?, floats(&v_new)?);
-        for (i, r) in rows.iter().enumerate() {
-            st.caches[r.slot].append((k_new, v_new), kv_heads, (s, i), d);
-        }
+        with_caches!(&mut st.caches, c => {
+            if c.len() < need {
+                c.resize_with(need, Cache::default);
+            }
+            for (i, r) in rows.iter().enumerate() {
+                c[r.slot].append(Isa::best(), (k_new, v_new), kv_heads, (s, i), d);
+            }
+        });
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
 
         let mut out = vec![0f32; heads * s * d];
-        self.queries(st, floats(&q)?, &rows, mask.as_ref(), scale, &mut out)?;
+        let q = floats(&q)?;
+        with_caches!(&st.caches, c => {
+            self.queries(c, (kv_heads, d), q, &rows, mask.as_ref(), scale, &mut out)
+        })?;
         let out = Tensor::from_shape(&[1, heads, s, d], &out)?;
         let out = if dt == f32::datum_type() {
             out
@@ -367,16 +426,18 @@ impl KvAttention {
     /// it), every head: the (head, query) pairs split over the team in equal runs. A causal
     /// query sees its slot's keys up to its own position, a masked one every key plus its mask
     /// row.
-    fn queries(
+    #[allow(clippy::too_many_arguments)]
+    fn queries<T: Elem>(
         &self,
-        st: &KvAttentionState,
+        caches: &[Cache<T>],
+        (kv_heads, d): (usize, usize),
         q: &[f32],
         rows: &[Row],
         mask: Option<&Tensor>,
         scale: f32,
         out: &mut [f32],
     ) -> TractResult<()> {
-        let (kv_heads, d, s) = (st.kv_heads, st.d, rows.len());
+        let s = rows.len();
         let heads = q.len() / (s * d);
         let group = heads / kv_heads;
         let mask = match mask {
@@ -391,7 +452,7 @@ impl KvAttention {
         // answer's decode step: its 3 groups would leave a thread of 2 idle a third of the time)
         #[cfg(target_arch = "x86_64")]
         if mask.is_none() && group > 1 && avx512::fits(isa, d) && kv_heads * s >= 4 * team {
-            self.group_queries(st, q, rows, scale, out);
+            self.group_queries(caches, (kv_heads, d), q, rows, scale, out);
             return Ok(());
         }
         // each part takes its own contiguous run of `out`; the mutexes are never contended
@@ -403,11 +464,7 @@ impl KvAttention {
             parts.push(Mutex::new((r, mine)));
             rest = tail;
         }
-        let longest = rows
-            .iter()
-            .map(|r| st.caches[r.slot].len)
-            .max()
-            .unwrap_or(0);
+        let longest = rows.iter().map(|r| caches[r.slot].len).max().unwrap_or(0);
         let job = |p: usize| {
             let Some(part) = parts.get(p) else { return };
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
@@ -415,7 +472,7 @@ impl KvAttention {
             let mut scores = vec![0f32; longest];
             for (pair, o) in range.clone().zip(out.chunks_exact_mut(d)) {
                 let (h, i) = (pair / s, pair % s);
-                let cache = &st.caches[rows[i].slot];
+                let cache = &caches[rows[i].slot];
                 let len = cache.len;
                 let (k, v) = cache.head(h / group, d);
                 let view = |m| Rows {
@@ -456,15 +513,16 @@ impl KvAttention {
     /// (kv head, row) units split over the team in equal runs, each computed into a scratch
     /// of its own and put in place after.
     #[cfg(target_arch = "x86_64")]
-    fn group_queries(
+    fn group_queries<T: Elem>(
         &self,
-        st: &KvAttentionState,
+        caches: &[Cache<T>],
+        (kv_heads, d): (usize, usize),
         q: &[f32],
         rows: &[Row],
         scale: f32,
         out: &mut [f32],
     ) {
-        let (kv_heads, d, s) = (st.kv_heads, st.d, rows.len());
+        let s = rows.len();
         let group = q.len() / (s * d) / kv_heads;
         let units = kv_heads * s;
         let threads = self.team.as_ref().map_or(1, |t| t.threads()).min(units);
@@ -482,7 +540,7 @@ impl KvAttention {
             if self.causal {
                 r.pos + 1
             } else {
-                st.caches[r.slot].len
+                caches[r.slot].len
             }
         };
         let longest = rows.iter().map(seen).max().unwrap_or(0);
@@ -494,7 +552,7 @@ impl KvAttention {
             for (u, o) in range.clone().zip(out.chunks_exact_mut(group * d)) {
                 let (g, i) = (u / s, u % s);
                 let seen = seen(&rows[i]);
-                let (k, v) = st.caches[rows[i].slot].head(g, d);
+                let (k, v) = caches[rows[i].slot].head(g, d);
                 let view = |m| Rows {
                     m,
                     stride: d,
@@ -593,10 +651,10 @@ fn check_mask(
 }
 
 /// `o = softmax(scale * K_g q + mask) V_g` for one head over the whole cache.
-fn attend(
+fn attend<T: Elem>(
     isa: Isa,
     q: &[f32],
-    (k, v): (Rows<'_>, Rows<'_>),
+    (k, v): (Rows<'_, T>, Rows<'_, T>),
     scale: f32,
     mask: Option<&[f32]>,
     scores: &mut [f32],
@@ -646,12 +704,13 @@ fn floats(t: &Tensor) -> TractResult<&[f32]> {
 }
 
 /// Puts a [`KvAttention`] in place of every tract `InPlaceKvSdpa` of an optimized model (same
-/// inputs, same output), sharing `team`. `rows`: the model's position and slot inputs, when its
+/// inputs, same output), sharing `team`, its caches of type `kv`. `rows`: the model's position and slot inputs, when its
 /// rows are open ([`crate::rows`]): every attention takes them (a mask cannot go with them).
 pub fn install(
     model: &mut TypedModel,
     team: Option<&Arc<Team>>,
     rows: Option<(OutletId, OutletId)>,
+    kv: KvCache,
 ) -> TractResult<()> {
     for id in 0..model.nodes.len() {
         let node = &model.nodes[id];
@@ -676,6 +735,7 @@ pub fn install(
             scale: op.scale,
             team: team.cloned(),
             rows: with_rows,
+            kv,
         };
         model.nodes[id].op = Box::new(ours);
         if let Some((positions, slots)) = rows {

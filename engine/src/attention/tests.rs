@@ -13,8 +13,25 @@ fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `x` as the cache keeps it, bits.
+fn halves(x: &[f32]) -> Vec<u16> {
+    x.iter().map(|&x| kernel::narrow(x)).collect()
+}
+
+/// `x` rounded as the cache rounds it.
+fn rounded(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|&x| kernel::widen(kernel::narrow(x)))
+        .collect()
+}
+
 fn op(team: Option<Arc<Team>>) -> KvAttention {
+    op_of(team, KvCache::F16)
+}
+
+fn op_of(team: Option<Arc<Team>>, kv: KvCache) -> KvAttention {
     KvAttention {
+        kv,
         name: "kv".into(),
         past_sequence_fact: f32::fact([1usize, 2, 0, 8].as_ref()),
         causal: true,
@@ -30,12 +47,25 @@ fn new_state(op: &KvAttention) -> Box<dyn OpState> {
         .expect("the op keeps a state")
 }
 
-/// The history a test feeds, kept whole for the reference: `[position][kv head][d]`.
+/// The history a test feeds, kept whole for the reference: `[position][kv head][d]`, keys and
+/// values rounded as the cache keeps them.
 #[derive(Default)]
 struct History {
     k: Vec<f32>,
     v: Vec<f32>,
     len: usize,
+    /// The cache's type.
+    kv: KvCache,
+}
+
+impl History {
+    /// `x` as the cache keeps it.
+    fn kept(&self, x: &[f32]) -> Vec<f32> {
+        match self.kv {
+            KvCache::F16 => rounded(x),
+            KvCache::F32 => x.to_vec(),
+        }
+    }
 }
 
 /// Attention of `q [heads, s, d]` (its queries at positions `past..past + s`) over `h`, causal,
@@ -99,8 +129,12 @@ fn step(
     let (k, v) = (random(rng, kv_heads * s * d), random(rng, kv_heads * s * d));
     for pos in 0..s {
         for g in 0..kv_heads {
-            h.k.extend_from_slice(&k[(g * s + pos) * d..(g * s + pos + 1) * d]);
-            h.v.extend_from_slice(&v[(g * s + pos) * d..(g * s + pos + 1) * d]);
+            let (kk, vv) = (
+                h.kept(&k[(g * s + pos) * d..(g * s + pos + 1) * d]),
+                h.kept(&v[(g * s + pos) * d..(g * s + pos + 1) * d]),
+            );
+            h.k.extend(kk);
+            h.v.extend(vv);
         }
     }
     h.len += s;
@@ -163,20 +197,143 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 #[test]
 fn decode_steps_match_the_reference_with_grouped_heads_and_teams() {
-    for (threads, heads, kv_heads, d) in [(1, 9, 3, 64), (2, 9, 3, 64), (3, 4, 1, 13), (2, 2, 2, 8)]
-    {
-        let mut rng = ChaCha8Rng::seed_from_u64(threads as u64 * 100 + heads as u64);
-        let team = (threads > 1).then(|| Arc::new(Team::new(threads)));
-        let op = op(team);
-        let mut state = new_state(&op);
-        let mut h = History::default();
-        for t in 0..40 {
-            let (got, want) = step(
-                &mut rng, &op, &mut state, &mut h, heads, kv_heads, 1, d, None,
-            );
-            assert_close(&got, &want, &format!("{threads} threads, step {t}"));
+    for kv in [KvCache::F16, KvCache::F32] {
+        for (threads, heads, kv_heads, d) in
+            [(1, 9, 3, 64), (2, 9, 3, 64), (3, 4, 1, 13), (2, 2, 2, 8)]
+        {
+            let mut rng = ChaCha8Rng::seed_from_u64(threads as u64 * 100 + heads as u64);
+            let team = (threads > 1).then(|| Arc::new(Team::new(threads)));
+            let op = op_of(team, kv);
+            let mut state = new_state(&op);
+            let mut h = History {
+                kv,
+                ..History::default()
+            };
+            for t in 0..40 {
+                let (got, want) = step(
+                    &mut rng, &op, &mut state, &mut h, heads, kv_heads, 1, d, None,
+                );
+                assert_close(&got, &want, &format!("{kv:?} {threads} threads, step {t}"));
+            }
         }
     }
+}
+
+/// The cache keeps each key and value as the nearest half (ties to even), the largest half
+/// beyond their range rather than an infinity, NaN as NaN.
+#[test]
+fn keys_and_values_round_to_the_nearest_half() {
+    let round = |x: f32| kernel::widen(kernel::narrow(x));
+    let step = 1.0 / 1024.0; // between halves at 1
+    assert_eq!(round(1.0), 1.0);
+    assert_eq!(round(1.0 + 0.4 * step), 1.0);
+    assert_eq!(round(1.0 + 0.6 * step), 1.0 + step);
+    assert_eq!(round(1.0 + 0.5 * step), 1.0, "a tie goes to the even half");
+    assert_eq!(
+        round(1.0 + 1.5 * step),
+        1.0 + 2.0 * step,
+        "a tie goes to the even half"
+    );
+    assert_eq!(round(-3.25), -3.25);
+    assert_eq!(round(1e-9), 0.0);
+    assert_eq!(
+        round(6e-5),
+        kernel::widen(kernel::narrow(6e-5)),
+        "subnormal"
+    );
+    assert!((round(6e-5) - 6e-5).abs() < 6e-8);
+    for (x, want) in [
+        (1e6, 65504.0),
+        (-1e6, -65504.0),
+        (f32::INFINITY, 65504.0),
+        (f32::NEG_INFINITY, -65504.0),
+    ] {
+        assert_eq!(round(x), want, "{x}");
+    }
+    assert!(round(f32::NAN).is_nan());
+}
+
+/// Every instruction set narrows to the bits of the one-at-a-time conversion: ties, NaN,
+/// infinities, values beyond the halves' range, subnormals, lengths with and without a tail.
+#[test]
+fn every_instruction_set_narrows_as_one_at_a_time() {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let mut x = random(&mut rng, 1000);
+    x.extend([
+        1.0 + 0.5 / 1024.0,
+        1.0 + 1.5 / 1024.0,
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e6,
+        -7e4,
+        65504.0,
+        65519.0,
+        6e-5,
+        -3e-7,
+        1e-9,
+        -0.0,
+    ]);
+    for x in x.iter_mut().step_by(7) {
+        *x *= 3e4; // some near the top of the range
+    }
+    for &isa in crate::cpu::tested_isas() {
+        for n in [0, 5, 8, 13, x.len()] {
+            let mut got = vec![0u16; n];
+            kernel::narrow_into(isa, &x[..n], &mut got);
+            let want: Vec<u16> = x[..n].iter().map(|&x| kernel::narrow(x)).collect();
+            for ((g, w), x) in got.iter().zip(&want).zip(&x) {
+                let nan = |h: u16| kernel::widen(h).is_nan();
+                assert!(g == w || (nan(*g) && nan(*w)), "{isa:?} {x}: {g:#x} {w:#x}");
+            }
+        }
+    }
+}
+
+/// What the halves cost: a 64-position prompt's attention over the cache against f64 over the
+/// keys and values as they came (f32, in [-2, 2], where a half's step is at most 2^-10): within
+/// 4e-3, where over the rounded values it is within 1e-4 (the tests above).
+#[test]
+fn attention_over_halves_stays_near_attention_over_f32() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (heads, kv_heads, s, d) = (9, 3, 64, 64);
+    let op = op(None);
+    let mut state = new_state(&op);
+    let q = random(&mut rng, heads * s * d);
+    let (k, v) = (
+        random(&mut rng, kv_heads * s * d),
+        random(&mut rng, kv_heads * s * d),
+    );
+    let t = |shape: &[usize], x: &[f32]| Tensor::from_shape(shape, x).unwrap().into_tvalue();
+    let inputs = tvec![
+        t(&[1, heads, s, d], &q),
+        t(&[1, kv_heads, s, d], &k),
+        t(&[1, kv_heads, s, d], &v),
+    ];
+    let got = state
+        .eval(&EvalContext::out_of_plan(), &op, inputs)
+        .unwrap()
+        .remove(0);
+    let got = floats(&got).unwrap().to_vec();
+    let mut h = History {
+        len: s,
+        ..History::default()
+    };
+    for pos in 0..s {
+        for g in 0..kv_heads {
+            h.k.extend_from_slice(&k[(g * s + pos) * d..][..d]);
+            h.v.extend_from_slice(&v[(g * s + pos) * d..][..d]);
+        }
+    }
+    let want = reference(&h, &q, heads, kv_heads, s, d, None);
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 4e-3, "max error {err} against f32 keys and values");
+    assert!(err > 0.0, "the cache did not round at all");
 }
 
 #[test]
@@ -258,8 +415,8 @@ fn caches_that_grow_past_their_room_keep_every_head() {
     let grown = kv.bytes();
     assert_eq!(
         grown,
-        2 * 2 * GROW_POSITIONS * 3 * 16 * 4,
-        "two steps of room, K and V"
+        2 * 2 * GROW_POSITIONS * 3 * 16 * 2,
+        "two steps of room, K and V, 2 bytes a value"
     );
     kv.truncate(GROW_POSITIONS - 1);
     h.len = GROW_POSITIONS - 1;
@@ -318,12 +475,13 @@ fn every_instruction_set_matches_plain_rust_on_awkward_sizes() {
             (64, 3, 0),
             (32, 1, 9),
         ] {
-            let m = random(&mut rng, len * kv_heads * d + 3);
+            let m = rounded(&random(&mut rng, len * kv_heads * d + 3));
+            let mh = halves(&m);
             let q = random(&mut rng, d);
             let w = random(&mut rng, len);
             for g in 0..kv_heads {
                 let rows = Rows {
-                    m: &m,
+                    m: &mh,
                     stride: kv_heads * d,
                     off: g * d,
                     d,
@@ -350,6 +508,19 @@ fn every_instruction_set_matches_plain_rust_on_awkward_sizes() {
                     &want_dots(&q, &m, kv_heads * d, g * d, len),
                     "scalar",
                 );
+                // and an f32 cache's rows of the same values give the same
+                let full = Rows {
+                    m: &m[..],
+                    stride: kv_heads * d,
+                    off: g * d,
+                    d,
+                };
+                let mut f = vec![f32::NAN; len];
+                kernel::dots(isa, &q, full, &mut f);
+                assert_close(&f, &scalar, &format!("{isa:?} f32 dots d {d} len {len}"));
+                let mut f = vec![f32::NAN; d];
+                kernel::weighted_sum(isa, &w, full, &mut f);
+                assert_close(&f, &want, &format!("{isa:?} f32 weighted sum d {d}"));
             }
         }
     }
@@ -371,8 +542,9 @@ fn every_instruction_set_attends_a_head_as_plain_rust_does() {
             (64, 1, 0, false),
             (64, 3, 20, true),
         ] {
-            let k = random(&mut rng, len * kv_heads * d);
-            let v = random(&mut rng, len * kv_heads * d);
+            let k = rounded(&random(&mut rng, len * kv_heads * d));
+            let v = rounded(&random(&mut rng, len * kv_heads * d));
+            let (kh, vh) = (halves(&k), halves(&v));
             let q = random(&mut rng, d);
             let mut mask = random(&mut rng, len);
             if masked && len > 3 {
@@ -387,12 +559,18 @@ fn every_instruction_set_attends_a_head_as_plain_rust_does() {
                     off: g * d,
                     d,
                 };
+                let rows_f32 = |m| Rows {
+                    m,
+                    stride: kv_heads * d,
+                    off: g * d,
+                    d,
+                };
                 let run = |isa| {
                     let (mut scores, mut o) = (vec![f32::NAN; len], vec![f32::NAN; d]);
                     attend(
                         isa,
                         &q,
-                        (rows(&k), rows(&v)),
+                        (rows(&kh), rows(&vh)),
                         0.3,
                         mask,
                         &mut scores,
@@ -402,6 +580,18 @@ fn every_instruction_set_attends_a_head_as_plain_rust_does() {
                 };
                 let what = format!("{isa:?} d {d} len {len} masked {masked}");
                 assert_close(&run(isa), &run(Isa::Scalar), &what);
+                // an f32 cache of the same (rounded) values attends the same
+                let (mut scores, mut full) = (vec![f32::NAN; len], vec![f32::NAN; d]);
+                attend(
+                    isa,
+                    &q,
+                    (rows_f32(&k), rows_f32(&v)),
+                    0.3,
+                    mask,
+                    &mut scores,
+                    &mut full,
+                );
+                assert_close(&full, &run(Isa::Scalar), &format!("{what} f32 cache"));
                 // and f64
                 let scores: Vec<f64> = (0..len)
                     .map(|j| {
@@ -448,7 +638,10 @@ fn a_group_of_heads_attends_as_each_head_alone() {
         (64, 2, 0),
         (48, 1, 18),
     ] {
-        let (k, v) = (random(&mut rng, len * d), random(&mut rng, len * d));
+        let (k, v) = (
+            halves(&random(&mut rng, len * d)),
+            halves(&random(&mut rng, len * d)),
+        );
         let stride = 3 * d; // queries of one row: one head's apart from the next
         let q = random(&mut rng, group * stride);
         let rows = |m| Rows {
@@ -506,8 +699,8 @@ fn a_head_with_every_key_masked_attends_to_nothing() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let (d, len) = (64, 20);
     let (k, v, q) = (
-        random(&mut rng, len * d),
-        random(&mut rng, len * d),
+        halves(&random(&mut rng, len * d)),
+        halves(&random(&mut rng, len * d)),
         random(&mut rng, d),
     );
     let mask = vec![f32::NEG_INFINITY; len];
@@ -585,8 +778,12 @@ fn rows_step(
         let (kk, vv) = (pick(&k, kv_heads), pick(&v, kv_heads));
         for pos in 0..n {
             for g in 0..kv_heads {
-                h.k.extend_from_slice(&kk[(g * n + pos) * d..][..d]);
-                h.v.extend_from_slice(&vv[(g * n + pos) * d..][..d]);
+                let (k1, v1) = (
+                    h.kept(&kk[(g * n + pos) * d..][..d]),
+                    h.kept(&vv[(g * n + pos) * d..][..d]),
+                );
+                h.k.extend(k1);
+                h.v.extend(v1);
             }
         }
         h.len += n;
@@ -653,12 +850,20 @@ fn rows_of_several_conversations_each_see_their_own_cache() {
 #[test]
 fn decode_steps_of_four_answers_match_the_reference() {
     let dims = (9, 3, 64);
-    for threads in [1, 2] {
+    for (threads, kv) in [1, 2]
+        .into_iter()
+        .flat_map(|t| [(t, KvCache::F16), (t, KvCache::F32)])
+    {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let mut op = op((threads > 1).then(|| Arc::new(Team::new(threads))));
+        let mut op = op_of((threads > 1).then(|| Arc::new(Team::new(threads))), kv);
         op.rows = true;
         let mut state = new_state(&op);
-        let mut hists: Vec<History> = (0..4).map(|_| History::default()).collect();
+        let mut hists: Vec<History> = (0..4)
+            .map(|_| History {
+                kv,
+                ..History::default()
+            })
+            .collect();
         let steps: [&[(usize, usize)]; 5] = [
             &[(0, 21), (1, 3), (2, 17), (3, 40)],
             &[(0, 1), (1, 1), (2, 1), (3, 1)],
@@ -672,7 +877,7 @@ fn decode_steps_of_four_answers_match_the_reference() {
                 assert_close(
                     got,
                     want,
-                    &format!("{threads} threads, step {t}, slot {slot} x{n}"),
+                    &format!("{kv:?} {threads} threads, step {t}, slot {slot} x{n}"),
                 );
             }
         }
@@ -723,11 +928,11 @@ fn rows_out_of_order_or_out_of_range_are_errors_that_change_nothing() {
 fn attend_speed() {
     let (layers, answers, heads, kv_heads, d, len) = (30, 4, 9, 3, 64, 115);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..layers * answers)
+    let caches: Vec<(Vec<u16>, Vec<u16>)> = (0..layers * answers)
         .map(|_| {
             (
-                random(&mut rng, len * kv_heads * d),
-                random(&mut rng, len * kv_heads * d),
+                halves(&random(&mut rng, len * kv_heads * d)),
+                halves(&random(&mut rng, len * kv_heads * d)),
             )
         })
         .collect();
@@ -742,7 +947,7 @@ fn attend_speed() {
     let mut sink = 0u64;
     // the best of 20 rounds of `step(layer's caches of each answer)` over every layer, with
     // other memory read between layers, as the products do
-    type Caches = [(Vec<f32>, Vec<f32>)];
+    type Caches = [(Vec<u16>, Vec<u16>)];
     let mut time = |step: &mut dyn FnMut(&Caches)| {
         let mut best = std::time::Duration::MAX;
         for _ in 0..20 {
@@ -819,7 +1024,7 @@ fn attend_speed() {
                 let mut acc = [0u32; 16];
                 for c in m.chunks_exact(16) {
                     for (a, x) in acc.iter_mut().zip(c) {
-                        *a = a.wrapping_add(x.to_bits());
+                        *a = a.wrapping_add(u32::from(*x));
                     }
                 }
                 sink += acc.iter().map(|&a| a as u64).sum::<u64>();

@@ -37,7 +37,7 @@ fn run(model: PathBuf, text: PathBuf, ctx: &str, chunks: &str) -> Result<f64, St
         verify: false,
         threads: 2,
         context: None,
-        activations: Default::default(),
+        ..LoadOptions::default()
     };
     let model = Model::load(&model, &options).map_err(|e| e.to_string())?;
     let tokens = model.tokenizer.encode(&text).map_err(|e| e.to_string())?;

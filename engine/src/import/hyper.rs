@@ -165,9 +165,10 @@ impl Hyper {
         })
     }
 
-    /// Bytes of one conversation's KV cache at `tokens` positions (f32 keys and values).
-    pub fn kv_bytes(&self, tokens: usize) -> u64 {
-        crate::graph::kv_cache_bytes(self.layers, self.kv_heads * self.head_dim, tokens)
+    /// Bytes of one conversation's KV cache at `tokens` positions, keys and values kept as
+    /// `kv`.
+    pub fn kv_bytes(&self, tokens: usize, kv: crate::attention::KvCache) -> u64 {
+        crate::graph::kv_cache_bytes(self.layers, self.kv_heads * self.head_dim, tokens, kv)
     }
 
     /// Checks every tensor the graph reads (present, the shape the metadata gives it, a type

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use fieldllm_engine::attention::KvCache;
 pub use fieldllm_engine::ggml::Activations;
 use fieldllm_engine::{LoadOptions, Model};
 
@@ -28,6 +29,17 @@ pub fn load(name: &str) -> Arc<Model> {
 /// [`load`] with the products' activations as `activations` says.
 #[allow(dead_code)] // not every test binary asks
 pub fn load_with(name: &str, activations: Activations) -> Arc<Model> {
+    load_options(name, activations, KvCache::default())
+}
+
+/// [`load`] with keys and values kept in f32, as the NumPy references keep them: what the
+/// tight bounds against those references need.
+#[allow(dead_code)] // not every test binary asks
+pub fn load_exact(name: &str) -> Arc<Model> {
+    load_options(name, Activations::default(), KvCache::F32)
+}
+
+fn load_options(name: &str, activations: Activations, kv_cache: KvCache) -> Arc<Model> {
     Model::load(
         &model_dir(name),
         &LoadOptions {
@@ -35,6 +47,7 @@ pub fn load_with(name: &str, activations: Activations) -> Arc<Model> {
             threads: 1,
             context: None,
             activations,
+            kv_cache,
         },
     )
     .expect("model loads")
