@@ -97,7 +97,8 @@ pub struct Model {
     pub threads: usize,
     /// Whether its rows are open ([`crate::rows`]): one run may carry several conversations.
     pub rows: bool,
-    /// What its KV caches keep keys and values as.
+    /// What its KV caches keep keys and values as (f32 where a cache stayed tract's own:
+    /// what its KV memory is counted as).
     pub kv_cache: attention::KvCache,
 }
 
@@ -320,8 +321,9 @@ impl Model {
         } else {
             None
         };
-        attention::install(&mut optimized, team.as_ref(), row_inputs, options.kv_cache)
-            .map_err(EngineError::graph)?;
+        let kv_cache =
+            attention::install(&mut optimized, team.as_ref(), row_inputs, options.kv_cache)
+                .map_err(EngineError::graph)?;
         crate::rope::install(&mut optimized).map_err(EngineError::graph)?;
         crate::elementwise::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
         crate::norm::install(&mut optimized, team.as_ref()).map_err(EngineError::graph)?;
@@ -373,7 +375,7 @@ impl Model {
             weights = %m.graph.weights,
             graph = ?m.graph.format,
             threads = options.threads,
-            kv_cache = options.kv_cache.name(),
+            kv_cache = kv_cache.name(),
             load_ms = start.elapsed().as_millis() as u64,
             mapped_mb = crate::mapped::WeightStorage::of(plan.model()).mapped_bytes / 1_000_000,
             "model loaded"
@@ -388,7 +390,7 @@ impl Model {
             load_time: start.elapsed(),
             threads: options.threads,
             rows,
-            kv_cache: options.kv_cache,
+            kv_cache,
         }))
     }
 

@@ -123,14 +123,15 @@ fn a_gguf_file_runs_straight_from_the_file() {
     ]);
     let (text, _) = texts(&o);
     assert!(text.contains("graph           builds"), "{text}");
-    // 2 layers x 2 kv heads x 8 wide x keys and values x 4 bytes x 100 tokens
+    // 2 layers x 2 kv heads x 8 wide x keys and values x 2 bytes (f16) x 100 tokens
     assert!(
         text.contains("KV cache        0.0 MB at 100 tokens"),
         "{text}"
     );
     let o = run(&["model", "info", "--json", &smollm2()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    // 30 layers x 3 kv heads x 64 wide x 2 x 4 bytes x 8192 tokens
+    // 30 layers x 3 kv heads x 64 wide x 2 x 2 bytes (the default f16 cache) x 8192 tokens
+    assert_eq!(v["kv_cache_type"], "f16");
     assert_eq!(v["kv_cache_bytes"]["8192"], 30 * 3 * 64 * 2 * 2 * 8192);
     assert_eq!(v["builds"], true);
 }

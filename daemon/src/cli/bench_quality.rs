@@ -42,6 +42,7 @@ struct Report {
     model: String,
     weights: String,
     activations: String,
+    kv_cache: String,
     text: String,
     ctx: usize,
     chunks: usize,
@@ -96,6 +97,7 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
         model: m.model.name.clone(),
         weights: m.graph.weights.to_string(),
         activations: b.activations.to_string(),
+        kv_cache: b.kv_cache.to_string(),
         text: b.text.display().to_string(),
         ctx: b.ctx,
         chunks: q.chunks,
@@ -113,10 +115,11 @@ pub fn run(b: QualityBench, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} ({} weights, {} activations) on {}: {} chunks of {} tokens, {} scored",
+            "{} ({} weights, {} activations, {} KV cache) on {}: {} chunks of {} tokens, {} scored",
             report.model,
             report.weights,
             report.activations,
+            report.kv_cache,
             report.text,
             report.chunks,
             report.ctx,

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use fieldllm_engine::attention::KvCache;
 use fieldllm_engine::graph::DEFAULT_CONTEXT;
 use fieldllm_engine::import::gguf;
 use fieldllm_engine::import::llama::Hyper;
@@ -23,7 +24,7 @@ pub fn info(path: &Path, json_out: bool, context: Option<usize>) -> anyhow::Resu
             at.sort_unstable();
             at.dedup();
             at.into_iter()
-                .map(|t| (t, h.kv_bytes(t, Default::default())))
+                .map(|t| (t, h.kv_bytes(t, KvCache::default())))
                 .collect()
         }
         Err(_) => vec![],
@@ -53,6 +54,7 @@ pub fn info(path: &Path, json_out: bool, context: Option<usize>) -> anyhow::Resu
             "tokenizer_model": model, "pre_tokenizer": pre, "vocabulary": vocab, "chat_template": g.get("tokenizer.chat_template").is_some(),
             "tokenizer": match &tokenizer { Ok(()) => json!("imports"), Err(e) => json!(e) },
             "builds": match &built { Ok(_) => json!(true), Err(e) => json!(e.to_string()) },
+            "kv_cache_type": KvCache::default().name(),
             "kv_cache_bytes": kv.iter().map(|(t, b)| (t.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -107,7 +109,8 @@ pub fn info(path: &Path, json_out: bool, context: Option<usize>) -> anyhow::Resu
     }
     for (t, bytes) in &kv {
         println!(
-            "KV cache        {:.1} MB at {t} tokens (per conversation, grows with use)",
+            "KV cache        {:.1} MB at {t} tokens (per conversation, grows with use; f16, \
+             [model] kv_cache's default; f32: twice)",
             *bytes as f64 / 1e6
         );
     }

@@ -370,7 +370,8 @@ mod arm {
                 "fcvtl {f:v}.4s, {h:v}.4h",
                 h = in(vreg) h,
                 f = lateout(vreg) f,
-                options(pure, nomem, nostack, preserves_flags)
+                // not preserves_flags: a signalling NaN sets FPSR's invalid-operation flag
+                options(pure, nomem, nostack)
             )
         };
         f
@@ -392,7 +393,8 @@ mod arm {
                     "fcvtn {h:v}.4h, {v:v}.4s",
                     v = in(vreg) v,
                     h = lateout(vreg) h,
-                    options(pure, nomem, nostack, preserves_flags)
+                    // not preserves_flags: rounding sets FPSR's inexact and underflow flags
+                    options(pure, nomem, nostack)
                 );
                 vst1_u16(out.as_mut_ptr().add(i), h);
             }

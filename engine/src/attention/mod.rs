@@ -704,14 +704,19 @@ fn floats(t: &Tensor) -> TractResult<&[f32]> {
 }
 
 /// Puts a [`KvAttention`] in place of every tract `InPlaceKvSdpa` of an optimized model (same
-/// inputs, same output), sharing `team`, its caches of type `kv`. `rows`: the model's position and slot inputs, when its
+/// inputs, same output), sharing `team`, its caches of type `kv`. Returns the type the
+/// model's caches are counted as: `kv`, or f32 where a layout this op does not keep leaves
+/// tract's own cache in place. `rows`: the model's position and slot inputs, when its
 /// rows are open ([`crate::rows`]): every attention takes them (a mask cannot go with them).
 pub fn install(
     model: &mut TypedModel,
     team: Option<&Arc<Team>>,
     rows: Option<(OutletId, OutletId)>,
     kv: KvCache,
-) -> TractResult<()> {
+) -> TractResult<KvCache> {
+    // f32 if any cache stays tract's own (its keys and values are f32): what a session's KV
+    // memory is counted as
+    let mut kept = kv;
     for id in 0..model.nodes.len() {
         let node = &model.nodes[id];
         let Some(op) = node.op_as::<InPlaceKvSdpa>() else {
@@ -720,6 +725,7 @@ pub fn install(
         if op.axis != 2 {
             // a layout this op does not keep: tract's own cache cannot take rows
             ensure!(rows.is_none(), "{}: a cache layout without rows", node.name);
+            kept = KvCache::F32;
             continue;
         }
         let with_rows = rows.is_some();
@@ -743,7 +749,7 @@ pub fn install(
             model.add_edge(slots, InletId::new(id, 4))?;
         }
     }
-    Ok(())
+    Ok(kept)
 }
 
 #[cfg(test)]

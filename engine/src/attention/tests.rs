@@ -236,12 +236,8 @@ fn keys_and_values_round_to_the_nearest_half() {
     );
     assert_eq!(round(-3.25), -3.25);
     assert_eq!(round(1e-9), 0.0);
-    assert_eq!(
-        round(6e-5),
-        kernel::widen(kernel::narrow(6e-5)),
-        "subnormal"
-    );
-    assert!((round(6e-5) - 6e-5).abs() < 6e-8);
+    // below 2^-14 the halves are subnormal, 2^-24 apart: 6e-5 is 1006.6 of those steps
+    assert_eq!(round(6e-5), 1007.0 * 2f32.powi(-24), "subnormal");
     for (x, want) in [
         (1e6, 65504.0),
         (-1e6, -65504.0),
@@ -258,8 +254,12 @@ fn keys_and_values_round_to_the_nearest_half() {
 #[test]
 fn every_instruction_set_narrows_as_one_at_a_time() {
     let mut rng = ChaCha8Rng::seed_from_u64(22);
-    let mut x = random(&mut rng, 1000);
-    x.extend([
+    let mut random_values = random(&mut rng, 1000);
+    for x in random_values.iter_mut().step_by(7) {
+        *x *= 3e4; // some near the top of the range
+    }
+    // the special values first, so the vector loops take them, and some again in a tail
+    let special = [
         1.0 + 0.5 / 1024.0,
         1.0 + 1.5 / 1024.0,
         f32::NAN,
@@ -270,16 +270,21 @@ fn every_instruction_set_narrows_as_one_at_a_time() {
         -7e4,
         65504.0,
         65519.0,
+        65520.0,
         6e-5,
         -3e-7,
         1e-9,
         -0.0,
-    ]);
-    for x in x.iter_mut().step_by(7) {
-        *x *= 3e4; // some near the top of the range
-    }
+        2.5e-8,
+    ];
+    let x: Vec<f32> = special
+        .iter()
+        .chain(&random_values)
+        .chain(&special[..5])
+        .copied()
+        .collect();
     for &isa in crate::cpu::tested_isas() {
-        for n in [0, 5, 8, 13, x.len()] {
+        for n in [0, 5, 8, 13, 16, x.len()] {
             let mut got = vec![0u16; n];
             kernel::narrow_into(isa, &x[..n], &mut got);
             let want: Vec<u16> = x[..n].iter().map(|&x| kernel::narrow(x)).collect();
@@ -689,6 +694,49 @@ fn a_group_of_heads_attends_as_each_head_alone() {
             );
             let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got[h * d..][..d]), bits(&alone), "{what}: bits");
+        }
+        // an f32 cache holding the same values (the halves widened): the same bits, grouped
+        // and a head alone
+        let widened = |m: &[u16]| m.iter().map(|&h| kernel::widen(h)).collect::<Vec<f32>>();
+        let (kf, vf) = (widened(&k), widened(&v));
+        let rows_f32 = |m| Rows {
+            m,
+            stride: d,
+            off: 0,
+            d,
+        };
+        let mut full = vec![f32::NAN; group * d];
+        super::avx512::attend_group(
+            isa,
+            (&q, stride),
+            (rows_f32(&kf), rows_f32(&vf)),
+            0.3,
+            len,
+            &mut scores,
+            &mut full,
+        );
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&full),
+            bits(&got),
+            "d {d} group {group} len {len}: f32 cache"
+        );
+        for h in 0..group {
+            let (mut alone, mut sc) = (vec![f32::NAN; d], vec![0f32; len]);
+            attend(
+                isa,
+                &q[h * stride..][..d],
+                (rows_f32(&kf), rows_f32(&vf)),
+                0.3,
+                None,
+                &mut sc,
+                &mut alone,
+            );
+            assert_eq!(
+                bits(&full[h * d..][..d]),
+                bits(&alone),
+                "f32 cache head {h} alone"
+            );
         }
     }
 }
