@@ -157,23 +157,25 @@ pub fn narrow_into<T: Elem>(isa: Isa, x: &[f32], out: &mut [T]) {
         out.len(),
         "narrowing into a slice of another length"
     );
+    // values the vector loop narrowed; the rest one at a time below
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
         && let Some(halves) = T::halves_mut(out)
     {
         // SAFETY: the CPU has AVX2 and F16C (Isa); the lengths are equal (checked)
-        return unsafe { x86::narrow_into(x, halves) };
+        done = unsafe { x86::narrow_into(x, halves) };
     }
     #[cfg(target_arch = "aarch64")]
     if matches!(isa, Isa::Neon | Isa::NeonDot | Isa::NeonI8mm)
         && let Some(halves) = T::halves_mut(out)
     {
         // SAFETY: the CPU has NEON (Isa); the lengths are equal (checked)
-        return unsafe { arm::narrow_into(x, halves) };
+        done = unsafe { arm::narrow_into(x, halves) };
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = isa;
-    for (o, &x) in out.iter_mut().zip(x) {
+    for (o, &x) in out[done..].iter_mut().zip(&x[done..]) {
         *o = T::narrow(x);
     }
 }
@@ -254,9 +256,10 @@ mod x86 {
 
     /// [`super::narrow_into`] eight at a time: clamped to the halves' range (NaN kept: `min`
     /// and `max` return their second operand when either is NaN), rounded to nearest even.
+    /// Returns how many it narrowed (the whole eights).
     /// SAFETY: `x.len() == out.len()`.
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn narrow_into(x: &[f32], out: &mut [u16]) {
+    pub unsafe fn narrow_into(x: &[f32], out: &mut [u16]) -> usize {
         let (hi, lo) = (_mm256_set1_ps(65504.0), _mm256_set1_ps(-65504.0));
         let mut i = 0;
         while i + 8 <= x.len() {
@@ -268,9 +271,7 @@ mod x86 {
             }
             i += 8;
         }
-        for (o, &x) in out[i..].iter_mut().zip(&x[i..]) {
-            *o = super::narrow(x);
-        }
+        i
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -379,9 +380,10 @@ mod arm {
 
     /// [`super::narrow_into`] four at a time: clamped to the halves' range (`fmin`/`fmax` keep
     /// NaN), then `fcvtn`, which rounds as the FPCR says (nearest even: Linux leaves it so).
+    /// Returns how many it narrowed (the whole fours).
     /// SAFETY: `x.len() == out.len()`.
     #[target_feature(enable = "neon")]
-    pub unsafe fn narrow_into(x: &[f32], out: &mut [u16]) {
+    pub unsafe fn narrow_into(x: &[f32], out: &mut [u16]) -> usize {
         let (hi, lo) = (vdupq_n_f32(65504.0), vdupq_n_f32(-65504.0));
         let mut i = 0;
         while i + 4 <= x.len() {
@@ -400,9 +402,7 @@ mod arm {
             }
             i += 4;
         }
-        for (o, &x) in out[i..].iter_mut().zip(&x[i..]) {
-            *o = super::narrow(x);
-        }
+        i
     }
 
     /// Four keys at a time (four independent sums).

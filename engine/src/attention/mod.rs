@@ -230,6 +230,11 @@ impl<T: Elem> Cache<T> {
         self.len += 1;
     }
 
+    /// Bytes it holds (allocated).
+    fn bytes(&self) -> usize {
+        (self.k.capacity() + self.v.capacity()) * size_of::<T>()
+    }
+
     /// Head `g`'s keys and values so far, `[len, d]` each.
     fn head(&self, g: usize, d: usize) -> (&[T], &[T]) {
         let at = g * self.cap * d;
@@ -281,16 +286,7 @@ impl KvAttentionState {
 
     /// Bytes the caches hold (allocated).
     pub fn bytes(&self) -> usize {
-        fn of<T>(caches: &[Cache<T>]) -> usize {
-            caches
-                .iter()
-                .map(|c| (c.k.capacity() + c.v.capacity()) * size_of::<T>())
-                .sum()
-        }
-        match &self.caches {
-            Caches::F16(c) => of(c),
-            Caches::F32(c) => of(c),
-        }
+        with_caches!(&self.caches, c => c.iter().map(Cache::bytes).sum())
     }
 }
 
@@ -398,12 +394,13 @@ impl KvAttention {
         (st.kv_heads, st.d) = (kv_heads, d);
         let need = rows.iter().map(|r| r.slot + 1).max().unwrap_or(1);
         let (k_new, v_new) = (floats(&k_new)?, floats(&v_new)?);
+        let isa = Isa::best();
         with_caches!(&mut st.caches, c => {
             if c.len() < need {
                 c.resize_with(need, Cache::default);
             }
             for (i, r) in rows.iter().enumerate() {
-                c[r.slot].append(Isa::best(), (k_new, v_new), kv_heads, (s, i), d);
+                c[r.slot].append(isa, (k_new, v_new), kv_heads, (s, i), d);
             }
         });
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());

@@ -18,6 +18,11 @@ fn halves(x: &[f32]) -> Vec<u16> {
     x.iter().map(|&x| kernel::narrow(x)).collect()
 }
 
+/// Rows of `m` (halves or f32), position `j`'s vector at `m[j * stride + off..][..d]`.
+fn view<T>(m: &[T], (stride, off): (usize, usize), d: usize) -> Rows<'_, T> {
+    Rows { m, stride, off, d }
+}
+
 /// `x` rounded as the cache rounds it.
 fn rounded(x: &[f32]) -> Vec<f32> {
     x.iter()
@@ -485,12 +490,7 @@ fn every_instruction_set_matches_plain_rust_on_awkward_sizes() {
             let q = random(&mut rng, d);
             let w = random(&mut rng, len);
             for g in 0..kv_heads {
-                let rows = Rows {
-                    m: &mh,
-                    stride: kv_heads * d,
-                    off: g * d,
-                    d,
-                };
+                let rows = view(&mh, (kv_heads * d, g * d), d);
                 let mut got = vec![f32::NAN; len];
                 kernel::dots(isa, &q, rows, &mut got);
                 let mut want = vec![f32::NAN; len];
@@ -514,12 +514,7 @@ fn every_instruction_set_matches_plain_rust_on_awkward_sizes() {
                     "scalar",
                 );
                 // and an f32 cache's rows of the same values give the same
-                let full = Rows {
-                    m: &m[..],
-                    stride: kv_heads * d,
-                    off: g * d,
-                    d,
-                };
+                let full = view(&m, (kv_heads * d, g * d), d);
                 let mut f = vec![f32::NAN; len];
                 kernel::dots(isa, &q, full, &mut f);
                 assert_close(&f, &scalar, &format!("{isa:?} f32 dots d {d} len {len}"));
@@ -558,24 +553,13 @@ fn every_instruction_set_attends_a_head_as_plain_rust_does() {
             }
             let mask = masked.then_some(&mask[..]);
             for g in 0..kv_heads {
-                let rows = |m| Rows {
-                    m,
-                    stride: kv_heads * d,
-                    off: g * d,
-                    d,
-                };
-                let rows_f32 = |m| Rows {
-                    m,
-                    stride: kv_heads * d,
-                    off: g * d,
-                    d,
-                };
+                let at = (kv_heads * d, g * d);
                 let run = |isa| {
                     let (mut scores, mut o) = (vec![f32::NAN; len], vec![f32::NAN; d]);
                     attend(
                         isa,
                         &q,
-                        (rows(&kh), rows(&vh)),
+                        (view(&kh, at, d), view(&vh, at, d)),
                         0.3,
                         mask,
                         &mut scores,
@@ -590,7 +574,7 @@ fn every_instruction_set_attends_a_head_as_plain_rust_does() {
                 attend(
                     isa,
                     &q,
-                    (rows_f32(&k), rows_f32(&v)),
+                    (view(&k, at, d), view(&v, at, d)),
                     0.3,
                     mask,
                     &mut scores,
@@ -649,18 +633,12 @@ fn a_group_of_heads_attends_as_each_head_alone() {
         );
         let stride = 3 * d; // queries of one row: one head's apart from the next
         let q = random(&mut rng, group * stride);
-        let rows = |m| Rows {
-            m,
-            stride: d,
-            off: 0,
-            d,
-        };
         let mut got = vec![f32::NAN; group * d];
         let mut scores = vec![f32::NAN; group * len];
         super::avx512::attend_group(
             isa,
             (&q, stride),
-            (rows(&k), rows(&v)),
+            (view(&k, (d, 0), d), view(&v, (d, 0), d)),
             0.3,
             len,
             &mut scores,
@@ -672,7 +650,7 @@ fn a_group_of_heads_attends_as_each_head_alone() {
             attend(
                 Isa::Scalar,
                 &q[h * stride..][..d],
-                (rows(&k), rows(&v)),
+                (view(&k, (d, 0), d), view(&v, (d, 0), d)),
                 0.3,
                 None,
                 &mut sc,
@@ -686,7 +664,7 @@ fn a_group_of_heads_attends_as_each_head_alone() {
             attend(
                 isa,
                 &q[h * stride..][..d],
-                (rows(&k), rows(&v)),
+                (view(&k, (d, 0), d), view(&v, (d, 0), d)),
                 0.3,
                 None,
                 &mut sc,
@@ -699,17 +677,11 @@ fn a_group_of_heads_attends_as_each_head_alone() {
         // and a head alone
         let widened = |m: &[u16]| m.iter().map(|&h| kernel::widen(h)).collect::<Vec<f32>>();
         let (kf, vf) = (widened(&k), widened(&v));
-        let rows_f32 = |m| Rows {
-            m,
-            stride: d,
-            off: 0,
-            d,
-        };
         let mut full = vec![f32::NAN; group * d];
         super::avx512::attend_group(
             isa,
             (&q, stride),
-            (rows_f32(&kf), rows_f32(&vf)),
+            (view(&kf, (d, 0), d), view(&vf, (d, 0), d)),
             0.3,
             len,
             &mut scores,
@@ -726,7 +698,7 @@ fn a_group_of_heads_attends_as_each_head_alone() {
             attend(
                 isa,
                 &q[h * stride..][..d],
-                (rows_f32(&kf), rows_f32(&vf)),
+                (view(&kf, (d, 0), d), view(&vf, (d, 0), d)),
                 0.3,
                 None,
                 &mut sc,
