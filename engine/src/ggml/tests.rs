@@ -500,9 +500,9 @@ fn packed_forms_read_the_gguf_bytes() {
 }
 
 /// A row's product has the same bits in a tile of any height, on every instruction set: alone
-/// (a decode step), among 2-4 rows (answers decoded together) or among 8 or more (a prompt's
-/// chunk, which AVX-512 runs on 512-bit tiles of two row groups, an odd last group on the
-/// 256-bit kernel). An answer's tokens must not depend on the batch it ran in.
+/// (a decode step), among 2-7 rows (answers decoded together: tiles of 4, 2 and 1) or among
+/// 8 or more (a prompt's chunk, which AVX-512 runs on 512-bit tiles of two row groups, an odd
+/// last group on the 256-bit kernel). An answer's tokens must not depend on the batch it ran in.
 #[test]
 fn a_row_has_the_same_bits_in_a_tile_of_any_height() {
     let isas = crate::cpu::tested_isas();
@@ -513,7 +513,7 @@ fn a_row_has_the_same_bits_in_a_tile_of_any_height() {
             let k = row_len(kind, k);
             let bytes = random_packed(&mut rng, kind, n, k);
             let p = packed::Packed::new(kind, n, k, &bytes).unwrap();
-            for rows in [2, 4, 8, 9, 37] {
+            for rows in [2, 3, 4, 7, 8, 9, 11, 37] {
                 let x = random_acts(&mut rng, rows, k);
                 let mut q = QuantizedActs::default();
                 q.quantize(&x, rows, k);
