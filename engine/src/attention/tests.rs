@@ -23,6 +23,21 @@ fn view<T>(m: &[T], (stride, off): (usize, usize), d: usize) -> Rows<'_, T> {
     Rows { m, stride, off, d }
 }
 
+/// One head's attention over a whole `[len, d]` cache, unmasked, scale 0.3, on `isa`.
+#[cfg(target_arch = "x86_64")]
+fn head_alone<T: Elem>(isa: Isa, q: &[f32], (k, v): (&[T], &[T]), d: usize) -> Vec<f32> {
+    let (mut out, mut scores) = (vec![f32::NAN; d], vec![0f32; k.len() / d]);
+    let rows = (view(k, (d, 0), d), view(v, (d, 0), d));
+    attend(isa, q, rows, 0.3, None, &mut scores, &mut out);
+    out
+}
+
+/// Each value's bits, to compare exactly (NaN included).
+#[cfg(target_arch = "x86_64")]
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|x| x.to_bits()).collect()
+}
+
 /// `x` rounded as the cache rounds it.
 fn rounded(x: &[f32]) -> Vec<f32> {
     x.iter()
@@ -645,32 +660,13 @@ fn a_group_of_heads_attends_as_each_head_alone() {
             &mut got,
         );
         for h in 0..group {
-            let mut want = vec![f32::NAN; d];
-            let mut sc = vec![0f32; len];
-            attend(
-                Isa::Scalar,
-                &q[h * stride..][..d],
-                (view(&k, (d, 0), d), view(&v, (d, 0), d)),
-                0.3,
-                None,
-                &mut sc,
-                &mut want,
-            );
+            let qh = &q[h * stride..][..d];
+            let want = head_alone(Isa::Scalar, qh, (&k, &v), d);
             let what = format!("d {d} group {group} len {len} head {h}");
             assert_close(&got[h * d..][..d], &want, &what);
             // and the same bits as the head alone on AVX-512: an answer's tokens must not
             // depend on whether its step ran grouped (several answers) or not (one)
-            let mut alone = vec![f32::NAN; d];
-            attend(
-                isa,
-                &q[h * stride..][..d],
-                (view(&k, (d, 0), d), view(&v, (d, 0), d)),
-                0.3,
-                None,
-                &mut sc,
-                &mut alone,
-            );
-            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let alone = head_alone(isa, qh, (&k, &v), d);
             assert_eq!(bits(&got[h * d..][..d]), bits(&alone), "{what}: bits");
         }
         // an f32 cache holding the same values (the halves widened): the same bits, grouped
@@ -687,23 +683,13 @@ fn a_group_of_heads_attends_as_each_head_alone() {
             &mut scores,
             &mut full,
         );
-        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(
             bits(&full),
             bits(&got),
             "d {d} group {group} len {len}: f32 cache"
         );
         for h in 0..group {
-            let (mut alone, mut sc) = (vec![f32::NAN; d], vec![0f32; len]);
-            attend(
-                isa,
-                &q[h * stride..][..d],
-                (view(&kf, (d, 0), d), view(&vf, (d, 0), d)),
-                0.3,
-                None,
-                &mut sc,
-                &mut alone,
-            );
+            let alone = head_alone(isa, &q[h * stride..][..d], (&kf, &vf), d);
             assert_eq!(
                 bits(&full[h * d..][..d]),
                 bits(&alone),
